@@ -1,0 +1,236 @@
+"""Score a JSONL of per-frame generated/reference texts: ``proassist-edge score FILE``.
+
+Each line is one frame record ``{"t": seconds, "gen": text, "ref": text}``; "" or null is
+silent, frames without a record are silent, records may come in any order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from proassist_edge.errors import MetricsError
+
+from .metrics import (
+    DATASET_WINDOWS,
+    DEFAULT_FPS,
+    DEFAULT_WINDOW,
+    Metrics,
+    PairSimilarity,
+    compute_metrics,
+)
+from .textsim import ExactSimilarity, SentenceSimilarity
+
+# A guard against timestamps in milliseconds or frames, which would make a huge frame list.
+MAX_SECONDS = 24 * 3600.0
+EXACT_EMBEDDER = "exact"
+
+
+def _parse_record(line: str, lineno: int, path: Path) -> tuple[float, str, str]:
+    where = f"{path}, line {lineno}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise MetricsError(
+            f"{where}: not valid JSON ({exc.msg}). Each line must be one object like "
+            '{"t": 1.5, "gen": "", "ref": "Attach the wheel."}'
+        ) from exc
+    if not isinstance(rec, dict) or not {"t", "gen", "ref"} <= rec.keys():
+        raise MetricsError(
+            f'{where}: expected an object with keys "t", "gen" and "ref", got {line.strip()[:80]}'
+        )
+    t = rec["t"]
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+        raise MetricsError(f'{where}: "t" must be a number of seconds, got {t!r}')
+    if not 0 <= t <= MAX_SECONDS:
+        raise MetricsError(
+            f'{where}: "t" = {t} is outside 0..{MAX_SECONDS:.0f} seconds: write times in '
+            "seconds from the start of the episode"
+        )
+    texts = []
+    for key in ("gen", "ref"):
+        value = rec[key]
+        if value is not None and not isinstance(value, str):
+            raise MetricsError(f'{where}: "{key}" must be a string ("" = silent), got {value!r}')
+        texts.append((value or "").strip())
+    return float(t), texts[0], texts[1]
+
+
+def read_frames(path: str | Path, fps: float = DEFAULT_FPS) -> tuple[list[str], list[str]]:
+    """Per-frame (generated, reference) texts of a JSONL file; frame = round(t * fps).
+
+    Two records may land on the same frame if at most one of them has generated text and
+    at most one has reference text; otherwise the file was written at a higher frame rate
+    than ``fps`` and this raises ``MetricsError``.
+    """
+    path = Path(path)
+    if not (math.isfinite(fps) and fps > 0):
+        raise MetricsError(f"--fps must be a positive number, got {fps}")
+    if not path.is_file():
+        raise MetricsError(
+            f"{path}: no such file. Pass a JSONL file with one "
+            '{"t": seconds, "gen": text, "ref": text} record per line.'
+        )
+    gen: dict[int, tuple[str, int]] = {}
+    ref: dict[int, tuple[str, int]] = {}
+    last = -1
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                t, g, r = _parse_record(line, lineno, path)
+                # Half-up, not Python's round-half-to-even, so that 0.25 s and 0.75 s at
+                # 2 fps land on frames 1 and 2 instead of 0 and 2.
+                frame = math.floor(t * fps + 0.5)
+                last = max(last, frame)
+                for text, slot, key in ((g, gen, "gen"), (r, ref, "ref")):
+                    if not text:
+                        continue
+                    if frame in slot:
+                        raise MetricsError(
+                            f'{path}: lines {slot[frame][1]} and {lineno} both have "{key}" '
+                            f"text on frame {frame} at {fps:g} fps. Pass the --fps the file "
+                            "was written at, or keep one utterance per frame."
+                        )
+                    slot[frame] = (text, lineno)
+    except UnicodeDecodeError as exc:
+        raise MetricsError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
+    if last < 0:
+        raise MetricsError(f"{path}: no records. Write one JSON object per frame.")
+    n = last + 1
+    return (
+        [gen[i][0] if i in gen else "" for i in range(n)],
+        [ref[i][0] if i in ref else "" for i in range(n)],
+    )
+
+
+def score_file(
+    path: str | Path,
+    fps: float = DEFAULT_FPS,
+    window: tuple[float, float] | None = None,
+    similarity: PairSimilarity | None = None,
+) -> Metrics:
+    """Metrics of one JSONL episode file.
+
+    ``window`` defaults to ``DEFAULT_WINDOW`` (our taskworld data); ``similarity`` defaults
+    to ``SentenceSimilarity()`` with the bundled MiniLM model.
+    """
+    gen, ref = read_frames(path, fps)
+    sim = similarity if similarity is not None else SentenceSimilarity()
+    return compute_metrics(gen, ref, sim, fps=fps, window=window or DEFAULT_WINDOW)
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """``"L,R"`` in seconds -> (L, R)."""
+    parts = text.split(",")
+    try:
+        lo, hi = (float(parts[0]), float(parts[1])) if len(parts) == 2 else (math.nan,) * 2
+    except ValueError:
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise MetricsError(
+            f"--window {text!r} is not 'L,R' seconds with L < R: write e.g. --window=-1,3 "
+            "(with '=', because the value starts with '-')"
+        )
+    return lo, hi
+
+
+def resolve_window(window: str | None, dataset: str | None) -> tuple[float, float]:
+    """The match window from ``--window`` or ``--dataset`` (default: ``DEFAULT_WINDOW``)."""
+    if window is not None and dataset is not None:
+        raise MetricsError("pass either --window or --dataset, not both")
+    if window is not None:
+        return parse_window(window)
+    if dataset is not None:
+        if dataset not in DATASET_WINDOWS:
+            raise MetricsError(
+                f"unknown --dataset {dataset!r}: use one of {', '.join(DATASET_WINDOWS)} "
+                "or give --window=L,R"
+            )
+        return DATASET_WINDOWS[dataset]
+    return DEFAULT_WINDOW
+
+
+def make_similarity(embedder: str | None) -> PairSimilarity:
+    """``--embedder``: None = bundled MiniLM, ``"exact"`` = ExactSimilarity, else a folder."""
+    if embedder == EXACT_EMBEDDER:
+        return ExactSimilarity()
+    return SentenceSimilarity(embedder)
+
+
+def add_score_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Register ``score`` on the CLI's subparsers; it sets ``func=run_score``."""
+    p = subparsers.add_parser(
+        "score",
+        help="ProAssist metrics of a JSONL of per-frame generated/reference texts",
+        description="Match generated utterances to reference ones (the ProAssist paper's "
+        "metrics) and print precision, recall, F1 and more. FILE holds one "
+        '{"t": seconds, "gen": text, "ref": text} object per line.',
+    )
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frame rate (default 2)")
+    p.add_argument(
+        "--window",
+        metavar="L,R",
+        help="match window in seconds, e.g. --window=-1,3 (use '=' for a negative L); "
+        f"default {DEFAULT_WINDOW[0]:g},{DEFAULT_WINDOW[1]:g}",
+    )
+    p.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help=f"use the paper's window for a dataset: {', '.join(DATASET_WINDOWS)}",
+    )
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON")
+    p.add_argument(
+        "--embedder",
+        metavar="DIR",
+        help="sentence-transformers model folder (default: bundled all-MiniLM-L6-v2), "
+        "or 'exact' for model-free exact/word-overlap scoring",
+    )
+    p.set_defaults(func=run_score)
+    return p
+
+
+def _print_table(metrics: Metrics, title: str) -> None:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.to_dict().items()]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"  {k:<{width}}  {v:>10}")
+        return
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Run ``score`` with parsed arguments; returns the exit code (typed errors propagate)."""
+    window = resolve_window(args.window, args.dataset)
+    metrics = score_file(args.file, args.fps, window, make_similarity(args.embedder))
+    _print_table(metrics, f"{args.file}  ({args.fps:g} fps, window {window[0]:g},{window[1]:g} s)")
+    if args.json is not None:
+        out = {
+            "file": str(args.file),
+            "fps": args.fps,
+            "window": list(window),
+            "embedder": args.embedder or "bundled all-MiniLM-L6-v2",
+            **metrics.to_dict(),
+        }
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise MetricsError(f"cannot write {args.json}: {exc}; pick another --json path") from exc
+    return 0

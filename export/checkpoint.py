@@ -1,0 +1,172 @@
+"""Load a ProAssist checkpoint in the released layout into a ProAssistModel.
+
+Layout (proassist-reference.md): `config.json` with Llama + ProAssist fields; with LoRA,
+`adapter_0/ adapter_1/ ...` merged in order, then the top-level adapter; the projector and
+decision head travel inside the adapters as saved modules. Without LoRA, `mm_projector.bin`
+(a pickle, loaded with weights_only=True). The tokenizer comes from the base LLM folder and the
+vision tower from its own folder; both can be overridden because hub ids cannot be fetched here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import LlamaForCausalLM, SiglipVisionModel
+
+from proassist_edge.chat import CHATML, LLAMA3, ChatFormat
+from proassist_edge.errors import CheckpointError
+
+from .model import ProAssistConfig, ProAssistModel, VisionTower, attach_multimodal_modules
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: ProAssistModel
+    config: ProAssistConfig
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    chat: ChatFormat
+    llm_dir: Path
+    vision_dir: Path
+    img_token_id: int
+
+
+def read_config(ckpt: Path) -> ProAssistConfig:
+    path = ckpt / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has no config.json: point at a ProAssist checkpoint folder")
+    try:
+        return ProAssistConfig.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid ProAssist config ({e})") from e
+
+
+def resolve_dir(ckpt: Path, value: str, override: str | Path | None, flag: str) -> Path:
+    for cand in ([Path(override)] if override else []) + [Path(value), ckpt / value]:
+        if cand.is_dir():
+            return cand.resolve()
+    raise CheckpointError(
+        f"cannot find '{override or value}' as a local folder; hub ids cannot be downloaded here: "
+        f"pass {flag} DIR pointing at a local copy"
+    )
+
+
+def adapter_rounds(ckpt: Path) -> list[Path]:
+    """adapter_0, adapter_1, ... in numeric order, then the top-level adapter."""
+    numbered = [p for p in ckpt.glob("adapter_*") if re.fullmatch(r"adapter_\d+", p.name)]
+    rounds = sorted(numbered, key=lambda p: int(p.name.split("_")[1]))
+    return [*rounds, ckpt] if (ckpt / ADAPTER_FILES[0]).is_file() else rounds
+
+
+def merge_adapters(llm: LlamaForCausalLM, rounds: list[Path]) -> LlamaForCausalLM:
+    from peft import PeftModel
+
+    for d in rounds:
+        missing = [f for f in ADAPTER_FILES if not (d / f).is_file()]
+        if missing:
+            raise CheckpointError(f"LoRA round {d} lacks {missing}: the checkpoint is incomplete")
+        try:
+            peft_model = PeftModel.from_pretrained(llm, str(d))
+            llm = peft_model.merge_and_unload()
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise CheckpointError(f"LoRA round {d} cannot be loaded ({type(e).__name__}: {e})") from e
+    return llm
+
+
+def load_projector_bin(llm: LlamaForCausalLM, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never plain unpickling
+    except Exception as e:  # torch raises several types for corrupt or unsafe pickles
+        raise CheckpointError(f"{path} cannot be read safely ({type(e).__name__}: {e})") from e
+    for prefix in ("mm_projector", "binary_decision_head"):
+        module = getattr(llm, prefix, None)
+        sub = {k.split(prefix + ".", 1)[1]: v for k, v in state.items() if prefix + "." in k}
+        if module is None or not sub:
+            continue
+        try:
+            module.load_state_dict(sub)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: {prefix} does not fit the config ({e})") from e
+
+
+def chat_format_for(tok: Tokenizer) -> ChatFormat:
+    """The chat format is read off the tokenizer's special tokens, never the model name."""
+    if tok.token_to_id("<|eot_id|>") is not None:
+        return LLAMA3
+    if tok.token_to_id("<|im_end|>") is not None:
+        return CHATML
+    raise CheckpointError("the tokenizer has neither Llama-3 nor ChatML special tokens")
+
+
+def load_vision(cfg: ProAssistConfig, vision_dir: Path) -> VisionTower:
+    if cfg.vision_type == "mobilenet_v2":
+        from .mobilenet import load_mobilenet_v2
+
+        backbone, size = load_mobilenet_v2(vision_dir)
+        return VisionTower(cfg, backbone, size)
+    tower = SiglipVisionModel.from_pretrained(str(vision_dir), dtype=torch.float32)
+    return VisionTower(cfg, tower, int(tower.config.image_size))
+
+
+def load_checkpoint(
+    ckpt: str | Path,
+    llm_from: str | Path | None = None,
+    vision_from: str | Path | None = None,
+    tokens_per_frame: int | None = None,
+) -> LoadedCheckpoint:
+    """Load any released-layout checkpoint (lora, full or frozen) on the CPU in fp32."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint folder {ckpt} does not exist")
+    cfg = read_config(ckpt)
+    if tokens_per_frame is not None and tokens_per_frame != cfg.tokens_per_frame:
+        from proassist_edge.errors import ShapeMismatchError
+
+        raise ShapeMismatchError(
+            "tokens per frame (requested vs config)",
+            tokens_per_frame,
+            cfg.tokens_per_frame,
+            f"this checkpoint pools {cfg.img_patch_token_size}x{cfg.img_patch_token_size} patches"
+            f"{' plus the pooled token' if cfg.use_img_cls_token else ''}: "
+            f"export it with --tokens-per-frame {cfg.tokens_per_frame}",
+        )
+    llm_dir = resolve_dir(ckpt, cfg.llm_pretrained, llm_from, "--llm-from")
+    vision_dir = resolve_dir(ckpt, cfg.vision_pretrained, vision_from, "--vision-from")
+
+    weights_dir = ckpt if cfg.llm_train_mode == "full" else llm_dir
+    try:
+        llm = LlamaForCausalLM.from_pretrained(str(weights_dir), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the LLM from {weights_dir} ({e})") from e
+    attach_multimodal_modules(llm, cfg)
+    if cfg.llm_train_mode == "lora":
+        rounds = adapter_rounds(ckpt)
+        if not rounds:
+            raise CheckpointError(f"{ckpt} says llm_train_mode=lora but holds no adapter files")
+        llm = merge_adapters(llm, rounds)
+    if (ckpt / "mm_projector.bin").is_file():
+        load_projector_bin(llm, ckpt / "mm_projector.bin")
+    elif cfg.llm_train_mode != "lora":
+        raise CheckpointError(f"{ckpt} has no mm_projector.bin: the projector weights are missing")
+
+    tok_path = llm_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(f"{llm_dir} has no tokenizer.json: point --llm-from at the base LLM")
+    tok = Tokenizer.from_file(str(tok_path))
+    chat = chat_format_for(tok)
+    tok.add_special_tokens([cfg.img_token])
+    img_id = tok.token_to_id(cfg.img_token)
+    not_talk = cfg.img_sep_token or chat.not_talk
+    not_talk_id = tok.token_to_id(not_talk)
+    if not_talk_id is None:
+        raise CheckpointError(f"the not-talk token {not_talk!r} is not in the tokenizer")
+    vision = load_vision(cfg, vision_dir)
+    model = ProAssistModel(cfg, vision, llm, not_talk_id).eval()
+    return LoadedCheckpoint(model, cfg, tok, tok_path, chat, llm_dir, vision_dir, img_id)
