@@ -216,8 +216,7 @@ def _check_inputs(
     lo, hi = window
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise MetricsError(
-            f"match window (L, R) = {window} seconds must be finite with L < R, "
-            "e.g. (-1.0, 3.0)"
+            f"match window (L, R) = {window} seconds must be finite with L < R, e.g. (-1.0, 3.0)"
         )
     out: list[list[str]] = []
     for name, texts in (("generated", gen), ("reference", ref)):

@@ -197,7 +197,9 @@ def add_score_parser(
 
 
 def _print_table(metrics: Metrics, title: str) -> None:
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.to_dict().items()]
+    rows = [
+        (k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.to_dict().items()
+    ]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -207,12 +209,15 @@ def _print_table(metrics: Metrics, title: str) -> None:
         for k, v in rows:
             print(f"  {k:<{width}}  {v:>10}")
         return
-    table = Table(title=title)
+    console = Console()
+    # On its own line: as a table title it would wrap to the (narrow) table's width.
+    console.print(title, markup=False, highlight=False)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in rows:
         table.add_row(k, v)
-    Console().print(table)
+    console.print(table)
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -232,5 +237,7 @@ def run_score(args: argparse.Namespace) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
-            raise MetricsError(f"cannot write {args.json}: {exc}; pick another --json path") from exc
+            raise MetricsError(
+                f"cannot write {args.json}: {exc}; pick another --json path"
+            ) from exc
     return 0

@@ -47,6 +47,10 @@ class SpeechError(ProAssistEdgeError):
     """A speech sink failed."""
 
 
+class DataError(ProAssistEdgeError):
+    """A dataset or split file is missing, malformed, or disagrees with its index."""
+
+
 class FrameError(ProAssistEdgeError):
     """A frame has the wrong shape or dtype."""
 

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from proassist_edge.bench import score
 from proassist_edge.bench.metrics import (
     DATASET_WINDOWS,
@@ -20,6 +19,7 @@ from proassist_edge.bench.metrics import (
     match_utterances,
 )
 from proassist_edge.bench.textsim import ExactSimilarity, SentenceSimilarity, bundled_model_dir
+
 from proassist_edge.errors import MetricsError, ProAssistEdgeError
 
 EXACT = ExactSimilarity()
@@ -208,12 +208,32 @@ def cli(argv: list[str]) -> argparse.Namespace:
 
 def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "res" / "m.json"
-    args = cli(["score", str(sample_file(tmp_path)), "--window=-1,3", "--json", str(out),
-                "--embedder", "exact"])
+    args = cli(
+        [
+            "score",
+            str(sample_file(tmp_path)),
+            "--window=-1,3",
+            "--json",
+            str(out),
+            "--embedder",
+            "exact",
+        ]
+    )
     assert args.func(args) == 0
     data = json.loads(out.read_text())
-    keys = {"precision", "recall", "f1", "missing_rate", "redundant_rate", "jaccard_index",
-            "semantic_score", "time_diff", "num_matched", "num_missed", "num_redundant"}
+    keys = {
+        "precision",
+        "recall",
+        "f1",
+        "missing_rate",
+        "redundant_rate",
+        "jaccard_index",
+        "semantic_score",
+        "time_diff",
+        "num_matched",
+        "num_missed",
+        "num_redundant",
+    }
     assert keys <= data.keys()
     assert data["window"] == [-1.0, 3.0] and data["recall"] == 0.5
     assert "precision" in capsys.readouterr().out
@@ -234,8 +254,10 @@ def test_cli_dataset_window(tmp_path: Path) -> None:
         (['{"t": "1.0", "gen": "", "ref": ""}'], '"t" must be a number'),
         (['{"t": 5e9, "gen": "", "ref": ""}'], "write times in seconds"),
         (['{"t": 1, "gen": 3, "ref": ""}'], '"gen" must be a string'),
-        (['{"t": 1.0, "gen": "a", "ref": ""}', '{"t": 1.1, "gen": "b", "ref": ""}'],
-         "lines 1 and 2 both"),
+        (
+            ['{"t": 1.0, "gen": "a", "ref": ""}', '{"t": 1.1, "gen": "b", "ref": ""}'],
+            "lines 1 and 2 both",
+        ),
         ([""], "no records"),
     ],
 )

@@ -99,7 +99,7 @@ class Variant:
     def where_short(self, k: int) -> str:
         """The same, as a speaker says it once the context is clear: "on top"."""
         if self.family == "recipe":
-            return "in"
+            return f"in the {self.container}"
         if self.spot_names:
             return f"in the {self.spot_names[k]}"
         return _WHERE_SHORT[self.key][0 if k == 0 else 1].format(c=self.container)
@@ -167,7 +167,8 @@ class TaskSpec:
 
     def step_text(self, k: int) -> str:
         v = self.variant
-        return f"{v.place.capitalize()} the {self.item(self.items[k]).name} {v.where(k, self.items)}."
+        name = self.item(self.items[k]).name
+        return f"{v.place.capitalize()} the {name} {v.where(k, self.items)}."
 
     @property
     def knowledge(self) -> str:
@@ -224,7 +225,8 @@ class _StepPlan:
     wrong_wait: int = 0
 
 
-def _plan(spec: TaskSpec, rng: np.random.Generator, user_type: str) -> tuple[int, list[_StepPlan], int]:
+def _plan(spec: TaskSpec, rng: np.random.Generator,
+          user_type: str) -> tuple[int, list[_StepPlan], int]:
     n = len(spec.items)
     plans = [
         _StepPlan(
@@ -245,10 +247,10 @@ def _plan(spec: TaskSpec, rng: np.random.Generator, user_type: str) -> tuple[int
             plans[k].wrong_wait = int(rng.integers(2, 5))
     n_questions = {"no_talk": 0, "talk_some": 1, "talk_more": int(rng.integers(2, 4))}[user_type]
     # Questions sit in pauses after steps 0..n-2 (nothing is left to ask after the last one).
-    asked = rng.choice(n - 1, size=min(n_questions, n - 1), replace=False) if n > 1 else []
+    asked = [int(k) for k in rng.choice(n - 1, size=min(n_questions, n - 1), replace=False)]
     for k in asked:
-        plans[int(k)].pause = max(plans[int(k)].pause, int(rng.integers(8, 11)))
-        plans[int(k)].question_at = int(rng.integers(4, plans[int(k)].pause - 3))
+        plans[k].pause = max(plans[k].pause, int(rng.integers(8, 11)))
+        plans[k].question_at = int(rng.integers(4, plans[k].pause - 3))
     for p in plans:
         if p.pause >= 3 and rng.random() < 0.3:
             p.fidget = tuple(o for o in range(1, min(p.pause - 1, 3)) if o != p.question_at)
@@ -308,13 +310,13 @@ class _Sim:
         # A hand position that leaves the item at `slot` fully visible: palm off its side.
         x, y = self.tl.spec.variant.slots[slot]
         w = self.tl.spec.variant.piece[0]
-        return (x + self.tl.handedness * (w / 2 + 0.13), y + dy)
+        return (x + self.tl.handedness * (w / 2 + 0.14), y + dy)
 
     def place(self, slot: int, item: str, reach: int, retreat: int) -> int:
         x, y = self.tl.spec.variant.slots[slot]
         self.held = item
-        # The last reach frame holds the item clearly off its slot (about 7 px at 64 px).
-        hover = (x + self.tl.handedness * 0.04, y + float(self.rng.uniform(0.1, 0.13)))
+        # The last reach frame holds the item clearly off its slot (about 10 px at 64 px).
+        hover = (x + self.tl.handedness * 0.04, y + float(self.rng.uniform(0.14, 0.18)))
         self.move(hover, reach)
         self.held = None
         self.placed.append((slot, item))

@@ -1,0 +1,291 @@
+"""TensorRT engines for the decoder: optimization profiles, build, and compatibility checks.
+
+`tensorrt` is imported only by `build_engine` (and for its version); the shape
+logic and the compatibility check are plain functions that run anywhere.
+Engines are specific to the GPU, its compute capability and the TensorRT
+version: build on the board and keep the metadata beside the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proassist_edge.errors import BundleError, ExportError, MissingDependencyError
+
+from .jetson import probe
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+INPUTS_EMBEDS = "inputs_embeds"
+ATTENTION_MASK = "attention_mask"
+# Room for a user message appended with a frame, on top of the frame tokens.
+DEFAULT_MAX_STEP_TOKENS = 256
+# Jetson GPUs by board family: nvidia-smi is absent or partial on L4T.
+_JETSON_COMPUTE = {"orin": "8.7", "xavier": "7.2", "tx2": "6.2", "nano": "5.3", "tx1": "5.3"}
+
+
+class EngineMismatchError(BundleError):
+    """A TensorRT engine was built for another GPU or TensorRT version than this one."""
+
+
+class EngineBuildError(ExportError):
+    """TensorRT could not parse the ONNX graph or build an engine from it."""
+
+
+def _import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise MissingDependencyError(
+            "tensorrt",
+            "Building and running TensorRT engines",
+            "TensorRT comes with JetPack on Jetson (`sudo apt install nvidia-jetpack` gives "
+            "python3-libnvinfer); on x86 install NVIDIA's TensorRT for your CUDA version.",
+        ) from e
+    return tensorrt
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: input name -> (min, opt, max) shape."""
+
+    name: str
+    shapes: dict[str, tuple[Shape, Shape, Shape]]
+
+    def to_dict(self) -> dict[str, Any]:
+        shapes = {name: [list(s) for s in rows] for name, rows in self.shapes.items()}
+        return {"name": self.name, "shapes": shapes}
+
+
+def past_key_value_names(num_layers: int) -> list[str]:
+    """`past_key_values.{i}.key|value` for every layer, in graph order."""
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def _profile(
+    name: str,
+    steps: tuple[int, int, int],
+    pasts: tuple[int, int, int],
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    hidden: int,
+) -> Profile:
+    # Each row is (min, opt, max); opt is the step the runtime takes most often.
+    s_min, s_opt, s_max = steps
+    p_min, p_opt, p_max = pasts
+    shapes: dict[str, tuple[Shape, Shape, Shape]] = {
+        INPUTS_EMBEDS: ((1, s_min, hidden), (1, s_opt, hidden), (1, s_max, hidden)),
+        # The mask covers past + new tokens, which the runtime keeps within the
+        # cache length (p_max + 1), even where p_max + s_max would be larger.
+        ATTENTION_MASK: ((1, p_min + s_min), (1, p_opt + s_opt), (1, p_max + 1)),
+    }
+    for key in past_key_value_names(num_layers):
+        shapes[key] = (
+            (1, num_kv_heads, p_min, head_dim),
+            (1, num_kv_heads, p_opt, head_dim),
+            (1, num_kv_heads, p_max, head_dim),
+        )
+    return Profile(name, shapes)
+
+
+def optimization_profiles(
+    tokens_per_frame: int,
+    max_seq_len: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    hidden: int,
+    max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
+) -> list[Profile]:
+    """Two profiles for the decoder: `decode` (1 new token) and `frame` (a frame's
+    tokens, up to `max_step_tokens` to fit a user message), each with a past of
+    0 .. max_seq_len - 1 tokens. Profile 0 is `decode`, profile 1 is `frame`."""
+    if min(tokens_per_frame, num_layers, num_kv_heads, head_dim, hidden) < 1:
+        raise ValueError("every size must be >= 1")
+    if max_step_tokens < tokens_per_frame:
+        raise ValueError(f"max_step_tokens {max_step_tokens} < tokens_per_frame {tokens_per_frame}")
+    if max_seq_len <= max_step_tokens:
+        raise ValueError(f"max_seq_len {max_seq_len} must exceed max_step_tokens {max_step_tokens}")
+    dims = (num_layers, num_kv_heads, head_dim, hidden)
+    past = (0, max_seq_len // 2, max_seq_len - 1)
+    return [
+        _profile("decode", (1, 1, 1), past, *dims),
+        _profile("frame", (1, tokens_per_frame, max_step_tokens), past, *dims),
+    ]
+
+
+def _gpu_from_nvidia_smi() -> tuple[str | None, str | None]:
+    if shutil.which("nvidia-smi") is None:
+        return None, None
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    first = done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout else ""
+    parts = [p.strip() for p in first.split(",")]
+    if len(parts) == 2 and re.fullmatch(r"\d+\.\d+", parts[1]):
+        return parts[0], parts[1]
+    return (parts[0] or None), None
+
+
+def _tensorrt_version() -> str | None:
+    try:
+        return str(_import_tensorrt().__version__)
+    except MissingDependencyError:
+        return None
+
+
+def engine_meta() -> dict[str, Any]:
+    """What an engine built here depends on: device, compute capability, TensorRT
+    version, and on Jetson the board and L4T / JetPack release."""
+    facts = probe()
+    device, compute = _gpu_from_nvidia_smi()
+    if facts.get("jetson"):
+        model = str(facts.get("model") or "")
+        device = device or model or None
+        family = next((k for k in _JETSON_COMPUTE if k in model.lower()), None)
+        compute = compute or (_JETSON_COMPUTE[family] if family else None)
+    return {
+        "device": device,
+        "compute_capability": compute,
+        "tensorrt": _tensorrt_version(),
+        "l4t": facts.get("l4t"),
+        "jetpack": facts.get("jetpack"),
+    }
+
+
+def check_engine_compat(meta: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> None:
+    """Raise EngineMismatchError when `meta` (saved with an engine) does not match
+    `current` (default: this machine) in device, compute capability or TensorRT
+    version. Facts unknown on either side are not compared."""
+    now = engine_meta() if current is None else current
+    differences = [
+        f"{key} {meta.get(key)!r} (engine) vs {now.get(key)!r} (here)"
+        for key in ("device", "compute_capability", "tensorrt")
+        if meta.get(key) and now.get(key) and str(meta.get(key)) != str(now.get(key))
+    ]
+    if differences:
+        raise EngineMismatchError(
+            "TensorRT engine was built elsewhere: "
+            + "; ".join(differences)
+            + ". Rebuild it on this device (engines are tied to GPU and TensorRT version)."
+        )
+
+
+def _network_inputs(network: Any) -> dict[str, tuple[int, ...]]:
+    return {
+        network.get_input(i).name: tuple(network.get_input(i).shape)
+        for i in range(network.num_inputs)
+    }
+
+
+def _check_profiles(inputs: Mapping[str, tuple[int, ...]], profiles: Sequence[Profile]) -> None:
+    dynamic = {name for name, shape in inputs.items() if any(d < 0 for d in shape)}
+    for profile in profiles:
+        unknown = set(profile.shapes) - set(inputs)
+        missing = dynamic - set(profile.shapes)
+        if unknown or missing:
+            raise EngineBuildError(
+                f"profile {profile.name!r} does not fit the graph: names not in the graph "
+                f"{sorted(unknown)}, dynamic inputs without shapes {sorted(missing)}"
+            )
+
+
+def build_engine(
+    onnx_path: str | Path,
+    out_path: str | Path,
+    profiles: Sequence[Profile],
+    fp16: bool = True,
+    int8: bool = False,
+    workspace_mb: int = 2048,
+    timing_cache: str | Path | None = None,
+) -> dict[str, Any]:
+    """Build a serialized TensorRT engine from an ONNX graph; returns its metadata.
+
+    The metadata (engine_meta plus profiles and precision) is also written to
+    `out_path` + ".json" for `check_engine_compat`. `int8` expects an explicitly
+    quantized (Q/DQ) graph. The graph must use standard ONNX ops: onnxruntime
+    contrib ops (GroupQueryAttention, MatMulNBits) are not parsed by TensorRT.
+    A `timing_cache` file is read if present and written back after the build.
+    """
+    trt = _import_tensorrt()
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode from 10 on
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) finds external weight files beside the graph.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: " + " | ".join(errors))
+    _check_profiles(_network_inputs(network), profiles)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if int8:
+        config.set_flag(trt.BuilderFlag.INT8)
+    for profile in profiles:
+        trt_profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile.shapes.items():
+            trt_profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(trt_profile)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache_bytes = b""
+    if cache_path is not None and cache_path.is_file():
+        cache_bytes = cache_path.read_bytes()
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path}; see its log")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(bytes(memoryview(serialized)))
+    if cache_path is not None:
+        cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    meta = {
+        **engine_meta(),
+        "fp16": fp16,
+        "int8": int8,
+        "onnx": onnx_path.name,
+        "profiles": [p.to_dict() for p in profiles],
+    }
+    meta_path = out_path.with_name(out_path.name + ".json")
+    meta_path.write_text(json.dumps(meta, indent=2))
+    log.info("wrote %s (%d bytes) and %s", out_path, out_path.stat().st_size, meta_path)
+    return meta
+
+
+__all__ = [
+    "ATTENTION_MASK",
+    "INPUTS_EMBEDS",
+    "EngineBuildError",
+    "EngineMismatchError",
+    "Profile",
+    "build_engine",
+    "check_engine_compat",
+    "engine_meta",
+    "optimization_profiles",
+    "past_key_value_names",
+]

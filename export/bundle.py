@@ -1,0 +1,190 @@
+"""Checkpoint -> verified bundle. Writes into a temporary folder and renames it into place only
+after verification passed, so a failure never leaves a half-written bundle behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from proassist_edge.errors import ExportError
+from proassist_edge.manifest import GraphEntry, Manifest, ModelFacts, sha256_file, write_manifest
+from proassist_edge.runtime.prompt import StreamSettings
+
+from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .onnx_export import (
+    GraphSpec,
+    build_optimized_decoder,
+    export_head,
+    export_portable_decoder,
+    export_vision,
+)
+from .verify import verify_bundle
+
+DEFAULT_SYSTEM = (
+    "You are a helpful assistant that watches the user through their smart glasses and "
+    "guides them through the task step by step. Speak only when needed."
+)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    max_seq_len: int | None = None
+    opset: int = 18
+    verify: bool = True
+    verify_frames: int = 300
+    variants: tuple[str, ...] = ("portable", "optimized")
+    max_reply_tokens: int = 100
+
+
+def model_facts(ck: LoadedCheckpoint, max_seq_len: int, system: str) -> ModelFacts:
+    c = ck.model.llm.config
+    tok = ck.tokenizer
+    bos = tok.token_to_id(ck.chat.bos) if ck.chat.bos else None
+    return ModelFacts(
+        tokens_per_frame=ck.config.tokens_per_frame,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_kv_heads=c.num_key_value_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        vocab_size=c.vocab_size,
+        max_seq_len=max_seq_len,
+        image_size=ck.model.vision.image_size,
+        w2t_mode=ck.config.w2t_mode,
+        not_talk_id=ck.model.not_talk_id,
+        eos_id=int(tok.token_to_id(ck.chat.eos)),
+        bos_id=bos,
+        img_token_id=ck.img_token_id,
+        context_strategy=ck.config.exceed_context_handling,
+        system_prompt=system,
+        chat=ck.chat.to_dict(),
+    )
+
+
+def _entry(root: Path, file: str, spec: GraphSpec, variant: str = "", data: list[str] | None = None) -> GraphEntry:
+    return GraphEntry(file, "fp32", spec.inputs, spec.outputs, sha256_file(root / file), variant, data or [])
+
+
+def time_decoder(bundle: Path, name: str, tokens_per_frame: int, reps: int = 20) -> float:
+    """Median seconds of one frame step at a short context: what the default choice rests on."""
+    from proassist_edge.runtime.bundle import open_bundle
+
+    b = open_bundle(bundle, decoder=name, verify=False)
+    dec = b.new_decoder(512)
+    x = np.random.default_rng(0).standard_normal((1, tokens_per_frame, b.manifest.model.hidden_size))
+    x = x.astype(np.float32) * 0.05
+    dec.append(np.repeat(x, 20, axis=1))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dec.append(x)
+        times.append(time.perf_counter() - t0)
+        if dec.kv_len > 400:
+            dec.reset()
+    return float(np.median(times))
+
+
+def export_bundle(
+    ckpt: str | Path, out: str | Path, llm_from: str | Path | None = None,
+    vision_from: str | Path | None = None, options: ExportOptions | None = None,
+    tokens_per_frame: int | None = None,
+) -> dict[str, Any]:
+    """Export CKPT into the bundle folder OUT (which must not exist). Returns the summary."""
+    opts = options or ExportOptions()
+    out = Path(out)
+    if out.exists():
+        raise ExportError(f"{out} already exists: choose a new folder or remove it first")
+    steps = tqdm(total=6 + len(opts.variants), desc="export", unit="step")
+    steps.set_postfix_str("loading checkpoint")
+    ck = load_checkpoint(ckpt, llm_from, vision_from, tokens_per_frame)
+    steps.update()
+    max_len = opts.max_seq_len or ck.config.max_seq_len
+    system = str(ck.config.extra.get("system_prompt", DEFAULT_SYSTEM))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graphs = _export_graphs(ck, tmp, opts, steps)
+        table = ck.model.llm.get_input_embeddings().weight.detach().float().numpy()
+        np.save(tmp / "embeddings.npy", table)
+        shutil.copy(ck.tokenizer_path, tmp / "tokenizer.json")
+        steps.update()
+        facts = model_facts(ck, max_len, system)
+        manifest = Manifest(
+            model=facts, graphs=graphs,
+            files={f: sha256_file(tmp / f) for f in ("embeddings.npy", "tokenizer.json", *data_files(graphs))},
+            embeddings={"file": "embeddings.npy", "dtype": "float32", "shape": list(table.shape)},
+            source={"checkpoint": str(Path(ckpt).resolve()), "llm": str(ck.llm_dir), "vision": str(ck.vision_dir)},
+        )
+        decoders = [k for k in graphs if k.startswith("decoder")]
+        manifest.default_decoder, note = choose_default(tmp, manifest, decoders, steps)
+        manifest.notes.append(note)
+        write_manifest(tmp, manifest)
+        if opts.verify:
+            steps.set_postfix_str("verifying against PyTorch")
+            settings = StreamSettings(
+                context_strategy=facts.context_strategy, max_seq_len=max_len,
+                max_reply_tokens=opts.max_reply_tokens,
+            )
+            report = verify_bundle(ck, tmp, decoders, settings, opts.verify_frames, system)
+            (tmp / "verify.json").write_text(json.dumps(report, indent=2))
+            manifest.verify = {k: v for k, v in report.items() if k != "decoders"}
+            write_manifest(tmp, manifest)
+        steps.update()
+        steps.close()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        steps.close()
+        raise
+    return summarize(out, manifest)
+
+
+def _export_graphs(ck: LoadedCheckpoint, root: Path, opts: ExportOptions, steps: tqdm) -> dict[str, GraphEntry]:
+    graphs: dict[str, GraphEntry] = {}
+    steps.set_postfix_str("vision graph")
+    graphs["vision"] = _entry(root, "vision.onnx", export_vision(ck.model, root / "vision.onnx", opts.opset))
+    steps.update()
+    if ck.model.decision_head is not None:
+        graphs["head"] = _entry(root, "head.onnx", export_head(ck.model, root / "head.onnx", opts.opset))
+    steps.update()
+    if "portable" in opts.variants:
+        steps.set_postfix_str("portable decoder")
+        spec = export_portable_decoder(ck.model, root / "decoder.onnx", opts.opset)
+        graphs["decoder"] = _entry(root, "decoder.onnx", spec, "portable")
+        steps.update()
+    if "optimized" in opts.variants:
+        steps.set_postfix_str("optimized decoder (onnxruntime-genai builder)")
+        file, data, spec = build_optimized_decoder(ck.model, ck.tokenizer_path, root)
+        entry = _entry(root, file, spec, "optimized", data)
+        graphs["decoder_gqa"] = entry
+        steps.update()
+    return graphs
+
+
+def data_files(graphs: dict[str, GraphEntry]) -> list[str]:
+    return [d for g in graphs.values() for d in g.data_files]
+
+
+def choose_default(root: Path, manifest: Manifest, decoders: list[str], steps: tqdm) -> tuple[str, str]:
+    if len(decoders) == 1:
+        return decoders[0], f"default decoder {decoders[0]}: the only one exported"
+    write_manifest(root, manifest)
+    steps.set_postfix_str("timing decoders")
+    timings = {d: time_decoder(root, d, manifest.model.tokens_per_frame) for d in decoders}
+    best = min(timings, key=lambda k: timings[k])
+    figures = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in timings.items())
+    return best, f"default decoder {best}: fastest median frame step at export ({figures})"
+
+
+def summarize(out: Path, manifest: Manifest) -> dict[str, Any]:
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    return {"bundle": str(out), "files": files, "verify": manifest.verify, "default_decoder": manifest.default_decoder}
+
+

@@ -1,0 +1,92 @@
+"""Open a bundle: manifest (checked), tokenizer, memory-mapped embedding table, graph sessions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from proassist_edge.errors import BundleError, FrameError
+from proassist_edge.manifest import Manifest, load_manifest
+
+from .backend import Decoder, GqaDecoder, PortableDecoder, make_session
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: Manifest
+    tokenizer: Tokenizer
+    embeddings: np.ndarray  # (V, H), memory-mapped: never loaded twice nor copied per step
+    vision: ort.InferenceSession
+    head: ort.InferenceSession | None
+    decoder_name: str
+    threads: int = 0
+
+    def new_decoder(self, capacity: int | None = None) -> Decoder:
+        m = self.manifest.model
+        g = self.manifest.graphs[self.decoder_name]
+        cap = capacity or m.max_seq_len
+        sess = make_session(str(self.root / g.file), self.threads)
+        if g.variant == "optimized":
+            return GqaDecoder(sess, m.num_layers, m.num_kv_heads, m.head_dim, cap, self.head is not None)
+        return PortableDecoder(sess, m.num_layers, m.num_kv_heads, m.head_dim, cap)
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """Token ids -> (1, n, H) float32 rows of the table (ids past the table are clamped)."""
+        idx = np.minimum(np.asarray(ids, dtype=np.int64), self.embeddings.shape[0] - 1)
+        rows = self.embeddings[idx]
+        scale = self.manifest.embeddings.get("scale")
+        if scale is not None:  # int8 table with per-row scales
+            rows = rows.astype(np.float32) * np.load(self.root / scale, mmap_mode="r")[idx][:, None]
+        return rows.astype(np.float32, copy=False)[None]
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 (k, h, w, 3) RGB -> frame tokens (k, I, H)."""
+        check_frames(frames)
+        return self.vision.run(None, {"frames": np.ascontiguousarray(frames)})[0]
+
+
+def check_frames(frames: np.ndarray) -> None:
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
+        raise FrameError(
+            f"frames must be a uint8 numpy array, got {getattr(frames, 'dtype', type(frames))}: "
+            "convert with np.asarray(frame, dtype=np.uint8)"
+        )
+    if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape[1:3]) < 8:
+        raise FrameError(
+            f"frames must be (k, height, width, 3) RGB with sides >= 8, got {frames.shape}: "
+            "pass HxWx3 images (channels last)"
+        )
+
+
+def open_bundle(
+    path: str | Path, decoder: str | None = None, verify: bool = True, threads: int = 0
+) -> Bundle:
+    root = Path(path)
+    manifest = load_manifest(root, verify=verify)
+    name = decoder or manifest.default_decoder
+    if name not in manifest.graphs:
+        choices = [k for k in manifest.graphs if k.startswith("decoder")]
+        raise BundleError(f"bundle has no graph {name!r}; choose one of {choices}")
+    emb = manifest.embeddings
+    try:
+        table = np.load(root / emb["file"], mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise BundleError(f"embedding table {emb['file']} is unreadable ({e}): re-export") from e
+    if table.shape[1] != manifest.model.hidden_size:
+        raise BundleError(
+            f"embedding table width {table.shape[1]} != hidden size {manifest.model.hidden_size}"
+        )
+    try:
+        tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises plain Exception on a bad file
+        raise BundleError(f"tokenizer.json is unreadable ({e}): re-export the bundle") from e
+    vision = make_session(str(root / manifest.graphs["vision"].file), threads)
+    head = None
+    if "head" in manifest.graphs:
+        head = make_session(str(root / manifest.graphs["head"].file), threads)
+    return Bundle(root, manifest, tok, table, vision, head, name, threads)

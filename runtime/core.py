@@ -1,0 +1,149 @@
+"""The assistant core: one frame step = encode, append to KV memory, decide, maybe decode.
+
+Semantics are ProAssist's (proassist-reference.md) and match the PyTorch reference loop
+(export/reference.py) decision for decision, token for token; tests hold them together.
+Only the core touches the KV memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .bundle import Bundle
+from .messages import FrameResult, TextMessage
+from .prompt import PromptBuilder, StreamSettings, decide_talk, drop_middle_keep, needs_reset
+
+
+def settings_from_manifest(bundle: Bundle, **overrides: object) -> StreamSettings:
+    m = bundle.manifest.model
+    base = dict(
+        threshold=m.default_threshold, context_strategy=m.context_strategy,
+        max_seq_len=m.max_seq_len, reserve=m.context_reserve, drop_middle_tail=m.drop_middle_tail,
+        max_reply_tokens=m.max_reply_tokens, max_summary_tokens=m.max_summary_tokens,
+    )
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return StreamSettings(**base)  # type: ignore[arg-type]
+
+
+class StreamCore:
+    def __init__(
+        self, bundle: Bundle, settings: StreamSettings | None = None, system: str | None = None,
+        knowledge: str = "",
+    ) -> None:
+        m = bundle.manifest.model
+        self.b = bundle
+        self.s = settings or settings_from_manifest(bundle)
+        if self.s.max_seq_len > m.max_seq_len:
+            raise ValueError(
+                f"max_seq_len {self.s.max_seq_len} exceeds the bundle's {m.max_seq_len}: "
+                "re-export with a larger --max-seq-len"
+            )
+        self.pb = PromptBuilder(bundle.tokenizer, m.chat_format)
+        self.system = m.system_prompt if system is None else system
+        self.knowledge = knowledge
+        self.not_talk, self.eos = m.not_talk_id, m.eos_id
+        self.head_mode = m.w2t_mode == "head"
+        self.dec = bundle.new_decoder(self.s.max_seq_len)
+        self.reset()
+
+    def reset(self) -> None:
+        self.dec.reset()
+        self.prefix_len: int | None = None
+        self.pending: list[int] = self.pb.opening(self.system, self.knowledge)
+        self.prev_p: float | None = None
+
+    @property
+    def kv_len(self) -> int:
+        return self.dec.kv_len
+
+    # --- one forward ----------------------------------------------------------------------
+    def _append(self, embeds: np.ndarray) -> tuple[np.ndarray, float]:
+        out = self.dec.append(embeds)
+        if out.p_not_talk is not None:
+            return out.logits, out.p_not_talk
+        if self.head_mode:
+            assert self.b.head is not None, "bundle lacks the decision head graph"
+            p = self.b.head.run(None, {"hidden_states": out.hidden[None, None]})[0]
+            return out.logits, float(p.reshape(-1)[-1])
+        return out.logits, not_talk_probability(out.logits, self.not_talk)
+
+    def _greedy(self, logits: np.ndarray, cap: int) -> Iterator[int]:
+        """Greedy tokens, the first forced away from not-talk; each is in the cache once yielded
+        (except the final eos unless feed_eos)."""
+        logits = logits.copy()
+        logits[self.not_talk] = -np.inf
+        for i in range(cap):
+            t = int(np.argmax(logits))
+            full = self.kv_len >= self.s.max_seq_len
+            done = t == self.eos or i == cap - 1 or full
+            if done and not (t == self.eos and self.s.feed_eos and not full):
+                yield t
+                return
+            logits, _ = self._append(self.b.embed([t]))
+            yield t
+            if done:
+                return
+
+    # --- one step -------------------------------------------------------------------------
+    def step(
+        self, frames: np.ndarray, index: int, t: float, messages: Sequence[TextMessage] = ()
+    ) -> FrameResult:
+        text = list(self.pending)
+        for m in messages:
+            text += self.pb.message(m.role, m.content)
+        tokens = self.b.encode_frames(frames)  # (k, I, H)
+        n = len(text) + tokens.shape[0] * tokens.shape[1]
+        reset = None
+        if self.kv_len and needs_reset(self.kv_len, n, self.s):
+            reset = self.s.context_strategy
+            if reset == "summarize_and_drop":
+                return self._summarize(text, tokens, index, t)
+            keep = drop_middle_keep(self.kv_len, self.prefix_len or 0, self.s)
+            if reset == "drop_middle" and keep is not None:
+                self.dec.keep(self.prefix_len or 0, *keep)
+            else:
+                reset = "drop_all"
+                self.dec.reset()
+        self.pending = []
+        if self.prefix_len is None:
+            self.prefix_len = len(text)
+        logits, p = self._append(self._inputs(text, tokens))
+        talk = decide_talk(p, self.prev_p, self.s)
+        self.prev_p = p
+        ids = list(self._greedy(logits, self.s.max_reply_tokens)) if talk else []
+        reply = self.pb.reply_text(ids) if talk else ""
+        return FrameResult(index, t, p, talk, reply, tuple(ids), self.kv_len, None, reset)
+
+    def _inputs(self, text: list[int], tokens: np.ndarray) -> np.ndarray:
+        frames = tokens.reshape(1, -1, tokens.shape[-1])
+        return np.concatenate([self.b.embed(text), frames], axis=1) if text else frames
+
+    def _summarize(self, text: list[int], tokens: np.ndarray, index: int, t: float) -> FrameResult:
+        logits, p = self._append(self._inputs(text + self.pb.summary_request(), tokens))
+        self.prev_p = p
+        cap = max(1, min(self.s.max_summary_tokens, self.s.max_seq_len - self.kv_len))
+        ids = list(self._greedy(logits, cap))
+        summary = self.pb.reply_text(ids)
+        self.dec.reset()
+        self.pending = self.pb.resume(self.system, summary, self.knowledge)
+        return FrameResult(index, t, p, False, "", tuple(ids), self.kv_len, summary, "summarize_and_drop")
+
+    def replay(
+        self, frames: np.ndarray, messages: Iterable[TextMessage] = (), fps: float = 2.0
+    ) -> Iterator[FrameResult]:
+        """Every frame in order, one per step, none dropped: deterministic."""
+        queue = sorted(messages, key=lambda m: m.t)
+        for i in range(len(frames)):
+            t = i / fps
+            due = [m for m in queue if m.t <= t + 1e-9]
+            queue = queue[len(due) :]
+            yield self.step(frames[i : i + 1], i, t, due)
+
+
+def not_talk_probability(logits: np.ndarray, not_talk: int) -> float:
+    """softmax(logits)[not_talk], computed stably in float64."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    return float(np.exp(x[not_talk] - m) / np.exp(x - m).sum())
