@@ -111,7 +111,8 @@ class Speaker:
             self.stats.dropped += 1
         else:
             self.stats.cut += 1
-        log.info("speech cut (%s): %r", reason, utterance.text)
+        level = logging.WARNING if reason == "queue_full" else logging.INFO
+        log.log(level, "speech cut (%s): %r", reason, utterance.text)
         kind = "speech_dropped" if reason == "queue_full" else "speech_cut"
         self._emit(kind, utterance, reason=reason)
 
@@ -130,7 +131,8 @@ class Speaker:
             try:
                 self.sink.warmup()
             except Exception as e:  # noqa: BLE001 - reported; each utterance will retry
-                emit(self.on_event, {"type": "speech_error", "stage": "warmup", "error": str(e)})
+                event = {"type": "speech_error", "stage": "warmup", "text": None, "error": str(e)}
+                emit(self.on_event, event)
         while True:
             with self._cv:
                 while not self._queue and not self._closing:

@@ -51,12 +51,17 @@ class Pyttsx3Sink(SpeechSink):
 
     name = "pyttsx3"
 
-    def __init__(self, rate: int | None = None, voice: str | None = None) -> None:
-        self.rate, self.voice = rate, voice
+    def __init__(
+        self, rate: int | None = None, voice: str | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self.rate, self.voice, self.timeout_s = rate, voice, timeout_s
         self._engine: Any = None
         self._tmp = tempfile.TemporaryDirectory(prefix="pyttsx3-")
         self._n = count(1)
         self._lock = threading.Lock()  # one pyttsx3 loop at a time
+        # espeak-ng synthesizes on its own thread: runAndWait can return before the
+        # WAV is written, so wait for pyttsx3's finished-utterance notification.
+        self._finished = threading.Event()
 
     def warmup(self) -> None:
         with self._lock:
@@ -79,18 +84,25 @@ class Pyttsx3Sink(SpeechSink):
                 engine.setProperty("rate", self.rate)
             if self.voice is not None:
                 engine.setProperty("voice", self.voice)
+            engine.connect("finished-utterance", self._on_finished)
             self._engine = engine
         return self._engine
+
+    def _on_finished(self, name: str | None = None, completed: bool = True) -> None:
+        self._finished.set()
 
     def synthesize(self, text: str) -> Audio:
         with self._lock:
             engine = self._get_engine()
             path = Path(self._tmp.name) / f"{next(self._n)}.wav"
+            self._finished.clear()
             try:
                 engine.save_to_file(text, str(path))
                 engine.runAndWait()
             except (OSError, RuntimeError) as e:
                 raise SpeechError(f"pyttsx3 failed on {text!r}: {e}") from e
+            if not self._finished.wait(self.timeout_s):
+                raise SpeechError(f"pyttsx3 did not finish {text!r} within {self.timeout_s} s")
         if not path.is_file():
             raise SpeechError(f"pyttsx3 wrote no audio for {text!r}. {ESPEAK_INSTALL}")
         try:

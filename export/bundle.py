@@ -42,6 +42,7 @@ class ExportOptions:
     verify_frames: int = 300
     variants: tuple[str, ...] = ("portable", "optimized")
     max_reply_tokens: int = 100
+    threshold: float | None = None  # for the verification stream only (default: the manifest's)
 
 
 def model_facts(ck: LoadedCheckpoint, max_seq_len: int, system: str) -> ModelFacts:
@@ -131,6 +132,7 @@ def export_bundle(
             settings = StreamSettings(
                 context_strategy=facts.context_strategy, max_seq_len=max_len,
                 max_reply_tokens=opts.max_reply_tokens,
+                threshold=facts.default_threshold if opts.threshold is None else opts.threshold,
             )
             report = verify_bundle(ck, tmp, decoders, settings, opts.verify_frames, system)
             (tmp / "verify.json").write_text(json.dumps(report, indent=2))

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from transformers import LlamaForCausalLM, SiglipVisionModel
 
 from proassist_edge.chat import CHATML, LLAMA3, ChatFormat
-from proassist_edge.errors import CheckpointError
+from proassist_edge.errors import CheckpointError, ShapeMismatchError
 
 from .model import ProAssistConfig, ProAssistModel, VisionTower, attach_multimodal_modules
 
@@ -65,13 +65,39 @@ def adapter_rounds(ckpt: Path) -> list[Path]:
     return [*rounds, ckpt] if (ckpt / ADAPTER_FILES[0]).is_file() else rounds
 
 
-def merge_adapters(llm: LlamaForCausalLM, rounds: list[Path]) -> LlamaForCausalLM:
+def check_saved_projector(d: Path, vision_width: int, hidden: int) -> None:
+    """Compare the projector an adapter carries with the config before peft sees it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(d / ADAPTER_FILES[1]), "pt") as f:
+            keys = [k for k in f.keys() if k.endswith("mm_projector.0.weight")]
+            shape = f.get_slice(keys[0]).get_shape() if keys else None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"LoRA round {d} cannot be loaded ({e}): the adapter file is corrupt") from e
+    if shape is None:
+        return
+    out_w, in_w = shape
+    if in_w != vision_width:
+        raise ShapeMismatchError(
+            f"projector input width in {d.name} vs config vision_hidden_size", vision_width, in_w,
+            "fix vision_hidden_size in config.json or point --vision-from at the right tower",
+        )
+    if out_w != hidden:
+        raise ShapeMismatchError(
+            f"projector output width in {d.name} vs LLM hidden size", hidden, out_w,
+            "point --llm-from at the LLM this checkpoint was trained on",
+        )
+
+
+def merge_adapters(llm: LlamaForCausalLM, rounds: list[Path], vision_width: int) -> LlamaForCausalLM:
     from peft import PeftModel
 
     for d in rounds:
         missing = [f for f in ADAPTER_FILES if not (d / f).is_file()]
         if missing:
             raise CheckpointError(f"LoRA round {d} lacks {missing}: the checkpoint is incomplete")
+        check_saved_projector(d, vision_width, llm.config.hidden_size)
         try:
             peft_model = PeftModel.from_pretrained(llm, str(d))
             llm = peft_model.merge_and_unload()
@@ -127,8 +153,6 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint folder {ckpt} does not exist")
     cfg = read_config(ckpt)
     if tokens_per_frame is not None and tokens_per_frame != cfg.tokens_per_frame:
-        from proassist_edge.errors import ShapeMismatchError
-
         raise ShapeMismatchError(
             "tokens per frame (requested vs config)",
             tokens_per_frame,
@@ -150,7 +174,7 @@ def load_checkpoint(
         rounds = adapter_rounds(ckpt)
         if not rounds:
             raise CheckpointError(f"{ckpt} says llm_train_mode=lora but holds no adapter files")
-        llm = merge_adapters(llm, rounds)
+        llm = merge_adapters(llm, rounds, cfg.vision_hidden_size)
     if (ckpt / "mm_projector.bin").is_file():
         load_projector_bin(llm, ckpt / "mm_projector.bin")
     elif cfg.llm_train_mode != "lora":

@@ -115,10 +115,12 @@ def write_tiny_checkpoint(
     train_mode: str = "lora",
     seed: int = 0,
     hidden: int = 64,
+    llm_dir: Path | None = None,
 ) -> Path:
     """Write base_llm/, base_vision/ and checkpoint/ under OUT; return the checkpoint folder.
 
     With train_mode="lora", `lora_rounds` earlier rounds (adapter_0 ...) plus the top adapter.
+    With `llm_dir`, that existing LLM folder (e.g. real SmolLM2 weights) is the base LLM.
     """
     if tokens_per_frame not in PATCH_SIZE_FOR_TOKENS:
         raise ValueError(f"tokens_per_frame must be 1, 5 or 10, not {tokens_per_frame}")
@@ -128,9 +130,13 @@ def write_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    llm_dir, vis_dir, ckpt = out / "base_llm", out / "base_vision", out / "checkpoint"
-    llm = LlamaForCausalLM(tiny_llama_config(hidden=hidden)).eval()
-    save_base_llm(llm, llm_dir, llama3_tokenizer_json())
+    vis_dir, ckpt = out / "base_vision", out / "checkpoint"
+    if llm_dir is None:
+        llm_dir = out / "base_llm"
+        llm = LlamaForCausalLM(tiny_llama_config(hidden=hidden)).eval()
+        save_base_llm(llm, llm_dir, llama3_tokenizer_json())
+    else:
+        llm = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32).eval()
     vcfg = tiny_siglip_config()
     SiglipVisionModel(vcfg).save_pretrained(str(vis_dir))
 

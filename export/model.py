@@ -39,7 +39,6 @@ class ProAssistConfig:
     binary_decision_head_type: str = "linear"
     exceed_context_handling: str = "summarize_and_drop"
     llm_train_mode: str = "lora"
-    hidden_size: int = 4096
     vision_type: str = "siglip"  # ProAssist Edge extension: "siglip" | "mobilenet_v2"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -42,12 +42,12 @@ def portable_spec(layers: int) -> GraphSpec:
 
 
 def _quiet_export(module: torch.nn.Module, args: tuple, path: Path, spec: GraphSpec,
-                  dynamic: dict | tuple, opset: int) -> None:
+                  dynamic: dict | tuple, opset: int, optimize: bool = True) -> None:
     try:
         prog = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=spec.inputs,
             output_names=spec.outputs, dynamic_shapes=dynamic, external_data=False,
-            verbose=False, optimize=True,
+            verbose=False, optimize=optimize,
         )
         if prog is None:
             raise ExportError("torch.onnx.export returned no program")
@@ -82,7 +82,8 @@ def export_portable_decoder(model: ProAssistModel, path: Path, opset: int = 18) 
     p = torch.export.Dim("past_sequence_length", min=0, max=131072)
     dynamic = ({1: s}, tuple({2: p} for _ in range(2 * layers)))
     with torch.no_grad():
-        _quiet_export(dec, (embeds, *past), path, spec, dynamic, opset)
+        # onnxscript's rewriter takes minutes on deep decoders; onnxruntime optimizes at load.
+        _quiet_export(dec, (embeds, *past), path, spec, dynamic, opset, optimize=False)
     return spec
 
 

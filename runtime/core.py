@@ -147,3 +147,18 @@ def not_talk_probability(logits: np.ndarray, not_talk: int) -> float:
     x = logits.astype(np.float64)
     m = x.max()
     return float(np.exp(x[not_talk] - m) / np.exp(x - m).sum())
+
+
+def greedy_generate(bundle: Bundle, prompt: list[int], max_new: int, eos: int | None = None) -> list[int]:
+    """Plain greedy text generation through the bundle's decoder (no frames, no forcing)."""
+    eos = bundle.manifest.model.eos_id if eos is None else eos
+    dec = bundle.new_decoder(len(prompt) + max_new + 1)
+    logits = dec.append(bundle.embed(prompt)).logits
+    out: list[int] = []
+    for _ in range(max_new):
+        t = int(np.argmax(logits))
+        out.append(t)
+        if t == eos:
+            break
+        logits = dec.append(bundle.embed([t])).logits
+    return out

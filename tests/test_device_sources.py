@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from proassist_edge.device.sources import (
     CameraSource,
     FileSource,
@@ -22,8 +21,9 @@ from proassist_edge.device.sources import (
     ThreadedSource,
     open_source,
 )
-from proassist_edge.errors import FrameError, MissingDependencyError, SourceError
 from proassist_edge.runtime.messages import Frame
+
+from proassist_edge.errors import FrameError, MissingDependencyError, SourceError
 
 av = pytest.importorskip("av")
 BITS = 7  # frame numbers up to 127 drawn as 7 stripes: robust to lossy compression
@@ -51,10 +51,11 @@ def _write_video(path: Path, times: list[float], fmt: str | None = None) -> Path
         stream = container.add_stream(codec, rate=30)
         stream.width = stream.height = 64
         stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
+        # 1/3000 s holds both i/30 and the 0.05 s steps of the VFR clip exactly.
+        stream.codec_context.time_base = Fraction(1, 3000)
         for i, t in enumerate(times):
             frame = av.VideoFrame.from_ndarray(_stripes(i), format="rgb24")
-            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            frame.pts, frame.time_base = round(t * 3000), Fraction(1, 3000)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -275,9 +276,10 @@ def test_camera_reconnects_with_backoff() -> None:
 
 def test_camera_gives_up_after_bounded_retries() -> None:
     events: list[dict[str, Any]] = []
+    captures = [FakeCapture([True]), FakeCapture([]), FakeCapture([], opens=False)]
     camera = CameraSource(
         0, fps=50.0, max_retries=2, backoff_s=0.01,
-        capture_factory=lambda d: FakeCapture([True]), on_event=events.append,
+        capture_factory=lambda d: captures.pop(0), on_event=events.append,
     )
     with camera, pytest.raises(SourceError, match="gave up after 2"):
         list(camera.frames())
@@ -326,3 +328,35 @@ def test_picamera2_off_pi_says_what_to_do() -> None:
         pytest.skip("picamera2 is importable here")
     with pytest.raises(MissingDependencyError, match="Raspberry Pi"):
         Picamera2Source().open()
+
+
+def test_close_stops_a_blocked_replay_producer() -> None:
+    source = SyntheticSource(fps=2.0, size=(8, 8), n_frames=1000)
+    grab = ThreadedSource(source, capacity=1, realtime=False).start()
+    assert grab.get(timeout=5) is not None
+    start = time.monotonic()
+    grab.close()
+    assert time.monotonic() - start < 2 and not source._opened
+
+
+def test_close_interrupts_a_camera_backoff() -> None:
+    events: list[dict[str, Any]] = []
+    failed = threading.Event()
+
+    def observe(event: dict[str, Any]) -> None:
+        events.append(event)
+        if event["type"] == "camera_read_failed":
+            failed.set()
+
+    captures = [FakeCapture([True]), FakeCapture([], opens=False)]
+    camera = CameraSource(
+        0, fps=50.0, backoff_s=30.0, capture_factory=lambda d: captures.pop(0),
+        on_event=observe,
+    )
+    grab = ThreadedSource(camera).start()
+    assert grab.get(timeout=5) is not None
+    assert failed.wait(5)
+    start = time.monotonic()
+    grab.close()
+    assert time.monotonic() - start < 2
+    assert grab.get(timeout=1) is None  # a clean end, not an error

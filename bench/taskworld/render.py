@@ -122,6 +122,10 @@ class Scene:
         self._noise_at = rng.integers(0, 17, size=(timeline.num_frames, 3)) % [17, 17, 2]
         self._u, self._v = xx - (size - 1) / 2, yy - (size - 1) / 2
         self._layers: dict[tuple[tuple[int, str], ...], Canvas] = {}
+        self._hand_box = int(math.ceil(0.2 * size))
+        self._sprite_box = int(math.ceil(0.25 * size))
+        self._sprites: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._palm_mask, self._finger_mask = self._hand_masks()
 
     # -- coordinates ------------------------------------------------------------------------
     def px(self, x: float, y: float) -> tuple[float, float]:
@@ -224,25 +228,63 @@ class Scene:
         rect(cv, cx - w, cy - h, cx + w, cy - h + 0.5 * h, light, 0.5)
         rect(cv, cx - w, cy + 0.6 * h, cx + w, cy + h, (0, 0, 0), 0.25)
 
-    def _hand(self, cv: Canvas, state: FrameState) -> None:
-        s, side = self.size, self.tl.handedness
-        hx, hy = state.hand
-        palm = self.px(hx + side * 0.03, hy + 0.09)
-        anchor = self.px(*self.anchor)
-        wrist = (palm[0] + 0.4 * (anchor[0] - palm[0]), palm[1] + 0.4 * (anchor[1] - palm[1]))
-        capsule(cv, palm, wrist, 0.08 * s, tuple(0.9 * c for c in self.skin))
-        capsule(cv, wrist, anchor, 0.1 * s, self.sleeve)
-        capsule(cv, palm, palm, 0.1 * s, self.skin)
-        if state.held is not None:
-            self._item(cv, state.held, (hx, hy), lifted=True)
-        # Fingers reach over the lower half of a held item: it stays recognisable in the hand.
+    def _hand_masks(self) -> tuple[np.ndarray, np.ndarray]:
+        # Palm and fingers have a fixed shape: draw their coverage once, blit it every frame.
+        s, side, b = self.size, self.tl.handedness, self._hand_box
+        o = (b + 0.5, b + 0.5)  # the palm centre inside the mask
+        palm = np.zeros((2 * b + 1, 2 * b + 1, 3), np.float32)
+        capsule(palm, o, o, 0.1 * s, (1.0, 1.0, 1.0))
+        # Fingers reach over the lower edge of a held item: it stays recognisable in the hand.
         segs: list[Segment] = [
-            ((palm[0] + side * dx * 0.6 * s, palm[1]), (palm[0] + side * dx * s, palm[1] - 0.1 * s),
-             0.025 * s)
+            ((o[0] + side * dx * 0.6 * s, o[1]), (o[0] + side * dx * s, o[1] - 0.09 * s), 0.025 * s)
             for dx in (-0.06, -0.02, 0.02, 0.06)
         ]
-        segs.append((palm, (palm[0] - side * 0.11 * s, palm[1] - 0.03 * s), 0.027 * s))  # thumb
-        capsules(cv, segs, self.skin)
+        segs.append((o, (o[0] - side * 0.11 * s, o[1] - 0.03 * s), 0.027 * s))  # thumb
+        fingers = np.zeros_like(palm)
+        capsules(fingers, segs, (1.0, 1.0, 1.0))
+        return palm[..., 0].copy(), fingers[..., 0].copy()
+
+    def _blit(self, cv: Canvas, mask: np.ndarray, at: tuple[float, float]) -> None:
+        b = self._hand_box
+        x0, y0 = int(math.floor(at[0])) - b, int(math.floor(at[1])) - b
+        c0, r0 = max(x0, 0), max(y0, 0)
+        c1, r1 = min(x0 + mask.shape[1], self.c), min(y0 + mask.shape[0], self.c)
+        if c1 > c0 and r1 > r0:
+            _blend(cv, r0, c0, mask[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0], self.skin)
+
+    def _hand(self, cv: Canvas, state: FrameState) -> None:
+        hx, hy = state.hand
+        palm = self.px(hx + self.tl.handedness * 0.03, hy + 0.12)
+        anchor = self.px(*self.anchor)
+        wrist = (palm[0] + 0.4 * (anchor[0] - palm[0]), palm[1] + 0.4 * (anchor[1] - palm[1]))
+        capsule(cv, palm, wrist, 0.08 * self.size, tuple(0.9 * c for c in self.skin))
+        capsule(cv, wrist, anchor, 0.1 * self.size, self.sleeve)
+        self._blit(cv, self._palm_mask, palm)
+        if state.held is not None:
+            self._held(cv, state.held, self.px(hx, hy))
+        self._blit(cv, self._finger_mask, palm)
+
+    def _held(self, cv: Canvas, key: str, at: tuple[float, float]) -> None:
+        # A held item is drawn every frame: use a sprite made once. Every blend is affine in
+        # the pixel below, so drawing on black (B) and on white (W) gives out = A * below + B
+        # with A = (W - B) / 255, exactly what drawing in place would give.
+        sprite = self._sprites.get(key)
+        b = self._sprite_box
+        if sprite is None:
+            black = np.zeros((2 * b + 1, 2 * b + 1, 3), np.float32)
+            white = np.full_like(black, 255.0)
+            centre = ((b + 0.5 - self.margin) / self.size, (b + 0.5 - self.margin) / self.size)
+            self._item(black, key, centre, lifted=True)
+            self._item(white, key, centre, lifted=True)
+            sprite = self._sprites[key] = ((white - black) / 255.0, black)
+        x0, y0 = int(math.floor(at[0])) - b, int(math.floor(at[1])) - b
+        c0, r0 = max(x0, 0), max(y0, 0)
+        c1, r1 = min(x0 + 2 * b + 1, self.c), min(y0 + 2 * b + 1, self.c)
+        if c1 > c0 and r1 > r0:
+            a, add = (s[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] for s in sprite)
+            sub = cv[r0:r1, c0:c1]
+            sub *= a
+            sub += add
 
     def _warp(self, cv: Canvas, i: int) -> np.ndarray:
         # Camera motion: rotate + translate the sampling grid, bilinear lookup in the canvas.
@@ -269,7 +311,8 @@ class Scene:
         """Frame i as uint8 RGB (size, size, 3)."""
         state = self.tl.states[i]
         cv = self._layer(state.placed).copy()
-        if state.hand[1] < 1.25 or state.held is not None:
+        # Skip a hand resting below everything the camera can see (fingertips are its top).
+        if state.hand[1] - 0.01 < 1 + self.margin / self.size or state.held is not None:
             self._hand(cv, state)
         img = self._warp(cv, i)
         img *= self.gain[i] * self.vignette
@@ -316,12 +359,11 @@ def _lighting(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]
 
 def _shake(rng: np.random.Generator, n: int, scale: float, margin: int) -> np.ndarray:
     """Per-frame camera offset (dx, dy px, rotation rad): slow head drift plus jitter."""
-    out = np.zeros((n, 3), np.float32)
-    drift = np.zeros(3)
     amp = rng.uniform(0.5, 1.0)
+    kicks = rng.normal(0, [0.5 * scale, 0.5 * scale, 0.004], size=(n, 3))
+    jitter = rng.normal(0, [0.5 * amp * scale, 0.5 * amp * scale, 0.006 * amp], size=(n, 3))
+    drift = np.zeros((n, 3))
+    for i in range(n):  # the head drifts and is pulled back towards the work (AR(1))
+        drift[i] = kicks[i] + (0.85 * drift[i - 1] if i else 0.0)
     lim = margin - 2.5 * scale
-    for i in range(n):
-        drift = 0.85 * drift + rng.normal(0, [0.5 * scale, 0.5 * scale, 0.004])
-        jit = rng.normal(0, [0.5 * amp * scale, 0.5 * amp * scale, 0.006 * amp])
-        out[i] = np.clip(drift + jit, [-lim, -lim, -0.04], [lim, lim, 0.04])
-    return out
+    return np.clip(drift + jitter, [-lim, -lim, -0.04], [lim, lim, 0.04]).astype(np.float32)

@@ -191,10 +191,9 @@ class Event:
     """A moment the assistant must speak about, at the frame its cue first becomes visible."""
 
     frame: int
-    kind: str  # greet | confirm_next | finish | correct | answer_next
+    kind: str  # greet | confirm_next | finish | correct | answer_next (question before `frame`)
     step: int  # the step the utterance is about (the next one to do, or the one being done)
     item: str = ""  # the item just placed (or the wrong one)
-    question: str = ""  # answer_next only: the user's words, sent just before `frame`
 
 
 @dataclass

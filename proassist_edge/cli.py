@@ -1,0 +1,164 @@
+"""proassist-edge: the command line. It only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from proassist_edge.errors import ProAssistEdgeError
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    """A plain aligned text table (no dependency: it must print on the glasses too)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# --- fixture -------------------------------------------------------------------------------
+def add_fixture_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fixture", help="write a small checkpoint in the released ProAssist layout")
+    p.add_argument("kind", choices=["tiny", "smollm2"], help="tiny random model, or real SmolLM2-135M")
+    p.add_argument("-o", "--out", required=True, type=Path)
+    p.add_argument("--tokens-per-frame", type=int, default=5, choices=[1, 5, 10])
+    p.add_argument("--w2t", default="lm", choices=["lm", "head-linear", "head-mlp"])
+    p.add_argument("--lora-rounds", type=int, default=1, help="earlier LoRA rounds before the top adapter")
+    p.add_argument("--train-mode", default="lora", choices=["lora", "frozen", "full"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_fixture)
+
+
+def run_fixture(args: argparse.Namespace) -> int:
+    if args.kind == "smollm2":
+        from proassist_edge.export.smollm import write_smollm2_checkpoint
+
+        ckpt = write_smollm2_checkpoint(args.out, args.tokens_per_frame, args.w2t, args.seed)
+    else:
+        from proassist_edge.export.fixture import write_tiny_checkpoint
+
+        ckpt = write_tiny_checkpoint(
+            args.out, args.tokens_per_frame, args.w2t, args.lora_rounds, args.train_mode, args.seed
+        )
+    print(f"checkpoint written: {ckpt}")
+    return 0
+
+
+# --- export --------------------------------------------------------------------------------
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="checkpoint -> verified ONNX bundle")
+    p.add_argument("checkpoint", help="checkpoint folder (released layout) or a shipped model name")
+    p.add_argument("-o", "--out", required=True, type=Path)
+    p.add_argument("--llm-from", type=Path, help="local folder of the base LLM (config's llm_pretrained)")
+    p.add_argument("--vision-from", type=Path, help="local folder of the vision tower")
+    p.add_argument("--max-seq-len", type=int, help="KV capacity of the bundle (default: the config's)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--tokens-per-frame", type=int, help="expected tokens per frame (checked)")
+    p.add_argument("--variants", default="portable,optimized", help="decoder variants to export")
+    p.add_argument("--verify-frames", type=int, default=300)
+    p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    p.set_defaults(func=run_export)
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """A shipped model name (e.g. taskworld-tiny) or a folder."""
+    if Path(name).exists():
+        return Path(name)
+    try:
+        from proassist_edge.bench.models import shipped_checkpoint
+    except ImportError:
+        return Path(name)
+    return shipped_checkpoint(name) or Path(name)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from proassist_edge.export.bundle import ExportOptions, export_bundle
+
+    opts = ExportOptions(
+        max_seq_len=args.max_seq_len, opset=args.opset, verify=not args.no_verify,
+        verify_frames=args.verify_frames, variants=tuple(args.variants.split(",")),
+    )
+    summary = export_bundle(
+        resolve_checkpoint(args.checkpoint), args.out, args.llm_from, args.vision_from, opts,
+        args.tokens_per_frame,
+    )
+    print(table([(f, human_bytes(n)) for f, n in summary["files"].items()], ["file", "size"]))
+    if summary["verify"]:
+        v = summary["verify"]
+        keys = ["max_abs_logit_diff", "max_abs_p_not_talk_diff", "decision_agreement", "token_match_rate", "frames"]
+        print(table([(k, v[k]) for k in keys], ["verification (worst decoder)", "value"]))
+    print(f"default decoder: {summary['default_decoder']}; bundle: {summary['bundle']}")
+    return 0
+
+
+# --- the rest: each part registers its own subcommand ----------------------------------------
+def _optional(register: Callable[[], Callable[[argparse._SubParsersAction], object]], sub: argparse._SubParsersAction, name: str, help: str) -> None:
+    try:
+        add = register()
+    except ImportError as e:
+        p = sub.add_parser(name, help=f"{help} (unavailable: {e.name} not installed)")
+        p.set_defaults(func=lambda a, e=e: _unavailable(name, e))
+        return
+    add(sub)
+
+
+def _unavailable(name: str, e: ImportError) -> int:
+    print(f"'{name}' is unavailable here: {e}. Install the matching extra (pip install 'proassist-edge[...]').", file=sys.stderr)
+    return 2
+
+
+def _not_yet(sub: argparse._SubParsersAction, name: str, help: str) -> None:
+    p = sub.add_parser(name, help=f"{help} (not yet available)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: (print(f"'{name}' is not yet available in this version", file=sys.stderr), 2)[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proassist-edge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_fixture_parser(sub)
+    add_export_parser(sub)
+
+    def score() -> Callable:
+        from proassist_edge.bench.score import add_score_parser
+
+        return add_score_parser
+
+    _optional(score, sub, "score", "score per-frame outputs with the paper's metrics")
+    for name, help in [
+        ("quantize", "int8 / int4 / fp16 bundle with a measured accuracy cost"),
+        ("run", "run the assistant on a live source"),
+        ("replay", "process a recorded episode deterministically"),
+        ("eval", "evaluate a bundle on a task-world split"),
+        ("bench", "latency benchmarks"),
+        ("demo", "the main job: a task-world episode end to end"),
+        ("doctor", "what is installed and usable here"),
+        ("taskworld", "generate task-world episodes"),
+        ("build-engine", "build TensorRT engines on the device"),
+    ]:
+        _not_yet(sub, name, help)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ProAssistEdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Calibration on multimodal streams: the decoder sees what it sees at run time.
+
+The parent bundle's StreamCore runs over frame streams with a system prompt and a user question,
+and a tap on its portable decoder records the real feeds: inputs_embeds (frame tokens from the
+vision graph, chat-turn text, reply tokens) and the past KV of growing lengths. Text-only
+calibration is not an option: custom-projector VLMs calibrated on text collapse (TensorRT-LLM
+issue #1860), because frame tokens live in a different range than word embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from proassist_edge.errors import DataError
+from proassist_edge.runtime.backend import Decoder, PortableDecoder, StepOut
+from proassist_edge.runtime.bundle import Bundle
+from proassist_edge.runtime.core import StreamCore, settings_from_manifest
+from proassist_edge.runtime.messages import FrameResult, TextMessage
+
+QUESTIONS = ("What should I do next?", "Did I do that step right?", "What is left to do?")
+
+
+# --- frame streams ---------------------------------------------------------------------------
+def synthetic_stream(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """The export verifier's moving scene (export/verify.py), without importing torch."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = np.stack([xx, yy, (xx + yy) // 2], -1).astype(np.float32) * (255.0 / size)
+    frames = np.empty((n, size, size, 3), np.uint8)
+    colours = rng.integers(0, 256, (4, 3))
+    for i in range(n):
+        img = base * (0.6 + 0.4 * np.sin(i / 17.0) ** 2)
+        for j, c in enumerate(colours):
+            cx = int((size / 2) + (size / 3) * np.sin(i / (7.0 + j * 3) + j))
+            cy = int((size / 2) + (size / 3) * np.cos(i / (11.0 + j) + j))
+            img[max(cy - 6, 0) : cy + 6, max(cx - 6, 0) : cx + 6] = c
+        frames[i] = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    return frames
+
+
+def split_episodes(split_dir: Path) -> list[Path]:
+    files = sorted(split_dir.glob("episodes/*/frames.npy"))
+    if not files:
+        raise DataError(
+            f"{split_dir} holds no episodes/*/frames.npy: pass a task-world split folder "
+            "(proassist-edge taskworld ...) or 'synthetic'"
+        )
+    return files
+
+
+def frame_streams(source: str | Path | None, streams: int, frames: int, offset: int = 0) -> list[np.ndarray]:
+    """`streams` uint8 (frames, H, W, 3) streams: synthetic scenes (seeds offset..), or the
+    episodes of a task-world split (from episode `offset`, wrapping around)."""
+    if source is None or str(source) == "synthetic":
+        return [synthetic_stream(frames, seed=offset + i) for i in range(streams)]
+    files = split_episodes(Path(source))
+    out = []
+    for i in range(streams):
+        arr = np.load(files[(offset + i) % len(files)], mmap_mode="r")
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            raise DataError(f"{files[(offset + i) % len(files)]}: expected uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+        out.append(np.array(arr[:frames]))
+    return out
+
+
+def stream_messages(frames: int, fps: float, k: int = 0) -> list[TextMessage]:
+    """One user question early in the stream (a chat turn between frames, as in the paper)."""
+    return [TextMessage("user", QUESTIONS[k % len(QUESTIONS)], t=min(5.0, frames / (4 * fps)))]
+
+
+# --- a tap on the core's decoder ------------------------------------------------------------
+class TapDecoder:
+    """Wraps the bundle's decoder: records every StepOut, and optionally the feeds."""
+
+    def __init__(self, inner: Decoder, owner: TapBundle) -> None:
+        self.inner = inner
+        self.owner = owner
+        self.outs: list[StepOut] = []
+
+    @property
+    def kv_len(self) -> int:
+        return self.inner.kv_len
+
+    @kv_len.setter
+    def kv_len(self, v: int) -> None:
+        self.inner.kv_len = v
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    @capacity.setter
+    def capacity(self, v: int) -> None:
+        self.inner.capacity = v
+
+    def append(self, embeds: np.ndarray) -> StepOut:
+        if self.owner.recorder is not None:
+            self.owner.recorder.see(embeds, self.inner, self.owner.frame_step)
+        self.owner.frame_step = False
+        out = self.inner.append(embeds)
+        if self.owner.keep_outs:
+            self.outs.append(out)
+        return out
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def keep(self, prefix_len: int, start: int, end: int) -> None:
+        self.inner.keep(prefix_len, start, end)
+
+
+class TapBundle(Bundle):
+    """The same bundle, whose decoders are tapped and which notes when a frame was encoded
+    (the next append is then the frame step: text turn + frame tokens)."""
+
+    recorder: FeedRecorder | None = None
+    frame_step: bool = False
+    keep_outs: bool = True
+    last: TapDecoder | None = None
+
+    @classmethod
+    def of(cls, b: Bundle, recorder: FeedRecorder | None = None, keep_outs: bool = True) -> TapBundle:
+        tap = cls(**{f.name: getattr(b, f.name) for f in fields(b)})
+        tap.recorder, tap.keep_outs = recorder, keep_outs
+        return tap
+
+    def new_decoder(self, capacity: int | None = None) -> Decoder:
+        self.last = TapDecoder(super().new_decoder(capacity), self)
+        return self.last
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        tokens = super().encode_frames(frames)
+        self.frame_step = True
+        if self.recorder is not None:
+            self.recorder.last_frame_tokens = tokens
+        return tokens
+
+
+# --- recording feeds ------------------------------------------------------------------------
+@dataclass
+class Sample:
+    feeds: dict[str, np.ndarray]
+    kind: str  # "frame" (text turn and/or frame tokens) or "token" (one reply token)
+    stream: int
+    step: int
+    frame_tokens: np.ndarray | None = None  # the vision graph's tokens in this feed, if any
+
+
+@dataclass
+class FeedRecorder:
+    """Uniform reservoir samples of the decoder's feeds, kept per kind so that frame steps are
+    never crowded out by reply tokens. Past KV arrays are referenced, not copied: the portable
+    decoder replaces them every step and never writes into one."""
+
+    max_frame: int = 96
+    max_token: int = 32
+    seed: int = 0
+    frames: list[Sample] = field(default_factory=list)
+    tokens: list[Sample] = field(default_factory=list)
+    seen: dict[str, int] = field(default_factory=lambda: {"frame": 0, "token": 0})
+    stream: int = 0
+    step: int = 0
+    last_frame_tokens: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def see(self, embeds: np.ndarray, dec: Decoder, frame_step: bool) -> None:
+        if not isinstance(dec, PortableDecoder):
+            raise TypeError("calibration taps the portable decoder (its feeds are the graph's inputs)")
+        kind = "frame" if frame_step else "token"
+        pool, cap = (self.frames, self.max_frame) if frame_step else (self.tokens, self.max_token)
+        self.seen[kind] += 1
+        n = self.seen[kind]
+        slot = n - 1 if len(pool) < cap else int(self.rng.integers(0, n))
+        if slot >= cap:
+            return
+        feeds = dict(zip(dec.names, dec.past, strict=True))
+        feeds["inputs_embeds"] = np.array(embeds, dtype=np.float32)
+        toks = self.last_frame_tokens if frame_step else None
+        sample = Sample(feeds, kind, self.stream, self.step, toks)
+        if slot < len(pool):
+            pool[slot] = sample
+        else:
+            pool.append(sample)
+
+    def samples(self) -> list[Sample]:
+        # the first step of a stream (system prompt + first frame, empty past) is kept: the
+        # calibrator reduces empty KV inputs without complaint.
+        return sorted(self.frames + self.tokens, key=lambda s: (s.stream, s.step, s.kind))
+
+
+def record_feeds(
+    parent: Bundle, streams: list[np.ndarray], reply_tokens: int = 16, fps: float = 2.0,
+    max_frame: int = 96, max_token: int = 32,
+) -> FeedRecorder:
+    """Run the parent's StreamCore (portable decoder) over the streams and sample its feeds."""
+    if parent.manifest.graphs[parent.decoder_name].variant != "portable":
+        raise ValueError(f"calibration needs a portable decoder, not {parent.decoder_name!r}")
+    rec = FeedRecorder(max_frame, max_token)
+    tap = TapBundle.of(parent, rec, keep_outs=False)
+    settings = settings_from_manifest(parent, max_reply_tokens=reply_tokens)
+    core = StreamCore(tap, settings)
+    for k, frames in enumerate(streams):
+        rec.stream = k
+        core.reset()
+        for r in core.replay(frames, stream_messages(len(frames), fps, k), fps):
+            rec.step = r.index + 1  # samples recorded during frame i+1's step carry i+1
+    return rec
+
+
+class FeedReader(CalibrationDataReader):
+    """onnxruntime's calibration reader over recorded samples (or plain feed dicts)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = feeds
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:  # type: ignore[override]
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self) -> None:
+        self.i = 0
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def vision_feeds(streams: list[np.ndarray], per_stream: int = 16) -> list[dict[str, np.ndarray]]:
+    """Single frames spread over every stream, in the layout the runtime feeds (1, H, W, 3)."""
+    out = []
+    for s in streams:
+        idx = np.linspace(0, len(s) - 1, min(per_stream, len(s))).astype(int)
+        out += [{"frames": np.ascontiguousarray(s[i : i + 1])} for i in idx]
+    return out
+
+
+def replay_pair(
+    a: Bundle, b: Bundle, frames: np.ndarray, messages: list[TextMessage], reply_tokens: int,
+    fps: float,
+) -> Iterator[tuple[FrameResult, FrameResult, np.ndarray, np.ndarray]]:
+    """Both bundles over one stream in lockstep; yields each frame's results and the logits at
+    its decision position (the first append of the step), so nothing vocabulary-sized piles up."""
+    taps = [TapBundle.of(x) for x in (a, b)]
+    cores = [StreamCore(t, settings_from_manifest(t, max_reply_tokens=reply_tokens)) for t in taps]
+    decs = [t.last for t in taps]
+    assert decs[0] is not None and decs[1] is not None
+    for ra, rb in zip(cores[0].replay(frames, messages, fps), cores[1].replay(frames, messages, fps), strict=True):
+        la, lb = decs[0].outs[0].logits, decs[1].outs[0].logits
+        decs[0].outs.clear()
+        decs[1].outs.clear()
+        yield ra, rb, la, lb

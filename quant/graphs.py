@@ -1,0 +1,301 @@
+"""Graph-level conversions, each a thin call into onnxruntime's own quantizers.
+
+Which nodes get quantized is decided here, once, on the parent graph: the MatMuls (and Conv /
+Gemm in the vision tower) whose weight is a constant initializer of rank >= 2. That keeps the
+attention products (Q.K^T, softmax.V), and the RoPE path (position * inv_freq is a Mul, the
+cos/sin caches of the optimized graph feed GroupQueryAttention) out of every integer format.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import fnmatch
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from proassist_edge.errors import ProAssistEdgeError
+
+# Graphs past this size must keep their weights in an external data file (protobuf's 2 GiB cap).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+# fp16: ops whose range or accumulation overflows or loses the decision margin in half precision
+# (norm statistics, softmax, sigmoid of the decision head), and the attention op of the optimized
+# graph, whose cos/sin caches must have the same type as its query (RoPE tables stay fp32).
+FP16_BLOCKED_OPS = (
+    "Softmax", "Pow", "ReduceMean", "ReduceSum", "Sqrt", "Reciprocal", "Cos", "Sin", "Sigmoid",
+    "Erf", "LayerNormalization", "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "GroupQueryAttention",
+    "RotaryEmbedding",
+)
+
+
+class QuantizeError(ProAssistEdgeError):
+    """A bundle could not be quantized (output exists, bad option, a quantizer failed)."""
+
+
+@dataclass(frozen=True)
+class WeightNode:
+    """A node with a constant weight: what every quantizer here may touch."""
+
+    name: str
+    op: str
+    module: str  # dotted module path, e.g. "layers.3.mlp.down_proj" or "model.layers.3.attn.qkv_proj"
+    layer: int | None  # decoder layer index, None outside the layer stack (lm_head, vision)
+
+    @property
+    def group(self) -> str:
+        """A keep-fp32 pattern naming this node's block: 'layers.3.' or the module's head."""
+        if self.layer is not None:
+            return f"layers.{self.layer}."
+        return self.module.split(".")[0] or self.name
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def module_path(node: onnx.NodeProto) -> str:
+    """The PyTorch module a node came from: torch.onnx's name scopes, else the node's name."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            with contextlib.suppress(ValueError, SyntaxError):
+                scopes = [s for s in ast.literal_eval(prop.value) if s]
+                if len(scopes) > 1:
+                    return str(scopes[-2])
+    # onnxruntime-genai names nodes "/model/layers.0/attn/qkv_proj/MatMul"
+    return node.name.strip("/").replace("/", ".").rsplit(".", 1)[0]
+
+
+def weight_nodes(model: onnx.ModelProto, ops: Sequence[str] = ("MatMul",)) -> list[WeightNode]:
+    inits = {i.name: len(i.dims) for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type in ops and len(n.input) > 1 and inits.get(n.input[1], 0) >= 2:
+            mod = module_path(n)
+            m = _LAYER.search(mod + ".")
+            out.append(WeightNode(n.name, n.op_type, mod, int(m.group(1)) if m else None))
+    return out
+
+
+def scoped(patterns: Iterable[str], graph: str) -> list[str]:
+    """Patterns for one graph: "vision:PAT" / "decoder:PAT" apply to that kind only (every
+    decoder variant counts as "decoder"), a bare PAT to every graph."""
+    kind = "decoder" if graph.startswith("decoder") else graph
+    out = []
+    for p in patterns:
+        scope, sep, rest = p.partition(":")
+        if not sep:
+            out.append(p)
+        elif scope == kind:
+            out.append(rest)
+    return out
+
+
+def matches(node: WeightNode | onnx.NodeProto, patterns: Iterable[str]) -> bool:
+    """keep-fp32 patterns: a glob or a substring of the node name or of its module path."""
+    name = node.name
+    mod = node.module if isinstance(node, WeightNode) else module_path(node)
+    for p in patterns:
+        for s in (name, mod, mod + "."):
+            if p in s or fnmatch.fnmatchcase(s, p):
+                return True
+    return False
+
+
+def load(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=True)
+
+
+def needs_external(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() > EXTERNAL_DATA_BYTES
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool) -> list[str]:
+    """Write the graph; with `external`, weights go to PATH.data (returned for the manifest)."""
+    if external:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=path.name + ".data", size_threshold=1024,
+        )
+        return [path.name + ".data"]
+    onnx.save_model(model, str(path))
+    return []
+
+
+def data_file(path: Path) -> list[str]:
+    """onnxruntime's quantizers name external data PATH.data; report it when written."""
+    d = path.with_name(path.name + ".data")
+    if d.is_file():
+        d.chmod(0o644)  # onnx writes it 0600; a bundle is copied between users and machines
+        return [d.name]
+    return []
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """onnxruntime's quantizers log every node at INFO: keep the progress bar readable."""
+    # (their "consider pre-processing" advice goes to the root logger at WARNING: it is about
+    # shape inference for CNNs and does not apply to these graphs)
+    loggers = [logging.getLogger(n) for n in ("onnxruntime", "onnxruntime.quantization", "")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one graph is converted. `precision`: "int8" (dynamic, CPU), "int8-qdq" (static QDQ,
+    for TensorRT), "int4" (MatMulNBits weight-only) or "fp16"."""
+
+    precision: str
+    block_size: int = 32
+    accuracy_level: int | None = None
+    per_channel: bool = True
+
+
+def apply(
+    recipe: Recipe, src: Path, dst: Path, nodes: list[str], fp32_nodes: Sequence[str] = (),
+    reader: object = None, external: bool = False, ops: Sequence[str] = ("MatMul",),
+) -> list[str]:
+    """Convert SRC into DST. `nodes`: the weight nodes to quantize (integer formats);
+    `fp32_nodes`: exact node names kept fp32 (fp16). Returns the data files written."""
+    if recipe.precision == "int8":
+        return quantize_dynamic_int8(src, dst, nodes, external, recipe.per_channel)
+    if recipe.precision == "int8-qdq":
+        return quantize_qdq_int8(src, dst, reader, nodes, external, ops, recipe.per_channel)
+    if recipe.precision == "int4":
+        return quantize_int4(src, dst, nodes, recipe.block_size, recipe.accuracy_level, external)
+    if recipe.precision == "fp16":
+        return convert_fp16(src, dst, fp32_nodes, external)
+    raise QuantizeError(f"unknown precision {recipe.precision!r}: use int8, int8-qdq, int4 or fp16")
+
+
+def quantize_dynamic_int8(
+    src: Path, dst: Path, nodes: list[str], external: bool, per_channel: bool = True
+) -> list[str]:
+    """Weights int8 (per output channel by default), activations quantized at run time
+    (MatMulInteger): the CPU path, no calibration needed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if not nodes:  # an empty list means "every node" to onnxruntime
+        return save(load(src), dst, external)
+    with quiet():
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+            nodes_to_quantize=nodes, use_external_data_format=external,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    return data_file(dst)
+
+
+def quantize_qdq_int8(
+    src: Path, dst: Path, reader: object, nodes: list[str], external: bool,
+    ops: Sequence[str] = ("MatMul",), per_channel: bool = True,
+) -> list[str]:
+    """Static int8 in QDQ form: symmetric activations and symmetric weights (per channel by
+    default), which is what TensorRT's explicit-quantization parser expects."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not nodes:
+        return save(load(src), dst, external)
+    if reader is None:
+        raise QuantizeError("static int8 (QDQ) needs calibration feeds")
+    with quiet():
+        quantize_static(
+            str(src), str(dst), reader,  # type: ignore[arg-type]
+            quant_format=QuantFormat.QDQ, per_channel=per_channel, op_types_to_quantize=list(ops),
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes, use_external_data_format=external,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={
+                "ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
+            },
+        )
+    return data_file(dst)
+
+
+def quantize_int4(
+    src: Path, dst: Path, nodes: list[str], block_size: int, accuracy_level: int | None,
+    external: bool,
+) -> list[str]:
+    """Weight-only 4-bit blocks (MatMulNBits); activations stay float."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if not nodes:  # MatMulNBitsQuantizer treats "no include list" as "every MatMul"
+        return save(load(src), dst, external)
+    model = load(src)
+    # nodes_to_include adds to op_types_to_quantize: exclude every other MatMul explicitly
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
+    with quiet():
+        q = MatMulNBitsQuantizer(
+            model, bits=4, block_size=block_size, is_symmetric=True,
+            accuracy_level=accuracy_level, nodes_to_include=nodes, nodes_to_exclude=others,
+            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
+        )
+        q.process()
+        q.model.save_model_to_file(str(dst), use_external_data_format=external)
+    return data_file(dst)
+
+
+def rope_nodes(model: onnx.ModelProto) -> set[str]:
+    """Nodes computing the rotary tables: everything upstream of Cos/Sin, Cos/Sin, and what
+    follows them while it still depends on nothing but the tables (e.g. the attention scale)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    seeds = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    keep: set[str] = set()
+    stack = list(seeds)
+    while stack:
+        n = stack.pop()
+        if n.name in keep:
+            continue
+        keep.add(n.name)
+        stack += [producer[i] for i in n.input if i in producer]
+    tables = {o for n in model.graph.node if n.name in keep for o in n.output}
+    changed = True
+    while changed:
+        changed = False
+        for n in model.graph.node:
+            ins = [i for i in n.input if i and i not in inits]
+            if n.name not in keep and ins and all(i in tables for i in ins):
+                keep.add(n.name)
+                tables.update(n.output)
+                changed = True
+    return keep
+
+
+def convert_fp16(src: Path, dst: Path, fp32_nodes: Sequence[str], external: bool) -> list[str]:
+    """fp16 weights and activations with fp32 graph inputs/outputs (keep_io_types); the ops in
+    FP16_BLOCKED_OPS, the RoPE path and `fp32_nodes` stay fp32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = load(src)
+    blocked = rope_nodes(model) | set(fp32_nodes)
+    with quiet():
+        half = convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_BLOCKED_OPS],
+            node_block_list=sorted(blocked),
+        )
+    return save(half, dst, external)
+
+
+def nodes_matching(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
+    """Every node (of any op) a keep-fp32 pattern names: for fp16, where whole blocks stay fp32."""
+    return [n.name for n in model.graph.node if patterns and matches(n, patterns)]
+
+
+def select(nodes: list[WeightNode], keep_fp32: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(names to quantize, names kept fp32 by a pattern)."""
+    kept = [n.name for n in nodes if matches(n, keep_fp32)]
+    return [n.name for n in nodes if n.name not in kept], kept
