@@ -26,7 +26,7 @@ from .onnx_export import (
     export_portable_decoder,
     export_vision,
 )
-from .verify import verify_bundle
+from .verify import Tolerance, verify_bundle
 
 DEFAULT_SYSTEM = (
     "You are a helpful assistant that watches the user through their smart glasses and "
@@ -43,6 +43,7 @@ class ExportOptions:
     variants: tuple[str, ...] = ("portable", "optimized")
     max_reply_tokens: int = 100
     threshold: float | None = None  # for the verification stream only (default: the manifest's)
+    tolerance: Tolerance | None = None
 
 
 def model_facts(ck: LoadedCheckpoint, max_seq_len: int, system: str) -> ModelFacts:
@@ -134,7 +135,9 @@ def export_bundle(
                 max_reply_tokens=opts.max_reply_tokens,
                 threshold=facts.default_threshold if opts.threshold is None else opts.threshold,
             )
-            report = verify_bundle(ck, tmp, decoders, settings, opts.verify_frames, system)
+            report = verify_bundle(
+                ck, tmp, decoders, settings, opts.verify_frames, system, tol=opts.tolerance
+            )
             (tmp / "verify.json").write_text(json.dumps(report, indent=2))
             manifest.verify = {k: v for k, v in report.items() if k != "decoders"}
             write_manifest(tmp, manifest)

@@ -111,8 +111,9 @@ def load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
-def needs_external(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() > EXTERNAL_DATA_BYTES
+def load_structure(path: Path) -> onnx.ModelProto:
+    """Nodes and initializer shapes only (weights stay on disk): enough to choose nodes."""
+    return onnx.load(str(path), load_external_data=False)
 
 
 def save(model: onnx.ModelProto, path: Path, external: bool) -> list[str]:

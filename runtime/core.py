@@ -7,13 +7,31 @@ Only the core touches the KV memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from proassist_edge.errors import ProAssistEdgeError
 
 from .bundle import Bundle
 from .messages import FrameResult, TextMessage
 from .prompt import PromptBuilder, StreamSettings, decide_talk, drop_middle_keep, needs_reset
+
+
+class NonFiniteOutputError(ProAssistEdgeError):
+    """A graph returned NaN or inf during a step. The step was rolled back: the KV memory and the
+    pending prompt are as they were before it; the frame and the messages given with it are lost."""
+
+    def __init__(self, index: int, t: float, what: str, messages: Sequence[TextMessage] = ()) -> None:
+        super().__init__(
+            f"frame {index} (t={t:.2f}s): the graph returned a non-finite {what}; the step was "
+            "skipped and the memory rolled back (if it repeats, re-export or re-quantize the bundle)"
+        )
+        self.index, self.t, self.what, self.messages = index, t, what, tuple(messages)
+
+
+TokenCallback = Callable[[int], None]
 
 
 def settings_from_manifest(bundle: Bundle, **overrides: object) -> StreamSettings:
@@ -71,7 +89,8 @@ class StreamCore:
 
     def _greedy(self, logits: np.ndarray, cap: int) -> Iterator[int]:
         """Greedy tokens, the first forced away from not-talk; each is in the cache once yielded
-        (except the final eos unless feed_eos)."""
+        (except the final eos unless feed_eos). Raises _NonFinite before using bad logits."""
+        _require_finite(logits, "logits")
         logits = logits.copy()
         logits[self.not_talk] = -np.inf
         for i in range(cap):
@@ -82,14 +101,26 @@ class StreamCore:
                 yield t
                 return
             logits, _ = self._append(self.b.embed([t]))
+            _require_finite(logits, "decoded-token logits")
             yield t
             if done:
                 return
 
+    def _rollback(self, kv_len: int) -> None:
+        # keep(prefix, start, end) with an empty tail truncates the memory to kv_len
+        self.dec.keep(kv_len, kv_len, kv_len)
+
     # --- one step -------------------------------------------------------------------------
     def step(
-        self, frames: np.ndarray, index: int, t: float, messages: Sequence[TextMessage] = ()
+        self, frames: np.ndarray, index: int, t: float, messages: Sequence[TextMessage] = (),
+        on_token: TokenCallback | None = None,
     ) -> FrameResult:
+        """Append k frames (k, h, w, 3) and the messages, decide, maybe reply.
+
+        `on_token` is called with each reply token as soon as it is decoded (not for summaries),
+        so speech can start before the reply ends. A non-finite graph output raises
+        NonFiniteOutputError after rolling the memory back to its state before this step.
+        """
         text = list(self.pending)
         for m in messages:
             text += self.pb.message(m.role, m.content)
@@ -99,20 +130,31 @@ class StreamCore:
         if self.kv_len and needs_reset(self.kv_len, n, self.s):
             reset = self.s.context_strategy
             if reset == "summarize_and_drop":
-                return self._summarize(text, tokens, index, t)
+                return self._summarize(text, tokens, index, t, messages)
             keep = drop_middle_keep(self.kv_len, self.prefix_len or 0, self.s)
             if reset == "drop_middle" and keep is not None:
                 self.dec.keep(self.prefix_len or 0, *keep)
             else:
                 reset = "drop_all"
                 self.dec.reset()
+        undo = (self.kv_len, self.pending, self.prefix_len)
         self.pending = []
         if self.prefix_len is None:
             self.prefix_len = len(text)
-        logits, p = self._append(self._inputs(text, tokens))
-        talk = decide_talk(p, self.prev_p, self.s)
+        ids: list[int] = []
+        try:
+            logits, p = self._append(self._inputs(text, tokens))
+            _require_finite(p, "P(not talk)")
+            talk = decide_talk(p, self.prev_p, self.s)
+            for tok in self._greedy(logits, self.s.max_reply_tokens) if talk else ():
+                ids.append(tok)
+                if on_token is not None:
+                    on_token(tok)
+        except _NonFinite as e:
+            self._rollback(undo[0])
+            self.pending, self.prefix_len = undo[1], undo[2]
+            raise NonFiniteOutputError(index, t, str(e), messages) from None
         self.prev_p = p
-        ids = list(self._greedy(logits, self.s.max_reply_tokens)) if talk else []
         reply = self.pb.reply_text(ids) if talk else ""
         return FrameResult(index, t, p, talk, reply, tuple(ids), self.kv_len, None, reset)
 
@@ -120,11 +162,20 @@ class StreamCore:
         frames = tokens.reshape(1, -1, tokens.shape[-1])
         return np.concatenate([self.b.embed(text), frames], axis=1) if text else frames
 
-    def _summarize(self, text: list[int], tokens: np.ndarray, index: int, t: float) -> FrameResult:
-        logits, p = self._append(self._inputs(text + self.pb.summary_request(), tokens))
+    def _summarize(
+        self, text: list[int], tokens: np.ndarray, index: int, t: float,
+        messages: Sequence[TextMessage],
+    ) -> FrameResult:
+        kv_len = self.kv_len
+        try:
+            logits, p = self._append(self._inputs(text + self.pb.summary_request(), tokens))
+            _require_finite(p, "P(not talk)")
+            cap = max(1, min(self.s.max_summary_tokens, self.s.max_seq_len - self.kv_len))
+            ids = list(self._greedy(logits, cap))
+        except _NonFinite as e:
+            self._rollback(kv_len)  # the summary is retried at the next frame
+            raise NonFiniteOutputError(index, t, str(e), messages) from None
         self.prev_p = p
-        cap = max(1, min(self.s.max_summary_tokens, self.s.max_seq_len - self.kv_len))
-        ids = list(self._greedy(logits, cap))
         summary = self.pb.reply_text(ids)
         self.dec.reset()
         self.pending = self.pb.resume(self.system, summary, self.knowledge)
@@ -140,6 +191,16 @@ class StreamCore:
             due = [m for m in queue if m.t <= t + 1e-9]
             queue = queue[len(due) :]
             yield self.step(frames[i : i + 1], i, t, due)
+
+
+class _NonFinite(Exception):
+    """Internal: a graph output is NaN or inf (turned into NonFiniteOutputError by `step`)."""
+
+
+def _require_finite(x: np.ndarray | float, what: str) -> None:
+    # max() propagates NaN and shows +inf; a -inf logit alone is harmless to argmax and softmax
+    if not math.isfinite(float(np.max(x))):
+        raise _NonFinite(what)
 
 
 def not_talk_probability(logits: np.ndarray, not_talk: int) -> float:

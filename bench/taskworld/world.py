@@ -314,8 +314,10 @@ class _Sim:
     def place(self, slot: int, item: str, reach: int, retreat: int) -> int:
         x, y = self.tl.spec.variant.slots[slot]
         self.held = item
-        # The last reach frame holds the item clearly off its slot (about 10 px at 64 px).
-        hover = (x + self.tl.handedness * 0.04, y + float(self.rng.uniform(0.14, 0.18)))
+        # The last reach frame holds the item clearly off its slot: a full item height plus
+        # 3-6 px (at 64 px) below it, so "in the hand" and "placed" never look alike.
+        h = self.tl.spec.variant.piece[1]
+        hover = (x + self.tl.handedness * 0.04, y + h + float(self.rng.uniform(0.05, 0.09)))
         self.move(hover, reach)
         self.held = None
         self.placed.append((slot, item))

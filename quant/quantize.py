@@ -1,0 +1,334 @@
+"""fp32 bundle -> int8 / int4 / fp16 bundle, with the accuracy it cost measured and written in.
+
+The parent is read only: its manifest and every file's sha256 are checked before anything is
+written, the child is built in a temporary folder beside OUT and renamed into place only when
+complete, so a failure never leaves half a bundle behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from proassist_edge.manifest import (
+    MANIFEST,
+    GraphEntry,
+    Manifest,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+from proassist_edge.runtime.bundle import Bundle, open_bundle
+
+from . import graphs as G
+from .calibration import FeedReader, FeedRecorder, frame_streams, record_feeds, vision_feeds
+from .embeddings import EMBEDDING_DTYPES, convert_embeddings
+from .graphs import QuantizeError, Recipe
+from .report import (
+    Targets,
+    bundle_size,
+    compare_decoders,
+    compare_vision,
+    graph_sizes,
+    paper_metrics,
+)
+from .sensitivity import layer_sensitivity
+
+PRECISIONS = ("int8", "int4", "fp16")
+SKIPPABLE = ("vision", "decoder")
+REPORT = "quant_report.json"
+VISION_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One graph of the child: NAME made from the parent's SOURCE graph by RECIPE (None: copied)."""
+
+    name: str
+    source: str
+    recipe: Recipe | None
+    why: str
+
+
+def plan(pm: Manifest, precision: str, skip: Collection[str], recipe: Recipe) -> list[Job]:
+    jobs = []
+    for name, g in pm.graphs.items():
+        is_decoder = g.variant in ("portable", "optimized")
+        if name == "vision" and "vision" not in skip:
+            vr = replace(recipe, precision="fp16" if precision == "fp16" else "int8-qdq")
+            jobs.append(Job(name, name, vr, "frames calibrate the vision tower separately"))
+        elif is_decoder and "decoder" not in skip:
+            jobs.append(Job(name, name, recipe, f"{g.variant} decoder"))
+            if precision == "int8" and g.variant == "portable":
+                qdq = replace(recipe, precision="int8-qdq")
+                jobs.append(Job(f"{name}_qdq", name, qdq, "static QDQ of the portable graph, for TensorRT"))
+        else:
+            why = "skipped on request" if (is_decoder or name == "vision") else "small; kept fp32"
+            jobs.append(Job(name, name, None, why))
+    return jobs
+
+
+def check_options(precision: str, skip: Collection[str], block_size: int, accuracy_level: int | None,
+                  streams: int, frames: int, embeddings: str | None) -> None:
+    if precision not in PRECISIONS:
+        raise QuantizeError(f"precision {precision!r}: choose one of {PRECISIONS}")
+    if bad := set(skip) - set(SKIPPABLE):
+        raise QuantizeError(f"cannot skip {sorted(bad)}: choose from {SKIPPABLE}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise QuantizeError(f"block size {block_size}: use a power of two >= 16 (32, 64 or 128)")
+    if accuracy_level is not None and accuracy_level not in range(5):
+        raise QuantizeError(f"accuracy level {accuracy_level}: use 0-4 (4 = int8 compute on CPU)")
+    if streams < 1 or frames < 2:
+        raise QuantizeError("at least one stream of two frames is needed to calibrate and compare")
+    if embeddings is not None and embeddings not in ("float32", "float16", "int8"):
+        raise QuantizeError(f"embedding dtype {embeddings!r}: choose float32, float16 or int8")
+
+
+def check_parent(pm: Manifest, parent: Path, out: Path) -> None:
+    lowered = {n: g.precision for n, g in pm.graphs.items() if g.precision != "fp32"}
+    if lowered or pm.embeddings.get("dtype", "float32") != "float32":
+        raise QuantizeError(
+            f"{parent} is already quantized ({lowered or pm.embeddings.get('dtype')}): "
+            "quantize its fp32 parent instead (see its manifest's source.parent)"
+        )
+    if out.resolve().is_relative_to(parent.resolve()):
+        raise QuantizeError(f"{out} lies inside the parent bundle {parent}: write the child elsewhere")
+
+
+def quantize_bundle(
+    parent: str | Path, out: str | Path, precision: str = "int8", calibration: str | None = None,
+    block_size: int = 32, accuracy_level: int | None = None, skip: Collection[str] = (),
+    keep_fp32: Sequence[str] = (), eval_data: str | Path | None = None, streams: int = 3,
+    frames: int = 120, *, embeddings: str | None = None, reply_tokens: int = 16,
+    per_channel: bool = True, max_calibration_samples: int = 128, targets: Targets | None = None,
+    sensitivity_on_miss: bool = True, progress: bool = True,
+) -> dict[str, Any]:
+    """Write the quantized child of the fp32 bundle PARENT into OUT (which must not exist).
+
+    Returns the report also written as OUT/quant_report.json. `calibration`: None/"synthetic" or
+    a task-world split folder (episodes/*/frames.npy). `keep_fp32`: node-name or module-path
+    patterns ("lm_head", "layers.3.", "decoder:layers.0.*", "vision:projector")."""
+    t0 = time.time()
+    parent, out = Path(parent), Path(out)
+    check_options(precision, skip, block_size, accuracy_level, streams, frames, embeddings)
+    if out.exists():
+        raise QuantizeError(f"{out} already exists: choose a new folder or remove it first")
+    pm = load_manifest(parent, verify=True)  # BundleError on sha256 or schema before any write
+    check_parent(pm, parent, out)
+    recipe = Recipe(precision, block_size, accuracy_level, per_channel)
+    jobs = plan(pm, precision, skip, recipe)
+    synthetic = calibration is None or str(calibration) == "synthetic"
+    # calibration and report use different streams: the report never grades its own calibration
+    cal = frame_streams(calibration, streams, frames, offset=100 if synthetic else 0)
+    test = frame_streams(calibration, streams, frames, offset=0 if synthetic else streams)
+    compared = [j for j in jobs if pm.graphs[j.source].variant in ("portable", "optimized")]
+    bar = tqdm(total=3 + len(jobs) + len(compared), desc=f"quantize {precision}", unit="step",
+               disable=not progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        base = open_bundle(parent, verify=False)
+        recorder = None
+        if any(j.recipe and j.recipe.precision == "int8-qdq" and j.name != "vision" for j in jobs):
+            bar.set_postfix_str("recording multimodal decoder feeds")
+            recorder = record(base, pm, cal, reply_tokens, max_calibration_samples)
+        bar.update()
+        entries, notes = {}, []
+        for job in jobs:
+            bar.set_postfix_str(f"{job.name}: {job.recipe.precision if job.recipe else 'copy'}")
+            entry, note = run_job(job, pm, parent, tmp, keep_fp32, recorder, cal)
+            entries[job.name] = entry
+            notes.append(note)
+            bar.update()
+        bar.set_postfix_str("embeddings")
+        emb_dtype = embeddings or EMBEDDING_DTYPES[precision]
+        emb, emb_files, emb_figures = convert_embeddings(parent / pm.embeddings["file"], tmp, emb_dtype)
+        emb_figures["parent_size_bytes"] = (parent / pm.embeddings["file"]).stat().st_size
+        notes.append(emb_figures.pop("note"))
+        shutil.copy(parent / "tokenizer.json", tmp / "tokenizer.json")
+        files = {"tokenizer.json": sha256_file(tmp / "tokenizer.json"), **emb_files}
+        files.update({d: sha256_file(tmp / d) for e in entries.values() for d in e.data_files})
+        default = pm.default_decoder if pm.default_decoder in entries else next(
+            n for n, e in entries.items() if e.variant)
+        manifest = Manifest(
+            model=pm.model, graphs=entries, files=files, embeddings=emb,
+            source={
+                "parent": str(parent.resolve()), "precision": precision,
+                "parent_manifest_sha256": sha256_file(parent / MANIFEST),
+                "parent_source": pm.source, "parent_verify": pm.verify,
+            },
+            notes=[*notes, f"default decoder {default}: the parent's default, quantized for CPU"],
+            default_decoder=default,
+        )
+        write_manifest(tmp, manifest)
+        bar.update()
+        child = open_bundle(tmp, verify=True)
+        report = build_report(pm, manifest, parent, tmp, base, child, jobs, compared, test,
+                              reply_tokens, bar)
+        report.update(
+            precision=precision, calibration=str(calibration or "synthetic"), streams=streams,
+            frames=frames, reply_tokens=reply_tokens, embeddings={**emb_figures, "dtype": emb_dtype},
+            calibration_samples=sample_counts(recorder),
+        )
+        apply_targets(report, targets or Targets(), jobs, parent, sensitivity_on_miss,
+                      streams, frames, reply_tokens, calibration, keep_fp32)
+        bar.set_postfix_str("paper metrics" if eval_data else "writing")
+        report["eval"] = paper_metrics(parent, tmp, Path(eval_data) if eval_data else None)
+        report["elapsed_s"] = round(time.time() - t0, 1)
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        keys = ("decision_agreement", "p_not_talk_mae", "logit_cosine", "token_match_rate", "targets_met")
+        manifest.verify = {"against": "fp32 parent", "report": REPORT, **{k: report[k] for k in keys}}
+        write_manifest(tmp, manifest)
+        bar.update()
+        bar.close()
+        tmp.rename(out)
+    except BaseException:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"bundle": str(out), **report}
+
+
+def portable_name(pm: Manifest) -> str | None:
+    return next((n for n, g in pm.graphs.items() if g.variant == "portable"), None)
+
+
+def record(base: Bundle, pm: Manifest, cal: list[np.ndarray], reply_tokens: int, cap: int) -> FeedRecorder:
+    name = portable_name(pm)
+    assert name is not None
+    frame_cap = max(1, cap * 3 // 4)  # frame steps first: they carry the vision tokens
+    return record_feeds(replace(base, decoder_name=name), cal, reply_tokens, pm.model.fps,
+                        frame_cap, max(1, cap - frame_cap))
+
+
+def sample_counts(rec: FeedRecorder | None) -> dict[str, int]:
+    if rec is None:
+        return {}
+    return {"frame_steps": len(rec.frames), "token_steps": len(rec.tokens),
+            "frame_steps_seen": rec.seen["frame"], "token_steps_seen": rec.seen["token"]}
+
+
+def run_job(
+    job: Job, pm: Manifest, parent: Path, tmp: Path, keep_fp32: Sequence[str],
+    recorder: FeedRecorder | None, cal: list[np.ndarray],
+) -> tuple[GraphEntry, str]:
+    src = pm.graphs[job.source]
+    if job.recipe is None:
+        for f in (src.file, *src.data_files):
+            shutil.copy(parent / f, tmp / f)
+        return replace(src, sha256=sha256_file(tmp / src.file)), f"{job.name}: fp32 copy ({job.why})"
+    file = src.file if job.name == job.source else f"{job.name}.onnx"
+    model = G.load_structure(parent / src.file)
+    size = sum((parent / f).stat().st_size for f in (src.file, *src.data_files))
+    patterns = G.scoped(keep_fp32, job.name)
+    ops = VISION_OPS if job.name == "vision" else ("MatMul",)
+    nodes, kept = G.select(G.weight_nodes(model, ops), patterns)
+    fp32_nodes = G.nodes_matching(model, patterns)
+    # genai's graph keeps its weights beside it; any graph near protobuf's 2 GiB cap must too
+    external = bool(src.data_files) or size > G.EXTERNAL_DATA_BYTES
+    reader = None
+    if job.recipe.precision == "int8-qdq":
+        feeds = vision_feeds(cal) if job.name == "vision" else [s.feeds for s in recorder.samples()] if recorder else []
+        reader = FeedReader(feeds)
+    try:
+        data = G.apply(job.recipe, parent / src.file, tmp / file, nodes, fp32_nodes, reader, external, ops)
+    except Exception as e:  # onnxruntime's quantizers raise anything; name the graph and recipe
+        if src.variant != "optimized":
+            raise QuantizeError(f"{job.recipe.precision} of {job.source} failed: {type(e).__name__}: {e}") from e
+        for f in (src.file, *src.data_files):
+            shutil.copy(parent / f, tmp / f)
+        note = f"{job.name}: {job.recipe.precision} failed on the optimized graph ({type(e).__name__}: {e}); kept fp32"
+        return replace(src, sha256=sha256_file(tmp / src.file)), note
+    entry = GraphEntry(file, job.recipe.precision, src.inputs, src.outputs, sha256_file(tmp / file),
+                       src.variant, data)
+    return entry, describe(job, len(nodes), kept, fp32_nodes, recorder)
+
+
+def describe(job: Job, n: int, kept: list[str], fp32_nodes: list[str], rec: FeedRecorder | None) -> str:
+    r = job.recipe
+    assert r is not None
+    chan = "per-channel" if r.per_channel else "per-tensor"
+    what = {
+        "int8": f"int8 dynamic (onnxruntime quantize_dynamic, MatMulInteger), {chan} weights; the CPU path",
+        "int8-qdq": f"int8 static QDQ (quantize_static, MinMax), symmetric activations, {chan} weights; for TensorRT",
+        "int4": f"int4 weight-only MatMulNBits, block {r.block_size}, accuracy level {r.accuracy_level}",
+        "fp16": "fp16 (onnxruntime float16, keep_io_types), norms/softmax/sigmoid/RoPE path in fp32",
+    }[r.precision]
+    if r.precision == "int8-qdq":
+        src = "frames through the vision graph" if job.name == "vision" else (
+            f"{len(rec.frames) + len(rec.tokens) if rec else 0} decoder feeds recorded from StreamCore on "
+            "multimodal streams (system prompt, frame tokens, a user question, reply tokens)")
+        what += f", calibrated on {src}"
+    count = f"{len(fp32_nodes)} nodes kept fp32 by pattern" if r.precision == "fp16" else (
+        f"{n} weight nodes quantized, {len(kept)} kept fp32 by pattern")
+    return f"{job.name} (from {job.source}): {what}; {count}"
+
+
+def build_report(
+    pm: Manifest, cm: Manifest, parent: Path, child_root: Path, base: Bundle, child: Bundle,
+    jobs: list[Job], compared: list[Job], streams: list[np.ndarray], reply_tokens: int, bar: tqdm,
+) -> dict[str, Any]:
+    psizes, csizes = graph_sizes(parent, pm), graph_sizes(child_root, cm)
+    graphs = {
+        j.name: {"file": cm.graphs[j.name].file, "precision": cm.graphs[j.name].precision,
+                 "variant": cm.graphs[j.name].variant, "parent": j.source,
+                 "size_bytes": csizes[j.name], "parent_size_bytes": psizes[j.source]}
+        for j in jobs
+    }
+    decoders = {}
+    for j in compared:
+        bar.set_postfix_str(f"comparing {j.name} with {j.source}")
+        figures = compare_decoders(replace(base, decoder_name=j.source), replace(child, decoder_name=j.name),
+                                   streams, reply_tokens, pm.model.fps)
+        decoders[j.name] = {"parent_graph": j.source, "variant": cm.graphs[j.name].variant,
+                            "precision": cm.graphs[j.name].precision, **figures}
+        bar.update()
+    vision: dict[str, Any] | str = "not quantized"
+    if cm.graphs["vision"].precision != "fp32":
+        vision = {"precision": cm.graphs["vision"].precision, **compare_vision(base, child, streams)}
+    worst = {
+        "decision_agreement": min(d["decision_agreement"] for d in decoders.values()),
+        "p_not_talk_mae": max(d["p_not_talk_mae"] for d in decoders.values()),
+        "logit_cosine": min(d["logit_cosine"] for d in decoders.values()),
+        "token_match_rate": min(d["token_match_rate"] for d in decoders.values()),
+    }
+    return {
+        **worst, "summary_over": "worst decoder", "default_decoder": cm.default_decoder,
+        "size_bytes": bundle_size(child_root, cm), "parent_size_bytes": bundle_size(parent, pm),
+        "graphs": graphs, "decoders": decoders, "vision": vision, "parent": str(parent.resolve()),
+    }
+
+
+def apply_targets(
+    report: dict[str, Any], targets: Targets, jobs: list[Job], parent: Path, scan: bool,
+    streams: int, frames: int, reply_tokens: int, calibration: str | None, keep_fp32: Sequence[str],
+) -> None:
+    """Name the misses; with `scan`, find the costliest layers of each decoder that missed."""
+    misses = {n: m for n, d in report["decoders"].items() if (m := targets.misses(d))}
+    report.update(targets=asdict(targets), targets_met=not misses, misses=misses)
+    if not misses or not scan:
+        return
+    report["sensitivity"], suggested = {}, []
+    by_name = {j.name: j for j in jobs}
+    for name in misses:
+        job = by_name[name]
+        if job.recipe is None:
+            continue
+        scan_result = layer_sensitivity(
+            parent, job.recipe.precision, decoder=job.source, streams=min(streams, 2),
+            frames=min(frames, 60), reply_tokens=min(reply_tokens, 8), calibration=calibration,
+            block_size=job.recipe.block_size, accuracy_level=job.recipe.accuracy_level,
+            keep_fp32=keep_fp32, progress=False,
+        )
+        report["sensitivity"][name] = scan_result
+        suggested += [g for g in scan_result["costliest"] if g not in suggested]
+    report["suggested_keep_fp32"] = suggested
