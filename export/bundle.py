@@ -70,8 +70,12 @@ def model_facts(ck: LoadedCheckpoint, max_seq_len: int, system: str) -> ModelFac
     )
 
 
-def _entry(root: Path, file: str, spec: GraphSpec, variant: str = "", data: list[str] | None = None) -> GraphEntry:
-    return GraphEntry(file, "fp32", spec.inputs, spec.outputs, sha256_file(root / file), variant, data or [])
+def _entry(
+    root: Path, file: str, spec: GraphSpec, variant: str = "", data: list[str] | None = None
+) -> GraphEntry:
+    return GraphEntry(
+        file, "fp32", spec.inputs, spec.outputs, sha256_file(root / file), variant, data or []
+    )
 
 
 def time_decoder(bundle: Path, name: str, tokens_per_frame: int, reps: int = 20) -> float:
@@ -80,7 +84,9 @@ def time_decoder(bundle: Path, name: str, tokens_per_frame: int, reps: int = 20)
 
     b = open_bundle(bundle, decoder=name, verify=False)
     dec = b.new_decoder(512)
-    x = np.random.default_rng(0).standard_normal((1, tokens_per_frame, b.manifest.model.hidden_size))
+    x = np.random.default_rng(0).standard_normal(
+        (1, tokens_per_frame, b.manifest.model.hidden_size)
+    )
     x = x.astype(np.float32) * 0.05
     dec.append(np.repeat(x, 20, axis=1))
     times = []
@@ -94,8 +100,11 @@ def time_decoder(bundle: Path, name: str, tokens_per_frame: int, reps: int = 20)
 
 
 def export_bundle(
-    ckpt: str | Path, out: str | Path, llm_from: str | Path | None = None,
-    vision_from: str | Path | None = None, options: ExportOptions | None = None,
+    ckpt: str | Path,
+    out: str | Path,
+    llm_from: str | Path | None = None,
+    vision_from: str | Path | None = None,
+    options: ExportOptions | None = None,
     tokens_per_frame: int | None = None,
 ) -> dict[str, Any]:
     """Export CKPT into the bundle folder OUT (which must not exist). Returns the summary."""
@@ -119,10 +128,18 @@ def export_bundle(
         steps.update()
         facts = model_facts(ck, max_len, system)
         manifest = Manifest(
-            model=facts, graphs=graphs,
-            files={f: sha256_file(tmp / f) for f in ("embeddings.npy", "tokenizer.json", *data_files(graphs))},
+            model=facts,
+            graphs=graphs,
+            files={
+                f: sha256_file(tmp / f)
+                for f in ("embeddings.npy", "tokenizer.json", *data_files(graphs))
+            },
             embeddings={"file": "embeddings.npy", "dtype": "float32", "shape": list(table.shape)},
-            source={"checkpoint": str(Path(ckpt).resolve()), "llm": str(ck.llm_dir), "vision": str(ck.vision_dir)},
+            source={
+                "checkpoint": str(Path(ckpt).resolve()),
+                "llm": str(ck.llm_dir),
+                "vision": str(ck.vision_dir),
+            },
         )
         decoders = [k for k in graphs if k.startswith("decoder")]
         manifest.default_decoder, note = choose_default(tmp, manifest, decoders, steps)
@@ -131,7 +148,8 @@ def export_bundle(
         if opts.verify:
             steps.set_postfix_str("verifying against PyTorch")
             settings = StreamSettings(
-                context_strategy=facts.context_strategy, max_seq_len=max_len,
+                context_strategy=facts.context_strategy,
+                max_seq_len=max_len,
                 max_reply_tokens=opts.max_reply_tokens,
                 threshold=facts.default_threshold if opts.threshold is None else opts.threshold,
             )
@@ -151,13 +169,19 @@ def export_bundle(
     return summarize(out, manifest)
 
 
-def _export_graphs(ck: LoadedCheckpoint, root: Path, opts: ExportOptions, steps: tqdm) -> dict[str, GraphEntry]:
+def _export_graphs(
+    ck: LoadedCheckpoint, root: Path, opts: ExportOptions, steps: tqdm
+) -> dict[str, GraphEntry]:
     graphs: dict[str, GraphEntry] = {}
     steps.set_postfix_str("vision graph")
-    graphs["vision"] = _entry(root, "vision.onnx", export_vision(ck.model, root / "vision.onnx", opts.opset))
+    graphs["vision"] = _entry(
+        root, "vision.onnx", export_vision(ck.model, root / "vision.onnx", opts.opset)
+    )
     steps.update()
     if ck.model.decision_head is not None:
-        graphs["head"] = _entry(root, "head.onnx", export_head(ck.model, root / "head.onnx", opts.opset))
+        graphs["head"] = _entry(
+            root, "head.onnx", export_head(ck.model, root / "head.onnx", opts.opset)
+        )
     steps.update()
     if "portable" in opts.variants:
         steps.set_postfix_str("portable decoder")
@@ -177,7 +201,9 @@ def data_files(graphs: dict[str, GraphEntry]) -> list[str]:
     return [d for g in graphs.values() for d in g.data_files]
 
 
-def choose_default(root: Path, manifest: Manifest, decoders: list[str], steps: tqdm) -> tuple[str, str]:
+def choose_default(
+    root: Path, manifest: Manifest, decoders: list[str], steps: tqdm
+) -> tuple[str, str]:
     if len(decoders) == 1:
         return decoders[0], f"default decoder {decoders[0]}: the only one exported"
     write_manifest(root, manifest)
@@ -190,6 +216,9 @@ def choose_default(root: Path, manifest: Manifest, decoders: list[str], steps: t
 
 def summarize(out: Path, manifest: Manifest) -> dict[str, Any]:
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-    return {"bundle": str(out), "files": files, "verify": manifest.verify, "default_decoder": manifest.default_decoder}
-
-
+    return {
+        "bundle": str(out),
+        "files": files,
+        "verify": manifest.verify,
+        "default_decoder": manifest.default_decoder,
+    }

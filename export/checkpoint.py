@@ -74,23 +74,31 @@ def check_saved_projector(d: Path, vision_width: int, hidden: int) -> None:
             keys = [k for k in f.keys() if k.endswith("mm_projector.0.weight")]
             shape = f.get_slice(keys[0]).get_shape() if keys else None
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"LoRA round {d} cannot be loaded ({e}): the adapter file is corrupt") from e
+        raise CheckpointError(
+            f"LoRA round {d} cannot be loaded ({e}): the adapter file is corrupt"
+        ) from e
     if shape is None:
         return
     out_w, in_w = shape
     if in_w != vision_width:
         raise ShapeMismatchError(
-            f"projector input width in {d.name} vs config vision_hidden_size", vision_width, in_w,
+            f"projector input width in {d.name} vs config vision_hidden_size",
+            vision_width,
+            in_w,
             "fix vision_hidden_size in config.json or point --vision-from at the right tower",
         )
     if out_w != hidden:
         raise ShapeMismatchError(
-            f"projector output width in {d.name} vs LLM hidden size", hidden, out_w,
+            f"projector output width in {d.name} vs LLM hidden size",
+            hidden,
+            out_w,
             "point --llm-from at the LLM this checkpoint was trained on",
         )
 
 
-def merge_adapters(llm: LlamaForCausalLM, rounds: list[Path], vision_width: int) -> LlamaForCausalLM:
+def merge_adapters(
+    llm: LlamaForCausalLM, rounds: list[Path], vision_width: int
+) -> LlamaForCausalLM:
     from peft import PeftModel
 
     for d in rounds:
@@ -102,7 +110,9 @@ def merge_adapters(llm: LlamaForCausalLM, rounds: list[Path], vision_width: int)
             peft_model = PeftModel.from_pretrained(llm, str(d))
             llm = peft_model.merge_and_unload()
         except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise CheckpointError(f"LoRA round {d} cannot be loaded ({type(e).__name__}: {e})") from e
+            raise CheckpointError(
+                f"LoRA round {d} cannot be loaded ({type(e).__name__}: {e})"
+            ) from e
     return llm
 
 

@@ -141,7 +141,11 @@ def write_tiny_checkpoint(
     SiglipVisionModel(vcfg).save_pretrained(str(vis_dir))
 
     fields = proassist_fields(
-        str(llm_dir.resolve()), str(vis_dir.resolve()), vcfg.hidden_size, tokens_per_frame, w2t,
+        str(llm_dir.resolve()),
+        str(vis_dir.resolve()),
+        vcfg.hidden_size,
+        tokens_per_frame,
+        w2t,
         train_mode,
     )
     cfg = ProAssistConfig.from_json(fields)
@@ -173,7 +177,10 @@ def write_lora_rounds(
     saved = ["mm_projector"] + (["binary_decision_head"] if with_head else [])
     for r in range(rounds + 1):
         lcfg = LoraConfig(
-            r=4, lora_alpha=8, target_modules=LORA_TARGETS, modules_to_save=saved,
+            r=4,
+            lora_alpha=8,
+            target_modules=LORA_TARGETS,
+            modules_to_save=saved,
             init_lora_weights=False,
         )
         peft_model = get_peft_model(llm, lcfg)

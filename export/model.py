@@ -196,7 +196,9 @@ class ProAssistModel(nn.Module):
         # The <image> placeholder id lies past the table: clamp, then overwrite (joint_embed).
         return self.llm.get_input_embeddings()(ids.clamp(max=self.vocab_size - 1))
 
-    def joint_embed(self, ids: torch.Tensor, frame_tokens: torch.Tensor, img_id: int) -> torch.Tensor:
+    def joint_embed(
+        self, ids: torch.Tensor, frame_tokens: torch.Tensor, img_id: int
+    ) -> torch.Tensor:
         """ids (B, S) with I placeholders per frame, frame_tokens (F, I, H) -> embeds (B, S, H)."""
         embeds = self.embed_ids(ids)
         mask = ids == img_id

@@ -41,13 +41,27 @@ def portable_spec(layers: int) -> GraphSpec:
     )
 
 
-def _quiet_export(module: torch.nn.Module, args: tuple, path: Path, spec: GraphSpec,
-                  dynamic: dict | tuple, opset: int, optimize: bool = True) -> None:
+def _quiet_export(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    spec: GraphSpec,
+    dynamic: dict | tuple,
+    opset: int,
+    optimize: bool = True,
+) -> None:
     try:
         prog = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, input_names=spec.inputs,
-            output_names=spec.outputs, dynamic_shapes=dynamic, external_data=False,
-            verbose=False, optimize=optimize,
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=spec.inputs,
+            output_names=spec.outputs,
+            dynamic_shapes=dynamic,
+            external_data=False,
+            verbose=False,
+            optimize=optimize,
         )
         if prog is None:
             raise ExportError("torch.onnx.export returned no program")
@@ -129,14 +143,29 @@ def build_optimized_decoder(
         llm_dir, build = Path(tmp) / "llm", Path(tmp) / "build"
         save_plain_llm(model, tokenizer_json, llm_dir)
         cmd = [
-            sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(llm_dir),
-            "-i", str(llm_dir), "-o", str(build), "-p", precision, "-e", "cpu",
-            "--extra_options", "exclude_embeds=true", "include_hidden_states=true",
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-m",
+            str(llm_dir),
+            "-i",
+            str(llm_dir),
+            "-o",
+            str(build),
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "--extra_options",
+            "exclude_embeds=true",
+            "include_hidden_states=true",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not (build / "model.onnx").is_file():
             tail = (proc.stderr or proc.stdout)[-2000:]
-            raise ExportError(f"onnxruntime-genai's builder failed (exit {proc.returncode}):\n{tail}")
+            raise ExportError(
+                f"onnxruntime-genai's builder failed (exit {proc.returncode}):\n{tail}"
+            )
         cfg = json.loads((build / "genai_config.json").read_text())["model"]["decoder"]
         layers = int(cfg["num_hidden_layers"])
         shutil.move(str(build / "model.onnx"), out_dir / "decoder_gqa.onnx")

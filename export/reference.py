@@ -92,7 +92,9 @@ class ReferenceLoop:
             t = int(torch.argmax(logits))
             ids.append(t)
             done = t == self.eos_id or i == cap - 1 or self.kv_len >= self.s.max_seq_len
-            if done and not (t == self.eos_id and self.s.feed_eos and self.kv_len < self.s.max_seq_len):
+            if done and not (
+                t == self.eos_id and self.s.feed_eos and self.kv_len < self.s.max_seq_len
+            ):
                 break
             logits = self._forward(self.model.embed_ids(torch.tensor([[t]])))
             if done:
@@ -101,7 +103,9 @@ class ReferenceLoop:
 
     # --- one step --------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, frames: np.ndarray, index: int, t: float, messages: Sequence[TextMessage] = ()) -> FrameResult:
+    def step(
+        self, frames: np.ndarray, index: int, t: float, messages: Sequence[TextMessage] = ()
+    ) -> FrameResult:
         """Append k frames (k, h, w, 3) and the pending messages; decide; maybe speak."""
         text = list(self.pending)
         for m in messages:
@@ -121,7 +125,13 @@ class ReferenceLoop:
         self.pending = []
         if self.prefix_len is None:
             self.prefix_len = len(text)
-        embeds = torch.cat([self.model.embed_ids(torch.tensor([text], dtype=torch.long)), tokens.reshape(1, -1, tokens.shape[-1])], 1)
+        embeds = torch.cat(
+            [
+                self.model.embed_ids(torch.tensor([text], dtype=torch.long)),
+                tokens.reshape(1, -1, tokens.shape[-1]),
+            ],
+            1,
+        )
         logits = self._forward(embeds)
         p = self._last_p
         talk = decide_talk(p, self.prev_p, self.s)
@@ -130,10 +140,18 @@ class ReferenceLoop:
         reply = self.pb.reply_text(ids) if talk else ""
         return FrameResult(index, t, p, talk, reply, tuple(ids), self.kv_len, None, reset)
 
-    def _summarize(self, text: list[int], tokens: torch.Tensor, index: int, t: float) -> FrameResult:
+    def _summarize(
+        self, text: list[int], tokens: torch.Tensor, index: int, t: float
+    ) -> FrameResult:
         """Ask for a progress summary with the current frame, then restart from it."""
         ids = text + self.pb.summary_request()
-        embeds = torch.cat([self.model.embed_ids(torch.tensor([ids], dtype=torch.long)), tokens.reshape(1, -1, tokens.shape[-1])], 1)
+        embeds = torch.cat(
+            [
+                self.model.embed_ids(torch.tensor([ids], dtype=torch.long)),
+                tokens.reshape(1, -1, tokens.shape[-1]),
+            ],
+            1,
+        )
         logits = self._forward(embeds)
         p = self._last_p
         self.prev_p = p
@@ -142,7 +160,9 @@ class ReferenceLoop:
         summary = self.pb.reply_text(out)
         self._drop_all()
         self.pending = self.pb.resume(self.system, summary, self.knowledge)
-        return FrameResult(index, t, p, False, "", tuple(out), self.kv_len, summary, "summarize_and_drop")
+        return FrameResult(
+            index, t, p, False, "", tuple(out), self.kv_len, summary, "summarize_and_drop"
+        )
 
     def run(
         self, frames: np.ndarray, messages: Iterable[TextMessage] = (), fps: float = 2.0

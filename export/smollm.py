@@ -44,7 +44,9 @@ def smollm2_llm_dir(out: Path | None = None) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=GGUF_NAME)
-    loaded = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=GGUF_NAME, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(src), gguf_file=GGUF_NAME, dtype=torch.float32
+    )
     # Rebuild from the config without the GGUF quantization settings, then copy the weights.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -58,12 +60,18 @@ def smollm2_llm_dir(out: Path | None = None) -> Path:
     return out
 
 
-def write_smollm2_checkpoint(out: str | Path, tokens_per_frame: int = 5, w2t: str = "lm", seed: int = 0) -> Path:
+def write_smollm2_checkpoint(
+    out: str | Path, tokens_per_frame: int = 5, w2t: str = "lm", seed: int = 0
+) -> Path:
     """A ProAssist checkpoint on real SmolLM2 weights with a fixture vision tower and projector
     (llm_train_mode=frozen: the LLM is the pretrained one, the projector is mm_projector.bin)."""
     from .fixture import write_tiny_checkpoint
 
     return write_tiny_checkpoint(
-        out, tokens_per_frame=tokens_per_frame, w2t=w2t, train_mode="frozen", seed=seed,
+        out,
+        tokens_per_frame=tokens_per_frame,
+        w2t=w2t,
+        train_mode="frozen",
+        seed=seed,
         llm_dir=smollm2_llm_dir(),
     )

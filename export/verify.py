@@ -48,9 +48,12 @@ def synthetic_stream(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
 def compare_streams(ref: list[FrameResult], got: list[FrameResult]) -> dict[str, float]:
     n = len(ref)
     return {
-        "max_abs_p_not_talk_diff": float(max(abs(a.p_not_talk - b.p_not_talk) for a, b in zip(ref, got, strict=True))),
+        "max_abs_p_not_talk_diff": float(
+            max(abs(a.p_not_talk - b.p_not_talk) for a, b in zip(ref, got, strict=True))
+        ),
         "decision_agreement": sum(a.talk == b.talk for a, b in zip(ref, got, strict=True)) / n,
-        "token_match_rate": sum(a.token_ids == b.token_ids for a, b in zip(ref, got, strict=True)) / n,
+        "token_match_rate": sum(a.token_ids == b.token_ids for a, b in zip(ref, got, strict=True))
+        / n,
         "frames": n,
     }
 
@@ -85,23 +88,38 @@ def decoder_logit_diff(ck: LoadedCheckpoint, bundle: Path, decoder: str) -> floa
 
 
 def verify_bundle(
-    ck: LoadedCheckpoint, bundle: Path, decoders: list[str], settings: StreamSettings,
-    frames: int = 300, system: str = "", knowledge: str = "", tol: Tolerance | None = None,
+    ck: LoadedCheckpoint,
+    bundle: Path,
+    decoders: list[str],
+    settings: StreamSettings,
+    frames: int = 300,
+    system: str = "",
+    knowledge: str = "",
+    tol: Tolerance | None = None,
 ) -> dict[str, Any]:
     """Run every check; raise ToleranceError on a miss; return the figures for verify.json."""
     tol = tol or Tolerance()
     stream = synthetic_stream(frames)
     messages = [TextMessage("user", "What should I do next?", t=min(5.0, frames / 4))]
-    ref = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, settings, system, knowledge).run(stream, messages)
+    ref = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, settings, system, knowledge).run(
+        stream, messages
+    )
     report: dict[str, Any] = {"vision_max_abs_diff": vision_diff(ck, bundle), "decoders": {}}
     for name in decoders:
-        core = StreamCore(open_bundle(bundle, decoder=name, verify=False), settings, system, knowledge)
+        core = StreamCore(
+            open_bundle(bundle, decoder=name, verify=False), settings, system, knowledge
+        )
         got = list(core.replay(stream, messages))
-        figures = {"max_abs_logit_diff": decoder_logit_diff(ck, bundle, name), **compare_streams(ref, got)}
+        figures = {
+            "max_abs_logit_diff": decoder_logit_diff(ck, bundle, name),
+            **compare_streams(ref, got),
+        }
         report["decoders"][name] = figures
     worst = {
         "max_abs_logit_diff": max(d["max_abs_logit_diff"] for d in report["decoders"].values()),
-        "max_abs_p_not_talk_diff": max(d["max_abs_p_not_talk_diff"] for d in report["decoders"].values()),
+        "max_abs_p_not_talk_diff": max(
+            d["max_abs_p_not_talk_diff"] for d in report["decoders"].values()
+        ),
         "decision_agreement": min(d["decision_agreement"] for d in report["decoders"].values()),
         "token_match_rate": min(d["token_match_rate"] for d in report["decoders"].values()),
         "frames": frames,

@@ -30,7 +30,9 @@ class ChatFormat:
         return f"{system}\n\n{knowledge}" if knowledge else system
 
     def resume_content(self, system: str, summary: str, knowledge: str = "") -> str:
-        return self.resume_system.format(system=system, summary=summary, knowledge=knowledge).strip()
+        return self.resume_system.format(
+            system=system, summary=summary, knowledge=knowledge
+        ).strip()
 
     def reply_text(self, decoded: str) -> str:
         """The spoken text of a decoded reply: the header the model wrote and the eos removed."""

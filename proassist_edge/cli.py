@@ -30,11 +30,15 @@ def human_bytes(n: float) -> str:
 # --- fixture -------------------------------------------------------------------------------
 def add_fixture_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fixture", help="write a small checkpoint in the released ProAssist layout")
-    p.add_argument("kind", choices=["tiny", "smollm2"], help="tiny random model, or real SmolLM2-135M")
+    p.add_argument(
+        "kind", choices=["tiny", "smollm2"], help="tiny random model, or real SmolLM2-135M"
+    )
     p.add_argument("-o", "--out", required=True, type=Path)
     p.add_argument("--tokens-per-frame", type=int, default=5, choices=[1, 5, 10])
     p.add_argument("--w2t", default="lm", choices=["lm", "head-linear", "head-mlp"])
-    p.add_argument("--lora-rounds", type=int, default=1, help="earlier LoRA rounds before the top adapter")
+    p.add_argument(
+        "--lora-rounds", type=int, default=1, help="earlier LoRA rounds before the top adapter"
+    )
     p.add_argument("--train-mode", default="lora", choices=["lora", "frozen", "full"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_fixture)
@@ -60,9 +64,13 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="checkpoint -> verified ONNX bundle")
     p.add_argument("checkpoint", help="checkpoint folder (released layout) or a shipped model name")
     p.add_argument("-o", "--out", required=True, type=Path)
-    p.add_argument("--llm-from", type=Path, help="local folder of the base LLM (config's llm_pretrained)")
+    p.add_argument(
+        "--llm-from", type=Path, help="local folder of the base LLM (config's llm_pretrained)"
+    )
     p.add_argument("--vision-from", type=Path, help="local folder of the vision tower")
-    p.add_argument("--max-seq-len", type=int, help="KV capacity of the bundle (default: the config's)")
+    p.add_argument(
+        "--max-seq-len", type=int, help="KV capacity of the bundle (default: the config's)"
+    )
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--tokens-per-frame", type=int, help="expected tokens per frame (checked)")
     p.add_argument("--variants", default="portable,optimized", help="decoder variants to export")
@@ -86,24 +94,42 @@ def run_export(args: argparse.Namespace) -> int:
     from proassist_edge.export.bundle import ExportOptions, export_bundle
 
     opts = ExportOptions(
-        max_seq_len=args.max_seq_len, opset=args.opset, verify=not args.no_verify,
-        verify_frames=args.verify_frames, variants=tuple(args.variants.split(",")),
+        max_seq_len=args.max_seq_len,
+        opset=args.opset,
+        verify=not args.no_verify,
+        verify_frames=args.verify_frames,
+        variants=tuple(args.variants.split(",")),
     )
     summary = export_bundle(
-        resolve_checkpoint(args.checkpoint), args.out, args.llm_from, args.vision_from, opts,
+        resolve_checkpoint(args.checkpoint),
+        args.out,
+        args.llm_from,
+        args.vision_from,
+        opts,
         args.tokens_per_frame,
     )
     print(table([(f, human_bytes(n)) for f, n in summary["files"].items()], ["file", "size"]))
     if summary["verify"]:
         v = summary["verify"]
-        keys = ["max_abs_logit_diff", "max_abs_p_not_talk_diff", "decision_agreement", "token_match_rate", "frames"]
+        keys = [
+            "max_abs_logit_diff",
+            "max_abs_p_not_talk_diff",
+            "decision_agreement",
+            "token_match_rate",
+            "frames",
+        ]
         print(table([(k, v[k]) for k in keys], ["verification (worst decoder)", "value"]))
     print(f"default decoder: {summary['default_decoder']}; bundle: {summary['bundle']}")
     return 0
 
 
 # --- the rest: each part registers its own subcommand ----------------------------------------
-def _optional(register: Callable[[], Callable[[argparse._SubParsersAction], object]], sub: argparse._SubParsersAction, name: str, help: str) -> None:
+def _optional(
+    register: Callable[[], Callable[[argparse._SubParsersAction], object]],
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+) -> None:
     try:
         add = register()
     except ImportError as e:
@@ -114,14 +140,22 @@ def _optional(register: Callable[[], Callable[[argparse._SubParsersAction], obje
 
 
 def _unavailable(name: str, e: ImportError) -> int:
-    print(f"'{name}' is unavailable here: {e}. Install the matching extra (pip install 'proassist-edge[...]').", file=sys.stderr)
+    print(
+        f"'{name}' is unavailable here: {e}. Install the matching extra (pip install 'proassist-edge[...]').",
+        file=sys.stderr,
+    )
     return 2
 
 
 def _not_yet(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p = sub.add_parser(name, help=f"{help} (not yet available)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: (print(f"'{name}' is not yet available in this version", file=sys.stderr), 2)[1])
+    p.set_defaults(
+        func=lambda a: (
+            print(f"'{name}' is not yet available in this version", file=sys.stderr),
+            2,
+        )[1]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,15 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
         return add_score_parser
 
     _optional(score, sub, "score", "score per-frame outputs with the paper's metrics")
+
+    def taskworld() -> Callable:
+        from proassist_edge.bench.taskworld.cli import add_taskworld_parser
+
+        return add_taskworld_parser
+
+    _optional(taskworld, sub, "taskworld", "generate task-world episodes")
+
+    def evaluate() -> Callable:
+        from proassist_edge.bench.evaluate import add_eval_parser
+
+        return add_eval_parser
+
+    _optional(evaluate, sub, "eval", "evaluate a bundle on a task-world split")
+    from proassist_edge.device.doctor import add_doctor_parser
+    from proassist_edge.runtime.cli_run import add_replay_parser, add_run_parser
+
+    add_run_parser(sub)
+    add_replay_parser(sub)
+    add_doctor_parser(sub)
     for name, help in [
         ("quantize", "int8 / int4 / fp16 bundle with a measured accuracy cost"),
-        ("run", "run the assistant on a live source"),
-        ("replay", "process a recorded episode deterministically"),
-        ("eval", "evaluate a bundle on a task-world split"),
         ("bench", "latency benchmarks"),
         ("demo", "the main job: a task-world episode end to end"),
-        ("doctor", "what is installed and usable here"),
-        ("taskworld", "generate task-world episodes"),
         ("build-engine", "build TensorRT engines on the device"),
     ]:
         _not_yet(sub, name, help)

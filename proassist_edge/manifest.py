@@ -121,11 +121,15 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     root = Path(bundle)
     path = root / MANIFEST
     if not path.is_file():
-        raise BundleError(f"{root} is not a bundle (no {MANIFEST}): export one with proassist-edge export")
+        raise BundleError(
+            f"{root} is not a bundle (no {MANIFEST}): export one with proassist-edge export"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e}): the bundle is corrupt, re-export it") from e
+        raise BundleError(
+            f"{path} is not valid JSON ({e}): the bundle is corrupt, re-export it"
+        ) from e
     manifest = Manifest.from_dict(data)
     if verify:
         verify_files(root, manifest)

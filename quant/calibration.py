@@ -9,7 +9,6 @@ issue #1860), because frame tokens live in a different range than word embedding
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -61,9 +60,10 @@ def frame_streams(source: str | Path | None, streams: int, frames: int, offset: 
     files = split_episodes(Path(source))
     out = []
     for i in range(streams):
-        arr = np.load(files[(offset + i) % len(files)], mmap_mode="r")
+        path = files[(offset + i) % len(files)]
+        arr = np.load(path, mmap_mode="r")
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-            raise DataError(f"{files[(offset + i) % len(files)]}: expected uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+            raise DataError(f"{path}: expected uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
         out.append(np.array(arr[:frames]))
     return out
 
@@ -74,13 +74,24 @@ def stream_messages(frames: int, fps: float, k: int = 0) -> list[TextMessage]:
 
 
 # --- a tap on the core's decoder ------------------------------------------------------------
-class TapDecoder:
-    """Wraps the bundle's decoder: records every StepOut, and optionally the feeds."""
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    den = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+    return float(a64 @ b64 / den) if den > 0 else float(np.array_equal(a64, b64))
 
-    def __init__(self, inner: Decoder, owner: TapBundle) -> None:
+
+class TapDecoder:
+    """Wraps the bundle's decoder. With a recorder, samples the feeds; with a shadow decoder,
+    repeats every call on it (same embeddings, same resets) and compares the logits at each
+    decision position: the decoder's own error on identical contexts, free of any divergence
+    in replies."""
+
+    def __init__(self, inner: Decoder, owner: TapBundle, shadow: Decoder | None) -> None:
         self.inner = inner
         self.owner = owner
-        self.outs: list[StepOut] = []
+        self.shadow = shadow
+        self.cosines: list[float] = []
+        self.top1: list[bool] = []
 
     @property
     def kv_len(self) -> int:
@@ -99,38 +110,48 @@ class TapDecoder:
         self.inner.capacity = v
 
     def append(self, embeds: np.ndarray) -> StepOut:
+        decision, self.owner.frame_step = self.owner.frame_step, False
         if self.owner.recorder is not None:
-            self.owner.recorder.see(embeds, self.inner, self.owner.frame_step)
-        self.owner.frame_step = False
+            self.owner.recorder.see(embeds, self.inner, decision)
         out = self.inner.append(embeds)
-        if self.owner.keep_outs:
-            self.outs.append(out)
+        if self.shadow is not None:
+            mirror = self.shadow.append(embeds)
+            if decision:
+                self.cosines.append(cosine(out.logits, mirror.logits))
+                self.top1.append(int(np.argmax(out.logits)) == int(np.argmax(mirror.logits)))
         return out
 
     def reset(self) -> None:
         self.inner.reset()
+        if self.shadow is not None:
+            self.shadow.reset()
 
     def keep(self, prefix_len: int, start: int, end: int) -> None:
         self.inner.keep(prefix_len, start, end)
+        if self.shadow is not None:
+            self.shadow.keep(prefix_len, start, end)
 
 
 class TapBundle(Bundle):
     """The same bundle, whose decoders are tapped and which notes when a frame was encoded
-    (the next append is then the frame step: text turn + frame tokens)."""
+    (the next append is then the decision step: text turn + frame tokens)."""
 
     recorder: FeedRecorder | None = None
+    shadow_of: Bundle | None = None
     frame_step: bool = False
-    keep_outs: bool = True
     last: TapDecoder | None = None
 
     @classmethod
-    def of(cls, b: Bundle, recorder: FeedRecorder | None = None, keep_outs: bool = True) -> TapBundle:
+    def of(
+        cls, b: Bundle, recorder: FeedRecorder | None = None, shadow_of: Bundle | None = None
+    ) -> TapBundle:
         tap = cls(**{f.name: getattr(b, f.name) for f in fields(b)})
-        tap.recorder, tap.keep_outs = recorder, keep_outs
+        tap.recorder, tap.shadow_of = recorder, shadow_of
         return tap
 
     def new_decoder(self, capacity: int | None = None) -> Decoder:
-        self.last = TapDecoder(super().new_decoder(capacity), self)
+        shadow = self.shadow_of.new_decoder(capacity) if self.shadow_of is not None else None
+        self.last = TapDecoder(super().new_decoder(capacity), self, shadow)
         return self.last
 
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
@@ -203,7 +224,7 @@ def record_feeds(
     if parent.manifest.graphs[parent.decoder_name].variant != "portable":
         raise ValueError(f"calibration needs a portable decoder, not {parent.decoder_name!r}")
     rec = FeedRecorder(max_frame, max_token)
-    tap = TapBundle.of(parent, rec, keep_outs=False)
+    tap = TapBundle.of(parent, rec)
     settings = settings_from_manifest(parent, max_reply_tokens=reply_tokens)
     core = StreamCore(tap, settings)
     for k, frames in enumerate(streams):
@@ -246,15 +267,13 @@ def vision_feeds(streams: list[np.ndarray], per_stream: int = 16) -> list[dict[s
 def replay_pair(
     a: Bundle, b: Bundle, frames: np.ndarray, messages: list[TextMessage], reply_tokens: int,
     fps: float,
-) -> Iterator[tuple[FrameResult, FrameResult, np.ndarray, np.ndarray]]:
-    """Both bundles over one stream in lockstep; yields each frame's results and the logits at
-    its decision position (the first append of the step), so nothing vocabulary-sized piles up."""
-    taps = [TapBundle.of(x) for x in (a, b)]
-    cores = [StreamCore(t, settings_from_manifest(t, max_reply_tokens=reply_tokens)) for t in taps]
-    decs = [t.last for t in taps]
-    assert decs[0] is not None and decs[1] is not None
-    for ra, rb in zip(cores[0].replay(frames, messages, fps), cores[1].replay(frames, messages, fps), strict=True):
-        la, lb = decs[0].outs[0].logits, decs[1].outs[0].logits
-        decs[0].outs.clear()
-        decs[1].outs.clear()
-        yield ra, rb, la, lb
+) -> tuple[list[tuple[FrameResult, FrameResult]], TapDecoder]:
+    """Both bundles' StreamCore over one stream in lockstep (end to end: B's own vision, table
+    and replies), and B's decoder shadowing A's calls (decoder alone, identical contexts).
+    Returns the per-frame result pairs and A's tap, which holds the shadow's figures."""
+    tap = TapBundle.of(a, shadow_of=b)
+    core_a = StreamCore(tap, settings_from_manifest(a, max_reply_tokens=reply_tokens))
+    core_b = StreamCore(b, settings_from_manifest(b, max_reply_tokens=reply_tokens))
+    pairs = list(zip(core_a.replay(frames, messages, fps), core_b.replay(frames, messages, fps), strict=True))
+    assert tap.last is not None
+    return pairs, tap.last

@@ -41,7 +41,9 @@ def convert_embeddings(
         note = "embeddings: float32 copy"
     elif dtype == "float16":
         if (peak := float(np.abs(table).max())) > 65504:
-            raise QuantizeError(f"embedding values reach {peak:.3g}, past float16's range: keep float32 or use int8")
+            raise QuantizeError(
+                f"embedding values reach {peak:.3g}, past float16's range: keep float32 or use int8"
+            )
         out = np.lib.format.open_memmap(dst, mode="w+", dtype=np.float16, shape=table.shape)
         for a in range(0, shape[0], CHUNK_ROWS):
             rows = np.asarray(table[a : a + CHUNK_ROWS])

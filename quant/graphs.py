@@ -111,6 +111,50 @@ def load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """MatMul(x, Transpose(W)) -> MatMul(x, W^T) with W^T stored: torch.onnx leaves Linear weights
+    transposed at run time when its optimizer is off, and onnxruntime's quantizers only take a
+    constant B. Exact (a copy in the other order), and node names and metadata are kept."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    folded: dict[str, str] = {}
+    for n in g.node:
+        if n.op_type not in WEIGHT_OPS or len(n.input) < 2:
+            continue
+        t = producer.get(n.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        w = inits[t.input[0]]
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
+        if len(w.dims) != 2 or perm != [1, 0]:
+            continue
+        if t.output[0] not in folded:
+            arr = numpy_helper.to_array(w).T.copy()
+            g.initializer.append(numpy_helper.from_array(arr, t.output[0] + "_folded"))
+            folded[t.output[0]] = t.output[0] + "_folded"
+        n.input[1] = folded[t.output[0]]
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for name in folded:
+        if name not in used:
+            g.node.remove(producer[name])
+    used = {i for n in g.node for i in n.input}
+    stale = {producer[name].input[0] for name in folded} - used
+    for init in [i for i in g.initializer if i.name in stale]:
+        g.initializer.remove(init)
+    return len(folded)
+
+
+def prepare(src: Path, dst: Path, external: bool) -> onnx.ModelProto:
+    """SRC with constant weights, saved as DST: what every quantizer here reads."""
+    model = load(src)
+    fold_weight_transposes(model)
+    save(model, dst, external)
+    return model
+
+
 def load_structure(path: Path) -> onnx.ModelProto:
     """Nodes and initializer shapes only (weights stay on disk): enough to choose nodes."""
     return onnx.load(str(path), load_external_data=False)
@@ -276,18 +320,93 @@ def rope_nodes(model: onnx.ModelProto) -> set[str]:
     return keep
 
 
+def fp16_blocked(model: onnx.ModelProto, extra: Sequence[str]) -> set[str]:
+    """Node names to keep fp32: the blocked op types, the RoPE path, EXTRA, and any node
+    sandwiched between them (e.g. the `+ eps` between ReduceMean and Sqrt of an RMSNorm, whose
+    fp16 variance would overflow on the large activations LLMs have)."""
+    g = model.graph
+    blocked = rope_nodes(model) | set(extra) | {n.name for n in g.node if n.op_type in FP16_BLOCKED_OPS}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {i.name for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    changed = True
+    while changed:
+        changed = False
+        for n in g.node:
+            if n.name in blocked or not n.output:
+                continue
+            ups = [producer.get(i) for i in n.input if i and i not in inits]
+            fed = ups and all(u is not None and (u.name in blocked or u.op_type == "Constant") for u in ups)
+            feeds = all(o not in outputs and consumers.get(o) and all(c.name in blocked for c in consumers[o])
+                        for o in n.output)
+            if fed and feeds and any(u is not None and u.name in blocked for u in ups):
+                blocked.add(n.name)
+                changed = True
+    return blocked
+
+
+def drop_round_trips(model: onnx.ModelProto, blocked: set[str]) -> int:
+    """onnxruntime's converter casts every fp32 output of a blocked node to fp16 and back before
+    the next blocked node, so e.g. position * inv_freq would be rounded to fp16 between the Mul
+    and the Cos (an error of radians at position 2000). Wire such fp32 -> fp16 -> fp32 pairs
+    straight through; drop the casts left unused and the converter's now stale value_info."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    float_inputs = {i.name for i in g.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+    def cast_to(n: onnx.NodeProto | None) -> int | None:
+        if n is None or n.op_type != "Cast":
+            return None
+        return next((a.i for a in n.attribute if a.name == "to"), None)
+
+    fp32_inits = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    rename = {}
+    for n in g.node:
+        if cast_to(n) == onnx.TensorProto.FLOAT and n.input[0] in fp32_inits:
+            rename[n.output[0]] = n.input[0]  # a no-op cast of an fp32 table (inv_freq)
+            continue
+        up = producer.get(n.input[0]) if n.input else None
+        if cast_to(n) == onnx.TensorProto.FLOAT and cast_to(up) == onnx.TensorProto.FLOAT16:
+            assert up is not None
+            src = up.input[0]
+            origin = producer.get(src)
+            if src in float_inputs or (origin is not None and origin.name in blocked):
+                rename[n.output[0]] = src
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            if x in rename:
+                n.input[i] = rename[x]
+    needed = {o.name for o in g.output}
+    removed = 0
+    while True:
+        used = needed | {i for n in g.node for i in n.input}
+        dead = [n for n in g.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+        removed += len(dead)
+    del g.value_info[:]  # re-inferred by onnxruntime at load; stale entries would mislead
+    return removed
+
+
 def convert_fp16(src: Path, dst: Path, fp32_nodes: Sequence[str], external: bool) -> list[str]:
     """fp16 weights and activations with fp32 graph inputs/outputs (keep_io_types); the ops in
-    FP16_BLOCKED_OPS, the RoPE path and `fp32_nodes` stay fp32."""
+    FP16_BLOCKED_OPS, the RoPE path and `fp32_nodes` stay fp32, with fp32 values between them."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = load(src)
-    blocked = rope_nodes(model) | set(fp32_nodes)
+    blocked = fp16_blocked(model, fp32_nodes)
     with quiet():
         half = convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_BLOCKED_OPS],
+            model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
             node_block_list=sorted(blocked),
         )
+    drop_round_trips(half, blocked)
     return save(half, dst, external)
 
 

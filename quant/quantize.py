@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from proassist_edge.errors import DataError
 from proassist_edge.manifest import (
     MANIFEST,
     GraphEntry,
@@ -41,7 +42,7 @@ from .report import (
     graph_sizes,
     paper_metrics,
 )
-from .sensitivity import layer_sensitivity
+from .sensitivity import damage, layer_sensitivity
 
 PRECISIONS = ("int8", "int4", "fp16")
 SKIPPABLE = ("vision", "decoder")
@@ -110,7 +111,7 @@ def quantize_bundle(
     keep_fp32: Sequence[str] = (), eval_data: str | Path | None = None, streams: int = 3,
     frames: int = 120, *, embeddings: str | None = None, reply_tokens: int = 16,
     per_channel: bool = True, max_calibration_samples: int = 128, targets: Targets | None = None,
-    sensitivity_on_miss: bool = True, progress: bool = True,
+    sensitivity_on_miss: bool = True, threads: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
     """Write the quantized child of the fp32 bundle PARENT into OUT (which must not exist).
 
@@ -122,6 +123,8 @@ def quantize_bundle(
     check_options(precision, skip, block_size, accuracy_level, streams, frames, embeddings)
     if out.exists():
         raise QuantizeError(f"{out} already exists: choose a new folder or remove it first")
+    if eval_data is not None and not Path(eval_data).is_dir():
+        raise DataError(f"eval data {eval_data} is not a folder: pass a task-world split folder")
     pm = load_manifest(parent, verify=True)  # BundleError on sha256 or schema before any write
     check_parent(pm, parent, out)
     recipe = Recipe(precision, block_size, accuracy_level, per_channel)
@@ -136,51 +139,27 @@ def quantize_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        base = open_bundle(parent, verify=False)
+        base = open_bundle(parent, verify=False, threads=threads)
         recorder = None
         if any(j.recipe and j.recipe.precision == "int8-qdq" and j.name != "vision" for j in jobs):
             bar.set_postfix_str("recording multimodal decoder feeds")
             recorder = record(base, pm, cal, reply_tokens, max_calibration_samples)
         bar.update()
-        entries, notes = {}, []
-        for job in jobs:
-            bar.set_postfix_str(f"{job.name}: {job.recipe.precision if job.recipe else 'copy'}")
-            entry, note = run_job(job, pm, parent, tmp, keep_fp32, recorder, cal)
-            entries[job.name] = entry
-            notes.append(note)
-            bar.update()
+        entries, notes = build_graphs(jobs, pm, parent, tmp, keep_fp32, recorder, cal, bar)
         bar.set_postfix_str("embeddings")
         emb_dtype = embeddings or EMBEDDING_DTYPES[precision]
-        emb, emb_files, emb_figures = convert_embeddings(parent / pm.embeddings["file"], tmp, emb_dtype)
-        emb_figures["parent_size_bytes"] = (parent / pm.embeddings["file"]).stat().st_size
-        notes.append(emb_figures.pop("note"))
-        shutil.copy(parent / "tokenizer.json", tmp / "tokenizer.json")
-        files = {"tokenizer.json": sha256_file(tmp / "tokenizer.json"), **emb_files}
-        files.update({d: sha256_file(tmp / d) for e in entries.values() for d in e.data_files})
-        default = pm.default_decoder if pm.default_decoder in entries else next(
-            n for n, e in entries.items() if e.variant)
-        manifest = Manifest(
-            model=pm.model, graphs=entries, files=files, embeddings=emb,
-            source={
-                "parent": str(parent.resolve()), "precision": precision,
-                "parent_manifest_sha256": sha256_file(parent / MANIFEST),
-                "parent_source": pm.source, "parent_verify": pm.verify,
-            },
-            notes=[*notes, f"default decoder {default}: the parent's default, quantized for CPU"],
-            default_decoder=default,
-        )
-        write_manifest(tmp, manifest)
+        manifest, emb_figures = assemble(pm, parent, tmp, entries, notes, precision, emb_dtype)
         bar.update()
-        child = open_bundle(tmp, verify=True)
+        child = open_bundle(tmp, verify=True, threads=threads)
         report = build_report(pm, manifest, parent, tmp, base, child, jobs, compared, test,
                               reply_tokens, bar)
         report.update(
             precision=precision, calibration=str(calibration or "synthetic"), streams=streams,
-            frames=frames, reply_tokens=reply_tokens, embeddings={**emb_figures, "dtype": emb_dtype},
+            frames=frames, reply_tokens=reply_tokens, embeddings=emb_figures,
             calibration_samples=sample_counts(recorder),
         )
         apply_targets(report, targets or Targets(), jobs, parent, sensitivity_on_miss,
-                      streams, frames, reply_tokens, calibration, keep_fp32)
+                      streams, frames, reply_tokens, calibration, keep_fp32, threads)
         bar.set_postfix_str("paper metrics" if eval_data else "writing")
         report["eval"] = paper_metrics(parent, tmp, Path(eval_data) if eval_data else None)
         report["elapsed_s"] = round(time.time() - t0, 1)
@@ -196,6 +175,52 @@ def quantize_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"bundle": str(out), **report}
+
+
+def build_graphs(
+    jobs: list[Job], pm: Manifest, parent: Path, tmp: Path, keep_fp32: Sequence[str],
+    recorder: FeedRecorder | None, cal: list[np.ndarray], bar: tqdm,
+) -> tuple[dict[str, GraphEntry], list[str]]:
+    entries, notes = {}, []
+    # prepared graphs live in a scratch folder beside the child, never inside a bundle
+    with tempfile.TemporaryDirectory(prefix=f".{tmp.name}.prep.", dir=tmp.parent) as prep:
+        prepared: dict[str, Path] = {}
+        for job in jobs:
+            bar.set_postfix_str(f"{job.name}: {job.recipe.precision if job.recipe else 'copy'}")
+            if job.recipe is not None and job.source not in prepared:
+                prepared[job.source] = prepare(pm.graphs[job.source], parent, Path(prep))
+            entry, note = run_job(job, pm, parent, tmp, prepared.get(job.source), keep_fp32,
+                                  recorder, cal)
+            entries[job.name] = entry
+            notes.append(note)
+            bar.update()
+    return entries, notes
+
+
+def assemble(
+    pm: Manifest, parent: Path, tmp: Path, entries: dict[str, GraphEntry], notes: list[str],
+    precision: str, emb_dtype: str,
+) -> tuple[Manifest, dict[str, Any]]:
+    """Embeddings, tokenizer and the child's manifest (every file with its sha256)."""
+    emb, emb_files, figures = convert_embeddings(parent / pm.embeddings["file"], tmp, emb_dtype)
+    figures.update(dtype=emb_dtype, parent_size_bytes=(parent / pm.embeddings["file"]).stat().st_size)
+    shutil.copy(parent / "tokenizer.json", tmp / "tokenizer.json")
+    files = {"tokenizer.json": sha256_file(tmp / "tokenizer.json"), **emb_files}
+    files.update({d: sha256_file(tmp / d) for e in entries.values() for d in e.data_files})
+    default = pm.default_decoder if pm.default_decoder in entries else next(
+        n for n, e in entries.items() if e.variant)
+    manifest = Manifest(
+        model=pm.model, graphs=entries, files=files, embeddings=emb,
+        source={
+            "parent": str(parent.resolve()), "precision": precision,
+            "parent_manifest_sha256": sha256_file(parent / MANIFEST),
+            "parent_source": pm.source, "parent_verify": pm.verify,
+        },
+        notes=[*notes, figures.pop("note"), f"default decoder {default}: the parent's default, quantized"],
+        default_decoder=default,
+    )
+    write_manifest(tmp, manifest)
+    return manifest, figures
 
 
 def portable_name(pm: Manifest) -> str | None:
@@ -217,36 +242,49 @@ def sample_counts(rec: FeedRecorder | None) -> dict[str, int]:
             "frame_steps_seen": rec.seen["frame"], "token_steps_seen": rec.seen["token"]}
 
 
+def external_data(entry: GraphEntry, root: Path) -> bool:
+    # genai's graph keeps its weights beside it; any graph near protobuf's 2 GiB cap must too
+    size = sum((root / f).stat().st_size for f in (entry.file, *entry.data_files))
+    return bool(entry.data_files) or size > G.EXTERNAL_DATA_BYTES
+
+
+def prepare(entry: GraphEntry, parent: Path, work: Path) -> Path:
+    """The parent graph with constant weights, in the scratch folder (never in a bundle)."""
+    dst = work / entry.file
+    G.prepare(parent / entry.file, dst, external_data(entry, parent))
+    return dst
+
+
 def run_job(
-    job: Job, pm: Manifest, parent: Path, tmp: Path, keep_fp32: Sequence[str],
-    recorder: FeedRecorder | None, cal: list[np.ndarray],
+    job: Job, pm: Manifest, parent: Path, tmp: Path, prepared: Path | None,
+    keep_fp32: Sequence[str], recorder: FeedRecorder | None, cal: list[np.ndarray],
 ) -> tuple[GraphEntry, str]:
     src = pm.graphs[job.source]
-    if job.recipe is None:
+    if job.recipe is None or prepared is None:
         for f in (src.file, *src.data_files):
             shutil.copy(parent / f, tmp / f)
         return replace(src, sha256=sha256_file(tmp / src.file)), f"{job.name}: fp32 copy ({job.why})"
     file = src.file if job.name == job.source else f"{job.name}.onnx"
-    model = G.load_structure(parent / src.file)
-    size = sum((parent / f).stat().st_size for f in (src.file, *src.data_files))
+    model = G.load_structure(prepared)
     patterns = G.scoped(keep_fp32, job.name)
     ops = VISION_OPS if job.name == "vision" else ("MatMul",)
     nodes, kept = G.select(G.weight_nodes(model, ops), patterns)
     fp32_nodes = G.nodes_matching(model, patterns)
-    # genai's graph keeps its weights beside it; any graph near protobuf's 2 GiB cap must too
-    external = bool(src.data_files) or size > G.EXTERNAL_DATA_BYTES
+    external = external_data(src, parent)
     reader = None
-    if job.recipe.precision == "int8-qdq":
-        feeds = vision_feeds(cal) if job.name == "vision" else [s.feeds for s in recorder.samples()] if recorder else []
-        reader = FeedReader(feeds)
+    if job.recipe.precision == "int8-qdq" and job.name == "vision":
+        reader = FeedReader(vision_feeds(cal))
+    elif job.recipe.precision == "int8-qdq":
+        reader = FeedReader([s.feeds for s in recorder.samples()] if recorder else [])
     try:
-        data = G.apply(job.recipe, parent / src.file, tmp / file, nodes, fp32_nodes, reader, external, ops)
+        data = G.apply(job.recipe, prepared, tmp / file, nodes, fp32_nodes, reader, external, ops)
     except Exception as e:  # onnxruntime's quantizers raise anything; name the graph and recipe
+        why = f"{job.recipe.precision} of {job.source} failed: {type(e).__name__}: {e}"
         if src.variant != "optimized":
-            raise QuantizeError(f"{job.recipe.precision} of {job.source} failed: {type(e).__name__}: {e}") from e
+            raise QuantizeError(why) from e
         for f in (src.file, *src.data_files):
             shutil.copy(parent / f, tmp / f)
-        note = f"{job.name}: {job.recipe.precision} failed on the optimized graph ({type(e).__name__}: {e}); kept fp32"
+        note = f"{job.name}: {why}; the optimized graph was kept fp32"
         return replace(src, sha256=sha256_file(tmp / src.file)), note
     entry = GraphEntry(file, job.recipe.precision, src.inputs, src.outputs, sha256_file(tmp / file),
                        src.variant, data)
@@ -259,7 +297,10 @@ def describe(job: Job, n: int, kept: list[str], fp32_nodes: list[str], rec: Feed
     chan = "per-channel" if r.per_channel else "per-tensor"
     what = {
         "int8": f"int8 dynamic (onnxruntime quantize_dynamic, MatMulInteger), {chan} weights; the CPU path",
-        "int8-qdq": f"int8 static QDQ (quantize_static, MinMax), symmetric activations, {chan} weights; for TensorRT",
+        "int8-qdq": (
+            f"int8 static QDQ (quantize_static, MinMax), symmetric activations, {chan} weights; "
+            "for TensorRT"
+        ),
         "int4": f"int4 weight-only MatMulNBits, block {r.block_size}, accuracy level {r.accuracy_level}",
         "fp16": "fp16 (onnxruntime float16, keep_io_types), norms/softmax/sigmoid/RoPE path in fp32",
     }[r.precision]
@@ -311,24 +352,23 @@ def build_report(
 def apply_targets(
     report: dict[str, Any], targets: Targets, jobs: list[Job], parent: Path, scan: bool,
     streams: int, frames: int, reply_tokens: int, calibration: str | None, keep_fp32: Sequence[str],
+    threads: int,
 ) -> None:
     """Name the misses; with `scan`, find the costliest layers of each decoder that missed."""
     misses = {n: m for n, d in report["decoders"].items() if (m := targets.misses(d))}
     report.update(targets=asdict(targets), targets_met=not misses, misses=misses)
     if not misses or not scan:
         return
-    report["sensitivity"], suggested = {}, []
-    by_name = {j.name: j for j in jobs}
-    for name in misses:
-        job = by_name[name]
-        if job.recipe is None:
-            continue
-        scan_result = layer_sensitivity(
-            parent, job.recipe.precision, decoder=job.source, streams=min(streams, 2),
-            frames=min(frames, 60), reply_tokens=min(reply_tokens, 8), calibration=calibration,
-            block_size=job.recipe.block_size, accuracy_level=job.recipe.accuracy_level,
-            keep_fp32=keep_fp32, progress=False,
-        )
-        report["sensitivity"][name] = scan_result
-        suggested += [g for g in scan_result["costliest"] if g not in suggested]
-    report["suggested_keep_fp32"] = suggested
+    # one scan, of the decoder that missed worst: the same blocks drive every variant's error
+    worst = max(misses, key=lambda n: damage(report["decoders"][n]))
+    job = next(j for j in jobs if j.name == worst)
+    if job.recipe is None:
+        return
+    result = layer_sensitivity(
+        parent, job.recipe.precision, decoder=job.source, streams=min(streams, 2),
+        frames=min(frames, 60), reply_tokens=min(reply_tokens, 8), calibration=calibration,
+        block_size=job.recipe.block_size, accuracy_level=job.recipe.accuracy_level,
+        per_channel=job.recipe.per_channel, keep_fp32=keep_fp32, progress=False, threads=threads,
+    )
+    report["sensitivity"] = result
+    report["suggested_keep_fp32"] = result["costliest"]

@@ -7,7 +7,8 @@ decisions and P(not talk) first, logits second, and the reply tokens last.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 from proassist_edge.manifest import Manifest
 from proassist_edge.runtime.bundle import Bundle
 
-from .calibration import replay_pair, stream_messages
+from .calibration import cosine, replay_pair, stream_messages
 
 
 @dataclass(frozen=True)
@@ -39,29 +40,26 @@ class Targets:
         return out
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    den = float(np.linalg.norm(a64) * np.linalg.norm(b64))
-    return float(a64 @ b64 / den) if den > 0 else float(np.array_equal(a64, b64))
-
-
 def compare_decoders(
     parent: Bundle, child: Bundle, streams: Sequence[np.ndarray], reply_tokens: int, fps: float,
-    tick: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Both bundles' StreamCore over every stream in lockstep; figures pooled over all frames."""
-    p_a, p_b, talk_a, talk_b, same_tokens, cos = [], [], [], [], [], []
+    """Both bundles' StreamCore over every stream; figures pooled over all frames.
+
+    Decisions, P(not talk) and reply tokens are end to end (each bundle with its own vision,
+    table and replies). The logit figures are the child decoder's on the parent's exact inputs,
+    at each decision position, so a reply that drifted does not count as logit error."""
+    p_a, p_b, talk_a, talk_b, same_tokens, cos, top1 = [], [], [], [], [], [], []
     for k, frames in enumerate(streams):
         msgs = stream_messages(len(frames), fps, k)
-        for ra, rb, la, lb in replay_pair(parent, child, frames, msgs, reply_tokens, fps):
+        pairs, tap = replay_pair(parent, child, frames, msgs, reply_tokens, fps)
+        for ra, rb in pairs:
             p_a.append(ra.p_not_talk)
             p_b.append(rb.p_not_talk)
             talk_a.append(ra.talk)
             talk_b.append(rb.talk)
             same_tokens.append(ra.token_ids == rb.token_ids)
-            cos.append(cosine(la, lb))
-        if tick is not None:
-            tick()
+        cos += tap.cosines
+        top1 += tap.top1
     pa, pb = np.asarray(p_a), np.asarray(p_b)
     agree = np.asarray(talk_a) == np.asarray(talk_b)
     return {
@@ -71,6 +69,7 @@ def compare_decoders(
         "p_not_talk_max_abs": float(np.abs(pa - pb).max()),
         "logit_cosine": float(np.mean(cos)),
         "logit_cosine_min": float(np.min(cos)),
+        "top1_match_rate": float(np.mean(top1)),
         "token_match_rate": float(np.mean(same_tokens)),
         "talk_frames_parent": int(np.sum(talk_a)),
         "talk_frames_child": int(np.sum(talk_b)),
@@ -78,7 +77,9 @@ def compare_decoders(
     }
 
 
-def compare_vision(parent: Bundle, child: Bundle, streams: Sequence[np.ndarray], per_stream: int = 16) -> dict[str, float]:
+def compare_vision(
+    parent: Bundle, child: Bundle, streams: Sequence[np.ndarray], per_stream: int = 16
+) -> dict[str, float]:
     """Frame tokens of both vision graphs on frames spread over the streams."""
     cos, worst, rel = [], 0.0, []
     for s in streams:
@@ -87,8 +88,11 @@ def compare_vision(parent: Bundle, child: Bundle, streams: Sequence[np.ndarray],
             b = child.encode_frames(np.ascontiguousarray(s[i : i + 1]))
             cos.append(cosine(a, b))
             worst = max(worst, float(np.abs(a - b).max()))
-            rel.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)))
-    return {"frame_token_cosine": float(np.mean(cos)), "max_abs_diff": worst, "relative_error": float(np.mean(rel))}
+            rel.append(float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(a)), 1e-12))
+    return {
+        "frame_token_cosine": float(np.mean(cos)), "max_abs_diff": worst,
+        "relative_error": float(np.mean(rel)),
+    }
 
 
 def graph_sizes(root: Path, manifest: Manifest) -> dict[str, int]:
@@ -171,12 +175,12 @@ def render(report: dict[str, Any]) -> str:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
-    table = Table(title=f"{report['precision']} vs fp32 parent ({report['frames']} frames x {report['streams']} streams)")
+    title = f"{report['precision']} vs fp32 parent ({report['streams']} streams x {report['frames']} frames)"
+    table = Table(title=title)
     for h in headers:
         table.add_column(h)
     for r in rows:
         table.add_row(*r)
-    console = Console(width=160, record=True)
-    with console.capture():
-        console.print(table)
-    return console.export_text()
+    buf = io.StringIO()
+    Console(file=buf, width=140).print(table)
+    return buf.getvalue()

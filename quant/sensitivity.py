@@ -42,7 +42,7 @@ def layer_sensitivity(
     parent: str | Path, precision: str, decoder: str | None = None, mode: str = "only",
     streams: int = 2, frames: int = 60, reply_tokens: int = 8, calibration: str | None = None,
     block_size: int = 32, accuracy_level: int | None = None, per_channel: bool = True,
-    keep_fp32: Sequence[str] = (), top: int = 3, progress: bool = True,
+    keep_fp32: Sequence[str] = (), top: int = 3, threads: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
     """Quantize one block of DECODER at a time (mode "only") or all but one ("exclude") with
     PRECISION ("int8", "int8-qdq", "int4", "fp16") and rank blocks by what they cost.
@@ -56,14 +56,17 @@ def layer_sensitivity(
     parent = Path(parent)
     pm = load_manifest(parent, verify=True)
     name = decoder or pm.default_decoder
-    base = open_bundle(parent, decoder=name, verify=False)
+    base = open_bundle(parent, decoder=name, verify=False, threads=threads)
     entry = pm.graphs[name]
-    src = parent / entry.file
-    model = G.load_structure(src)
+    work = tempfile.TemporaryDirectory(prefix="pae-sens-")
+    src = Path(work.name) / entry.file
+    model = G.prepare(parent / entry.file, src, bool(entry.data_files))
     patterns = G.scoped(keep_fp32, name)
     nodes, kept = G.select(G.weight_nodes(model), patterns)
     pinned = G.nodes_matching(model, patterns)  # fp16: whole blocks named by a pattern
-    groups = {g: [n.name for n in ms if n.name in nodes] for g, ms in groups_of(G.weight_nodes(model)).items()}
+    # blocks whose every node a pattern keeps fp32 have nothing to try
+    groups = {g: names for g, ms in groups_of(G.weight_nodes(model)).items()
+              if (names := [n.name for n in ms if n.name in nodes])}
     synthetic = calibration is None or str(calibration) == "synthetic"
     test = frame_streams(calibration, streams, frames, offset=0 if synthetic else streams)
     feeds: list[dict[str, Any]] = []
@@ -75,7 +78,7 @@ def layer_sensitivity(
     recipe = Recipe(precision, block_size, accuracy_level, per_channel)
     fps = pm.model.fps
     bar = tqdm(total=len(groups) + (mode == "exclude"), desc=f"sensitivity {precision}", disable=not progress)
-    with tempfile.TemporaryDirectory(prefix="pae-sens-") as d:
+    with work as d:
         tries = 0
 
         def run(quantized: list[str]) -> dict[str, Any]:

@@ -52,13 +52,20 @@ def make_session(path: str, threads: int = 0, prefer: str = "auto") -> ort.Infer
     try:
         return ort.InferenceSession(path, opts, providers=providers(prefer))
     except Exception as e:  # onnxruntime raises its own exception types for bad models
-        raise BundleError(f"cannot load graph {path} ({type(e).__name__}: {e}): re-export it") from e
+        raise BundleError(
+            f"cannot load graph {path} ({type(e).__name__}: {e}): re-export it"
+        ) from e
 
 
 class GqaDecoder:
     def __init__(
-        self, session: ort.InferenceSession, layers: int, kv_heads: int, head_dim: int,
-        capacity: int, with_hidden: bool,
+        self,
+        session: ort.InferenceSession,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        with_hidden: bool,
     ) -> None:
         self.sess = session
         self.capacity = capacity
@@ -80,7 +87,9 @@ class GqaDecoder:
         s = embeds.shape[1]
         total = self.kv_len + s
         if total > self.capacity:
-            raise BundleError(f"KV buffer full ({total} > {self.capacity}): a context strategy must run first")
+            raise BundleError(
+                f"KV buffer full ({total} > {self.capacity}): a context strategy must run first"
+            )
         b = self.binding
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
         b.bind_cpu_input("attention_mask", self.mask[:, :total])
@@ -109,7 +118,11 @@ class GqaDecoder:
 
 class PortableDecoder:
     def __init__(
-        self, session: ort.InferenceSession, layers: int, kv_heads: int, head_dim: int,
+        self,
+        session: ort.InferenceSession,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
         capacity: int,
     ) -> None:
         self.sess = session
@@ -126,16 +139,22 @@ class PortableDecoder:
     def append(self, embeds: np.ndarray) -> StepOut:
         total = self.kv_len + embeds.shape[1]
         if total > self.capacity:
-            raise BundleError(f"KV memory full ({total} > {self.capacity}): a context strategy must run first")
+            raise BundleError(
+                f"KV memory full ({total} > {self.capacity}): a context strategy must run first"
+            )
         feeds = dict(zip(self.names, self.past, strict=True))
         feeds["inputs_embeds"] = np.ascontiguousarray(embeds, dtype=np.float32)
         logits, p, hidden, *present = self.sess.run(None, feeds)
         self.past = present
         self.kv_len = total
-        return StepOut(logits[0, -1].astype(np.float32, copy=False), hidden[0, -1], float(p.reshape(-1)[-1]))
+        return StepOut(
+            logits[0, -1].astype(np.float32, copy=False), hidden[0, -1], float(p.reshape(-1)[-1])
+        )
 
     def keep(self, prefix_len: int, start: int, end: int) -> None:
-        self.past = [np.concatenate([a[:, :, :prefix_len], a[:, :, start:end]], axis=2) for a in self.past]
+        self.past = [
+            np.concatenate([a[:, :, :prefix_len], a[:, :, start:end]], axis=2) for a in self.past
+        ]
         self.kv_len = prefix_len + end - start
 
 

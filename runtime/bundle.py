@@ -32,7 +32,9 @@ class Bundle:
         cap = capacity or m.max_seq_len
         sess = make_session(str(self.root / g.file), self.threads)
         if g.variant == "optimized":
-            return GqaDecoder(sess, m.num_layers, m.num_kv_heads, m.head_dim, cap, self.head is not None)
+            return GqaDecoder(
+                sess, m.num_layers, m.num_kv_heads, m.head_dim, cap, self.head is not None
+            )
         return PortableDecoder(sess, m.num_layers, m.num_kv_heads, m.head_dim, cap)
 
     def embed(self, ids: list[int]) -> np.ndarray:

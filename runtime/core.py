@@ -23,10 +23,12 @@ class NonFiniteOutputError(ProAssistEdgeError):
     """A graph returned NaN or inf during a step. The step was rolled back: the KV memory and the
     pending prompt are as they were before it; the frame and the messages given with it are lost."""
 
-    def __init__(self, index: int, t: float, what: str, messages: Sequence[TextMessage] = ()) -> None:
+    def __init__(
+        self, index: int, t: float, what: str, messages: Sequence[TextMessage] = ()
+    ) -> None:
         super().__init__(
             f"frame {index} (t={t:.2f}s): the graph returned a non-finite {what}; the step was "
-            "skipped and the memory rolled back (if it repeats, re-export or re-quantize the bundle)"
+            "skipped and the memory rolled back (if it repeats, re-export or re-quantize)"
         )
         self.index, self.t, self.what, self.messages = index, t, what, tuple(messages)
 
@@ -37,9 +39,13 @@ TokenCallback = Callable[[int], None]
 def settings_from_manifest(bundle: Bundle, **overrides: object) -> StreamSettings:
     m = bundle.manifest.model
     base = dict(
-        threshold=m.default_threshold, context_strategy=m.context_strategy,
-        max_seq_len=m.max_seq_len, reserve=m.context_reserve, drop_middle_tail=m.drop_middle_tail,
-        max_reply_tokens=m.max_reply_tokens, max_summary_tokens=m.max_summary_tokens,
+        threshold=m.default_threshold,
+        context_strategy=m.context_strategy,
+        max_seq_len=m.max_seq_len,
+        reserve=m.context_reserve,
+        drop_middle_tail=m.drop_middle_tail,
+        max_reply_tokens=m.max_reply_tokens,
+        max_summary_tokens=m.max_summary_tokens,
     )
     base.update({k: v for k, v in overrides.items() if v is not None})
     return StreamSettings(**base)  # type: ignore[arg-type]
@@ -47,7 +53,10 @@ def settings_from_manifest(bundle: Bundle, **overrides: object) -> StreamSetting
 
 class StreamCore:
     def __init__(
-        self, bundle: Bundle, settings: StreamSettings | None = None, system: str | None = None,
+        self,
+        bundle: Bundle,
+        settings: StreamSettings | None = None,
+        system: str | None = None,
         knowledge: str = "",
     ) -> None:
         m = bundle.manifest.model
@@ -100,7 +109,9 @@ class StreamCore:
             if done and not (t == self.eos and self.s.feed_eos and not full):
                 yield t
                 return
-            logits, _ = self._append(self.b.embed([t]))
+            # a reply token needs no decision: skip P(not talk) (a float64 softmax over the
+            # vocabulary, or the head graph), which _append would compute and drop
+            logits = self.dec.append(self.b.embed([t])).logits
             _require_finite(logits, "decoded-token logits")
             yield t
             if done:
@@ -112,7 +123,11 @@ class StreamCore:
 
     # --- one step -------------------------------------------------------------------------
     def step(
-        self, frames: np.ndarray, index: int, t: float, messages: Sequence[TextMessage] = (),
+        self,
+        frames: np.ndarray,
+        index: int,
+        t: float,
+        messages: Sequence[TextMessage] = (),
         on_token: TokenCallback | None = None,
     ) -> FrameResult:
         """Append k frames (k, h, w, 3) and the messages, decide, maybe reply.
@@ -163,7 +178,11 @@ class StreamCore:
         return np.concatenate([self.b.embed(text), frames], axis=1) if text else frames
 
     def _summarize(
-        self, text: list[int], tokens: np.ndarray, index: int, t: float,
+        self,
+        text: list[int],
+        tokens: np.ndarray,
+        index: int,
+        t: float,
         messages: Sequence[TextMessage],
     ) -> FrameResult:
         kv_len = self.kv_len
@@ -179,7 +198,9 @@ class StreamCore:
         summary = self.pb.reply_text(ids)
         self.dec.reset()
         self.pending = self.pb.resume(self.system, summary, self.knowledge)
-        return FrameResult(index, t, p, False, "", tuple(ids), self.kv_len, summary, "summarize_and_drop")
+        return FrameResult(
+            index, t, p, False, "", tuple(ids), self.kv_len, summary, "summarize_and_drop"
+        )
 
     def replay(
         self, frames: np.ndarray, messages: Iterable[TextMessage] = (), fps: float = 2.0
@@ -210,7 +231,9 @@ def not_talk_probability(logits: np.ndarray, not_talk: int) -> float:
     return float(np.exp(x[not_talk] - m) / np.exp(x - m).sum())
 
 
-def greedy_generate(bundle: Bundle, prompt: list[int], max_new: int, eos: int | None = None) -> list[int]:
+def greedy_generate(
+    bundle: Bundle, prompt: list[int], max_new: int, eos: int | None = None
+) -> list[int]:
     """Plain greedy text generation through the bundle's decoder (no frames, no forcing)."""
     eos = bundle.manifest.model.eos_id if eos is None else eos
     dec = bundle.new_decoder(len(prompt) + max_new + 1)

@@ -16,14 +16,22 @@ class CheckpointFactory:
         self.root = root
         self.made: dict[tuple, Path] = {}
 
-    def __call__(self, tokens_per_frame: int = 5, w2t: str = "lm", lora_rounds: int = 1,
-                 train_mode: str = "lora", seed: int = 0) -> Path:
+    def __call__(
+        self,
+        tokens_per_frame: int = 5,
+        w2t: str = "lm",
+        lora_rounds: int = 1,
+        train_mode: str = "lora",
+        seed: int = 0,
+    ) -> Path:
         from proassist_edge.export.fixture import write_tiny_checkpoint
 
         key = (tokens_per_frame, w2t, lora_rounds, train_mode, seed)
         if key not in self.made:
             out = self.root / "_".join(map(str, key))
-            self.made[key] = write_tiny_checkpoint(out, tokens_per_frame, w2t, lora_rounds, train_mode, seed)
+            self.made[key] = write_tiny_checkpoint(
+                out, tokens_per_frame, w2t, lora_rounds, train_mode, seed
+            )
         return self.made[key]
 
 
@@ -52,8 +60,13 @@ class BundleFactory:
         self.root, self.ckpts = root, ckpts
         self.made: dict[tuple, tuple[Path, Path, float]] = {}
 
-    def __call__(self, tokens_per_frame: int = 5, w2t: str = "lm", lora_rounds: int = 1,
-                 verify_frames: int = 150) -> tuple[Path, Path, float]:
+    def __call__(
+        self,
+        tokens_per_frame: int = 5,
+        w2t: str = "lm",
+        lora_rounds: int = 1,
+        verify_frames: int = 150,
+    ) -> tuple[Path, Path, float]:
         """(bundle, checkpoint, a threshold that makes the random model talk about half the time)."""
         from proassist_edge.export.bundle import ExportOptions, export_bundle
 
@@ -69,5 +82,7 @@ class BundleFactory:
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: CheckpointFactory) -> BundleFactory:
+def tiny_bundle(
+    tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: CheckpointFactory
+) -> BundleFactory:
     return BundleFactory(tmp_path_factory.mktemp("bundles"), tiny_ckpt)

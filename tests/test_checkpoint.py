@@ -21,7 +21,9 @@ def hand_merge(ckpt: Path) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor]]:
     cfg = json.loads((ckpt / "config.json").read_text())
     llm = LlamaForCausalLM.from_pretrained(cfg["llm_pretrained"], dtype=torch.float32)
     params = dict(llm.named_parameters())
-    rounds = sorted((p for p in ckpt.glob("adapter_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    rounds = sorted(
+        (p for p in ckpt.glob("adapter_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1])
+    )
     rounds.append(ckpt)
     saved: dict[str, torch.Tensor] = {}
     with torch.no_grad():

@@ -19,10 +19,18 @@ COVERING = [(1, "lm", 1), (5, "head-linear", 2), (10, "head-mlp", 1)]
 
 
 @pytest.mark.parametrize("tpf,w2t,rounds", COVERING)
-def test_fixture_exports_and_verifies_both_decoders(tiny_bundle, tpf: int, w2t: str, rounds: int) -> None:
+def test_fixture_exports_and_verifies_both_decoders(
+    tiny_bundle, tpf: int, w2t: str, rounds: int
+) -> None:
     bundle, _, _ = tiny_bundle(tpf, w2t, rounds)
     report = json.loads((bundle / "verify.json").read_text())
-    for key in ("max_abs_logit_diff", "max_abs_p_not_talk_diff", "decision_agreement", "token_match_rate", "frames"):
+    for key in (
+        "max_abs_logit_diff",
+        "max_abs_p_not_talk_diff",
+        "decision_agreement",
+        "token_match_rate",
+        "frames",
+    ):
         assert key in report
     assert set(report["decoders"]) == {"decoder", "decoder_gqa"}
     for figures in report["decoders"].values():
@@ -55,8 +63,12 @@ def test_existing_target_is_refused(tiny_bundle, tiny_ckpt) -> None:
 
 def test_failed_verification_leaves_nothing_behind(tiny_ckpt, tmp_path: Path) -> None:
     ckpt = tiny_ckpt(1, "lm", 1)
-    opts = ExportOptions(verify_frames=4, max_reply_tokens=2, variants=("portable",),
-                         tolerance=Tolerance(logits=-1.0))
+    opts = ExportOptions(
+        verify_frames=4,
+        max_reply_tokens=2,
+        variants=("portable",),
+        tolerance=Tolerance(logits=-1.0),
+    )
     with pytest.raises(ToleranceError, match="verification failed"):
         export_bundle(ckpt, tmp_path / "out", options=opts)
     assert list(tmp_path.iterdir()) == []

@@ -39,8 +39,9 @@ def test_bundle_runs_without_torch(tiny_bundle) -> None:
     script = SCRIPT.format(block=python is None)
     proc = subprocess.run(
         [python or sys.executable, "-c", script, str(bundle), str(thr)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK")
-

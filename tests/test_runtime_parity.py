@@ -15,13 +15,21 @@ from proassist_edge.runtime.messages import TextMessage
 from proassist_edge.runtime.prompt import CONTEXT_STRATEGIES, PromptBuilder, StreamSettings
 
 SYSTEM, KNOWLEDGE = "You guide the user.", "1. Take the red block. 2. Put it on the base."
-MESSAGES = [TextMessage("user", "What's next?", 20.0), TextMessage("system", "The user looks lost.", 70.0)]
+MESSAGES = [
+    TextMessage("user", "What's next?", 20.0),
+    TextMessage("system", "The user looks lost.", 70.0),
+]
 
 
 def small_context(strategy: str, threshold: float) -> StreamSettings:
     return StreamSettings(
-        threshold=threshold, context_strategy=strategy, max_seq_len=256, reserve=32,
-        drop_middle_tail=64, max_reply_tokens=6, max_summary_tokens=24,
+        threshold=threshold,
+        context_strategy=strategy,
+        max_seq_len=256,
+        reserve=32,
+        drop_middle_tail=64,
+        max_reply_tokens=6,
+        max_summary_tokens=24,
     )
 
 
@@ -33,7 +41,9 @@ def test_replay_matches_reference_loop(tiny_bundle, strategy: str, decoder: str)
     s = small_context(strategy, thr)
     frames = synthetic_stream(300, seed=3)
     ref = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, s, SYSTEM, KNOWLEDGE).run(frames, MESSAGES)
-    got = list(StreamCore(open_bundle(bundle, decoder), s, SYSTEM, KNOWLEDGE).replay(frames, MESSAGES))
+    got = list(
+        StreamCore(open_bundle(bundle, decoder), s, SYSTEM, KNOWLEDGE).replay(frames, MESSAGES)
+    )
     assert [r.talk for r in got] == [r.talk for r in ref]
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     assert [r.text for r in got] == [r.text for r in ref]
@@ -46,7 +56,9 @@ def test_replay_matches_reference_loop(tiny_bundle, strategy: str, decoder: str)
 
 
 @pytest.mark.parametrize("tpf,w2t,rounds", [(1, "lm", 1), (10, "head-mlp", 1)])
-def test_reference_loop_runs_300_frames_on_each_fixture(tiny_bundle, tpf: int, w2t: str, rounds: int) -> None:
+def test_reference_loop_runs_300_frames_on_each_fixture(
+    tiny_bundle, tpf: int, w2t: str, rounds: int
+) -> None:
     bundle, ckpt, thr = tiny_bundle(tpf, w2t, rounds)
     ck = load_checkpoint(ckpt)
     s = StreamSettings(threshold=thr, max_reply_tokens=6)

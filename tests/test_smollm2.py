@@ -22,7 +22,9 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("smol")
     ckpt = write_smollm2_checkpoint(root / "ckpt", tokens_per_frame=5)
     bundle = root / "bundle"
-    export_bundle(ckpt, bundle, options=ExportOptions(verify_frames=40, max_reply_tokens=8, threshold=0.5))
+    export_bundle(
+        ckpt, bundle, options=ExportOptions(verify_frames=40, max_reply_tokens=8, threshold=0.5)
+    )
     return ckpt, bundle
 
 
@@ -50,8 +52,13 @@ def test_text_greedy_equals_transformers_generate(smol: tuple[Path, Path], decod
     ours = greedy_generate(b, ids, max_new=24)
     hf = LlamaForCausalLM.from_pretrained(str(smollm2_llm_dir()), dtype=torch.float32).eval()
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                          eos_token_id=b.manifest.model.eos_id, pad_token_id=b.manifest.model.eos_id)
-    theirs = out[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=b.manifest.model.eos_id,
+            pad_token_id=b.manifest.model.eos_id,
+        )
+    theirs = out[0, len(ids) :].tolist()
     assert ours == theirs, (b.tokenizer.decode(ours), b.tokenizer.decode(theirs))
     assert "Paris" in b.tokenizer.decode(ours)

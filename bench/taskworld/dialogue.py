@@ -9,6 +9,8 @@ answers; a user question arrives before a frame and is answered right after that
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .episode import Turn
@@ -65,6 +67,8 @@ _OPENERS = ("Can you help me {make} the {noun}?", "I want to {make} the {noun}. 
             "Help me {make} the {noun}, please.", "Let's {make} the {noun}. What do I do first?")
 _TEMPLATES = {"greet": _GREET, "confirm_next": _CONFIRM, "finish": _FINISH,
               "correct": _CORRECT, "answer_next": _ANSWER}
+# "add" twice: it is what people mostly say about ingredients.
+_PLACE_VERBS = {"assembly": ("put", "place", "set"), "recipe": ("add", "put", "add")}
 _USER_OPENS = {"no_talk": 0.3, "talk_some": 0.7, "talk_more": 1.0}  # chance of asking for help
 
 
@@ -109,10 +113,8 @@ def utterance(spec: TaskSpec, event: Event, rng: np.random.Generator) -> str:
     return _fill(_pick(rng, _TEMPLATES[event.kind]), slots)
 
 
-_PLACE_VERBS = {"assembly": ("put", "place", "set"), "recipe": ("add", "put", "add")}
-
-
-def build_conversation(tl: Timeline, rng: np.random.Generator) -> tuple[list[Turn], list[dict]]:
+def build_conversation(tl: Timeline,
+                       rng: np.random.Generator) -> tuple[list[Turn], list[dict[str, Any]]]:
     """The conversation turns of an episode and its events annotated with their texts."""
     spec = tl.spec
     v = spec.variant
@@ -122,7 +124,7 @@ def build_conversation(tl: Timeline, rng: np.random.Generator) -> tuple[list[Tur
         conv.append({"role": "user", "content": _fill(_pick(rng, _OPENERS),
                                                       {"make": v.make, "noun": v.noun})})
     cursor = 0
-    annotated: list[dict] = []
+    annotated: list[dict[str, Any]] = []
     for ev in tl.events:
         if ev.kind == "answer_next":  # the question comes in before the frame it is answered on
             if ev.frame > cursor:

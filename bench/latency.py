@@ -1,0 +1,422 @@
+"""Per-stage latency of the streaming assistant, and of the PyTorch reference loop on the same
+workload in the same process.
+
+Timing stays outside the stages (as in runtime/loop.py): the bench wraps the core's decoder and
+the bundle's vision encoder and timestamps what they do; the core code that runs is the code that
+ships. Speech runs on its own thread, as on the device, so synthesis overlaps the next frames
+and the time to first audio includes any wait behind an earlier reply.
+
+Stages (ms): `encode` (vision graph, one frame), `append` (the frame step: I frame tokens plus
+any text, through the decoder), `decision` (P(not talk) and the rule, from the append's end to
+the first reply token's append or the step's end), `decode` (one reply token through the
+decoder), `ttft` (step start to the first reply token handed off), `step` (the whole frame step
+incl. speech hand-off), `tts` (synthesis of one sentence), `ttfa` (decision to the first audio
+sample of a reply ready), `e2e_lag` (frame handed to the core to the last audio sample of its
+reply ready).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from proassist_edge.device.speech_base import SpeechSink
+from proassist_edge.runtime.backend import StepOut
+from proassist_edge.runtime.bundle import Bundle
+from proassist_edge.runtime.core import StreamCore
+from proassist_edge.runtime.messages import TextMessage
+from proassist_edge.runtime.prompt import StreamSettings
+from proassist_edge.runtime.stream_text import SentenceSplitter
+
+QUANTILES = (50, 95, 99)
+
+
+def percentiles(samples: Iterable[float], qs: Sequence[int] = QUANTILES) -> dict[str, float | None]:
+    """n, mean and the `qs` percentiles (linear interpolation between order statistics, numpy's
+    default); None for every figure of an empty sample."""
+    a = np.asarray([x for x in samples if math.isfinite(x)], np.float64)
+    out: dict[str, float | None] = {"n": float(a.size)}
+    out["mean"] = float(a.mean()) if a.size else None
+    for q in qs:
+        out[f"p{q}"] = float(np.percentile(a, q)) if a.size else None
+    return out
+
+
+def median(samples: Iterable[float]) -> float | None:
+    a = [x for x in samples if math.isfinite(x)]
+    return float(np.median(a)) if a else None
+
+
+# --- the workload ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """What every measured loop runs: the same frames, messages and decision threshold."""
+
+    frames: np.ndarray  # (N, h, w, 3) uint8
+    fps: float
+    threshold: float
+    reply_tokens: int
+    messages: tuple[TextMessage, ...] = ()
+    warmup: int = 3
+
+    def due(self, index: int, queue_: list[TextMessage]) -> list[TextMessage]:
+        """Messages entering before frame `index` (replay semantics of StreamCore.replay)."""
+        t = index / self.fps
+        out = [m for m in queue_ if m.t <= t + 1e-9]
+        del queue_[: len(out)]
+        return out
+
+
+def collect_frames(spec: str, n: int, fps: float) -> np.ndarray:
+    """The first `n` frames of a device source (synthetic, file:..., folder:...), in memory so
+    reading them is not timed."""
+    from proassist_edge.device.sources import open_source
+
+    out: list[np.ndarray] = []
+    with open_source(spec, fps) as src:
+        for frame in src.frames():
+            out.append(frame.pixels)
+            if len(out) == n:
+                break
+    if not out:
+        raise ValueError(f"source {spec!r} gave no frames")
+    return np.stack(out)
+
+
+def settings_for(bundle: Bundle, workload: Workload) -> StreamSettings:
+    from proassist_edge.runtime.core import settings_from_manifest
+
+    return settings_from_manifest(
+        bundle, threshold=workload.threshold, max_reply_tokens=workload.reply_tokens
+    )
+
+
+def calibrate_threshold(bundle: Bundle, frames: np.ndarray, talk_fraction: float) -> float:
+    """A threshold under which about `talk_fraction` of these frames talk (talk iff P(not talk)
+    <= threshold), so that the workload has both silent frames and replies to time. It also
+    warms the graphs up."""
+    core = StreamCore(bundle, settings_from_threshold(bundle, -1.0))  # -1: never talk
+    ps = [r.p_not_talk for r in core.replay(frames)]
+    return float(np.quantile(ps, talk_fraction))
+
+
+def settings_from_threshold(bundle: Bundle, threshold: float) -> StreamSettings:
+    from proassist_edge.runtime.core import settings_from_manifest
+
+    return settings_from_manifest(bundle, threshold=threshold, max_reply_tokens=4)
+
+
+# --- timing wrappers (outside the stages) ----------------------------------------------------
+class _Clock:
+    """Timestamps (time.monotonic) of the current step, filled by the wrappers."""
+
+    def __init__(self) -> None:
+        self.start(0.0)
+
+    def start(self, t0: float) -> None:
+        self.t0 = t0
+        self.encode_ms: float | None = None
+        self.appends: list[tuple[float, float, int]] = []  # (start, end, tokens)
+        self.first_token: float | None = None
+
+
+class _TimedDecoder:
+    """The core's decoder, every append timestamped."""
+
+    def __init__(self, inner: Any, clock: _Clock) -> None:
+        self.inner, self.clock = inner, clock
+
+    @property
+    def kv_len(self) -> int:
+        return int(self.inner.kv_len)
+
+    @kv_len.setter
+    def kv_len(self, value: int) -> None:
+        self.inner.kv_len = value
+
+    @property
+    def capacity(self) -> int:
+        return int(self.inner.capacity)
+
+    def append(self, embeds: np.ndarray) -> StepOut:
+        t0 = time.monotonic()
+        out: StepOut = self.inner.append(embeds)
+        self.clock.appends.append((t0, time.monotonic(), int(embeds.shape[1])))
+        return out
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def keep(self, prefix_len: int, start: int, end: int) -> None:
+        self.inner.keep(prefix_len, start, end)
+
+
+def _timed(fn: Callable[[Any], Any], clock: _Clock) -> Callable[[Any], Any]:
+    def wrapper(x: Any) -> Any:
+        t0 = time.monotonic()
+        out = fn(x)
+        clock.encode_ms = 1e3 * (time.monotonic() - t0)
+        return out
+
+    return wrapper
+
+
+# --- speech on its own thread --------------------------------------------------------------------
+@dataclass
+class _Piece:
+    text: str  # "" marks the end of a reply whose last sentence was already queued
+    t_frame: float
+    t_decided: float
+    first: bool
+    last: bool
+
+
+class SpeechTimer:
+    """A FIFO speaker thread that synthesizes each piece and timestamps its first sample ready."""
+
+    def __init__(self, sink: SpeechSink) -> None:
+        self.sink = sink
+        self.q: queue.Queue[_Piece | None] = queue.Queue()
+        self.tts_ms: list[float] = []
+        self.ttfa_ms: list[float] = []
+        self.lag_ms: list[float] = []
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._run, name="bench-speech", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (piece := self.q.get()) is not None:
+            t_in = time.monotonic()
+            t_ready = t_in
+            if piece.text:
+                try:
+                    # speak() returns when the audio is ready (WAV sinks: after synthesis, with
+                    # its first-sample time); nothing plays in the bench
+                    t_ready = self.sink.speak(piece.text).t_audio_start
+                    self.tts_ms.append(1e3 * (t_ready - t_in))
+                except Exception as e:  # noqa: BLE001 - a failed voice is reported, not fatal
+                    self.errors.append(f"{type(e).__name__}: {e}")
+                    continue
+            if piece.first and piece.text:
+                self.ttfa_ms.append(1e3 * (t_ready - piece.t_decided))
+            if piece.last:
+                self.lag_ms.append(1e3 * (t_ready - piece.t_frame))
+
+    def say(self, piece: _Piece) -> None:
+        self.q.put(piece)
+
+    def close(self, timeout: float = 120.0) -> None:
+        self.q.put(None)
+        self.thread.join(timeout)
+
+
+class _Reply:
+    """Sentence pieces of one reply handed to the speaker as the tokens arrive (loop.py's way)."""
+
+    def __init__(self, core: StreamCore, speech: SpeechTimer | None, clock: _Clock) -> None:
+        self.core, self.speech, self.clock = core, speech, clock
+        self.ids: list[int] = []
+        self.splitter = SentenceSplitter()
+        self.said = 0
+
+    def on_token(self, token: int) -> None:
+        if self.clock.first_token is None:
+            self.clock.first_token = time.monotonic()
+        self.ids.append(token)
+        for piece in self.splitter.update(self.core.pb.reply_text(self.ids)):
+            self._say(piece, last=False)
+
+    def finish(self, text: str) -> None:
+        rest = self.splitter.finish(text)
+        if rest or self.said:
+            self._say(rest, last=True)
+
+    def _say(self, text: str, last: bool) -> None:
+        if self.speech is not None:
+            t_decided = _decided(self.clock)
+            self.speech.say(_Piece(text, self.clock.t0, t_decided, self.said == 0, last))
+        self.said += 1
+
+
+def _decided(clock: _Clock) -> float:
+    """The decision is made between the frame append's end and the first reply append."""
+    if len(clock.appends) > 1:
+        return clock.appends[1][0]
+    return clock.first_token or time.monotonic()
+
+
+# --- our stream -----------------------------------------------------------------------------------
+@dataclass
+class StreamRun:
+    """Per-stage samples (ms) and stream-level figures of one measured stream."""
+
+    stages: dict[str, list[float]] = field(default_factory=dict)
+    talk: list[bool] = field(default_factory=list)
+    wall_s: float = 0.0
+    frames: int = 0
+    budget_ms: float = 500.0
+    speech_errors: list[str] = field(default_factory=list)
+
+    def add(self, stage: str, ms: float | None) -> None:
+        if ms is not None:
+            self.stages.setdefault(stage, []).append(ms)
+
+    def no_talk_step_ms(self) -> list[float]:
+        return [s for s, t in zip(self.stages.get("step", []), self.talk, strict=True) if not t]
+
+    def summary(self) -> dict[str, Any]:
+        steps = self.stages.get("step", [])
+        return {
+            "stages_ms": {k: percentiles(v) for k, v in sorted(self.stages.items())},
+            "frames": self.frames,
+            "talk_frames": int(sum(self.talk)),
+            "sustained_fps": self.frames / self.wall_s if self.wall_s else None,
+            "deadline_ms": self.budget_ms,
+            "deadline_misses": int(sum(s > self.budget_ms for s in steps)),
+            "no_talk_step_ms_p50": median(self.no_talk_step_ms()),
+            "speech_errors": self.speech_errors[:5],
+        }
+
+
+def run_stream(
+    bundle: Bundle, work: Workload, speech: SpeechTimer | None, system: str | None = None
+) -> StreamRun:
+    """Warm up, then run every frame of the workload through a StreamCore back to back."""
+    core = StreamCore(bundle, settings_for(bundle, work), system)
+    clock = _Clock()
+    core.dec = _TimedDecoder(core.dec, clock)  # type: ignore[assignment]
+    timed = replace(bundle)  # same sessions; only this copy's encode is wrapped
+    setattr(timed, "encode_frames", _timed(bundle.encode_frames, clock))  # noqa: B010
+    core.b = timed
+    for i in range(min(work.warmup, len(work.frames))):
+        core.step(work.frames[i : i + 1], i, i / work.fps)
+    core.reset()
+    run = StreamRun(budget_ms=1e3 / work.fps, frames=len(work.frames))
+    pending = sorted(work.messages, key=lambda m: m.t)
+    t_start = time.monotonic()
+    for i in range(len(work.frames)):
+        due = work.due(i, pending)
+        clock.start(time.monotonic())
+        reply = _Reply(core, speech, clock)
+        r = core.step(work.frames[i : i + 1], i, i / work.fps, due, on_token=reply.on_token)
+        if r.talk:
+            reply.finish(r.text)
+        t_end = time.monotonic()
+        _record_step(run, clock, r.talk, t_end)
+    run.wall_s = time.monotonic() - t_start
+    return run
+
+
+def _record_step(run: StreamRun, clock: _Clock, talk: bool, t_end: float) -> None:
+    run.talk.append(talk)
+    run.add("step", 1e3 * (t_end - clock.t0))
+    run.add("encode", clock.encode_ms)
+    if not clock.appends:
+        return
+    a0, a1, _ = clock.appends[0]
+    run.add("append", 1e3 * (a1 - a0))
+    nxt = clock.appends[1][0] if len(clock.appends) > 1 else (clock.first_token or t_end)
+    run.add("decision", 1e3 * (nxt - a1))
+    for s, e, n in clock.appends[1:]:
+        if n == 1:
+            run.add("decode", 1e3 * (e - s))
+    if talk and clock.first_token is not None:
+        run.add("ttft", 1e3 * (clock.first_token - clock.t0))
+
+
+def finish_speech(run: StreamRun, speech: SpeechTimer) -> None:
+    speech.close()
+    run.stages["tts"] = speech.tts_ms
+    run.stages["ttfa"] = speech.ttfa_ms
+    run.stages["e2e_lag"] = speech.lag_ms
+    run.speech_errors = speech.errors
+
+
+# --- the PyTorch reference loop ------------------------------------------------------------------
+def run_reference(ckpt: Any, work: Workload, settings: StreamSettings, system: str) -> StreamRun:
+    """The same workload through export/reference.py's ReferenceLoop (HF DynamicCache)."""
+    from proassist_edge.export.reference import ReferenceLoop
+
+    loop = ReferenceLoop(ckpt.model, ckpt.tokenizer, ckpt.chat, settings, system)
+    clock = _Clock()
+    forward, encode = loop._forward, ckpt.model.encode_frames
+
+    def timed_forward(embeds: Any) -> Any:
+        t0 = time.monotonic()
+        out = forward(embeds)
+        clock.appends.append((t0, time.monotonic(), int(embeds.shape[1])))
+        if len(clock.appends) == 2 and clock.first_token is None:
+            clock.first_token = time.monotonic()  # the reference hands no tokens out early
+        return out
+
+    loop._forward = timed_forward  # type: ignore[method-assign]
+    ckpt.model.encode_frames = _timed(encode, clock)
+    try:
+        for i in range(min(work.warmup, len(work.frames))):
+            loop.step(work.frames[i : i + 1], i, i / work.fps)
+        loop.reset()
+        run = StreamRun(budget_ms=1e3 / work.fps, frames=len(work.frames))
+        pending = sorted(work.messages, key=lambda m: m.t)
+        t_start = time.monotonic()
+        for i in range(len(work.frames)):
+            due = work.due(i, pending)
+            clock.start(time.monotonic())
+            r = loop.step(work.frames[i : i + 1], i, i / work.fps, due)
+            _record_step(run, clock, r.talk, time.monotonic())
+        run.wall_s = time.monotonic() - t_start
+    finally:
+        del ckpt.model.encode_frames  # back to the class's method
+    return run
+
+
+# --- memory of the runtime alone -----------------------------------------------------------------
+_PROBE = """
+import json, resource, sys
+import numpy as np
+from proassist_edge.runtime.bundle import open_bundle
+from proassist_edge.runtime.core import StreamCore, settings_from_manifest
+a = json.loads(sys.argv[1])
+b = open_bundle(a["bundle"], a["decoder"], verify=False, threads=a["threads"])
+core = StreamCore(b, settings_from_manifest(b, threshold=2.0, max_reply_tokens=a["reply"]))
+rng = np.random.default_rng(0)
+frames = rng.integers(0, 256, (a["frames"], a["size"], a["size"], 3), dtype=np.uint8)
+list(core.replay(frames))
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "torch_loaded": "torch" in sys.modules}))
+"""
+
+
+def runtime_peak_memory(
+    bundle: Path, decoder: str, threads: int, frames: int = 4, size: int = 384, reply: int = 4
+) -> dict[str, Any]:
+    """Peak resident memory (MB) of the runtime alone running this bundle, in a fresh process:
+    the bench process also holds torch, other bundles and the bandwidth array. Every frame talks
+    so the decode path is allocated too; the KV buffer is the manifest's full capacity."""
+    args = {"bundle": str(bundle), "decoder": decoder, "threads": threads, "frames": frames,
+            "size": size, "reply": reply}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True,
+            timeout=600, check=False,
+        )
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as e:
+        return {"peak_rss_mb": None, "error": f"memory probe failed: {e}"}
+
+
+def process_peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -1,0 +1,139 @@
+"""Training sequences for ProAssist, built exactly the way the streaming loops feed the model.
+
+One episode (or a window of its frames) becomes one token sequence, read through
+`parse_conversation` (the reading replay and evaluation use) and assembled with `PromptBuilder`:
+
+    opening(system)  then per frame f:  [messages due at f]  I x <image>  [reply to f]
+
+where a reply is ids(assistant_prefix + text) + eos. Labels follow the paper:
+
+* the LAST placeholder of every frame predicts the "not talk" token on a silent frame (kept with
+  probability `neg_rate`, the paper's negative-frame sampling) and the first token of the
+  assistant prefix on a talk frame;
+* every reply token predicts the next one, the last text token predicts eos;
+* the streaming loop does not feed a reply's final eos back (the authors' behaviour), so with
+  probability `eos_drop` the eos is left out of the INPUT while its label stays;
+* with a binary decision head, the frame labels are BCE targets on the last placeholder instead
+  (1 = not talk, the authors' convention); talk frames keep their LM label for the reply's start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from proassist_edge.runtime.conversation import ConversationInputs
+from proassist_edge.runtime.prompt import PromptBuilder
+
+
+@dataclass(frozen=True)
+class SeqOptions:
+    neg_rate: float = 1.0  # probability of keeping a silent frame's label
+    eos_drop: float = 0.5  # probability of leaving a reply's eos out of the input
+    w2t: str = "lm"  # "lm": not-talk token via the LM head; "head": BCE on a decision head
+
+
+@dataclass
+class TrainSequence:
+    ids: torch.Tensor  # (S,) long; <image> placeholders where frame tokens go
+    frames: torch.Tensor  # (F,) episode frame index of each frame in the sequence, in order
+    frame_last: torch.Tensor  # (F,) position of each frame's last placeholder
+    lm_pos: torch.Tensor  # (L,) positions whose next token is supervised
+    lm_tgt: torch.Tensor  # (L,) the supervised next tokens
+    w2t_pos: torch.Tensor  # (K,) head mode: frame positions with a BCE target
+    w2t_tgt: torch.Tensor  # (K,) float, 1.0 = not talk
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class SequenceBuilder:
+    """Turns a parsed conversation (and a frame window) into a labelled TrainSequence."""
+
+    def __init__(self, pb: PromptBuilder, img_id: int, tokens_per_frame: int, not_talk_id: int) -> None:
+        eos = pb.tok.token_to_id(pb.chat.eos)
+        if eos is None:
+            raise ValueError(f"eos token {pb.chat.eos!r} missing from the tokenizer")
+        self.pb, self.img_id, self.tpf, self.not_talk_id, self.eos_id = (
+            pb, img_id, tokens_per_frame, not_talk_id, eos
+        )
+        self._reply_cache: dict[str, list[int]] = {}
+
+    def reply_ids(self, text: str) -> list[int]:
+        """The reply as the model writes it: assistant header + text (eos not included)."""
+        if text not in self._reply_cache:
+            self._reply_cache[text] = self.pb.ids(self.pb.chat.assistant_prefix + text)
+        return self._reply_cache[text]
+
+    def build(
+        self,
+        conv: ConversationInputs,
+        num_frames: int,
+        opts: SeqOptions,
+        rng: np.random.Generator,
+        start: int = 0,
+        end: int | None = None,
+    ) -> TrainSequence:
+        """Frames [start, end) of the episode; messages due before `start` are left out (their
+        answers lie before the window too)."""
+        end = num_frames if end is None else min(end, num_frames)
+        due: dict[int, list[int]] = {}
+        for m, f in zip(conv.messages, conv.message_frames, strict=True):
+            if start <= f < end:
+                due.setdefault(f, []).extend(self.pb.message(m.role, m.content))
+        ids = list(self.pb.opening(conv.system, ""))
+        lm_pos: list[int] = []
+        lm_tgt: list[int] = []
+        w2t_pos: list[int] = []
+        w2t_tgt: list[float] = []
+        frame_last: list[int] = []
+        for f in range(start, end):
+            ids += due.get(f, [])
+            ids += [self.img_id] * self.tpf
+            last = len(ids) - 1
+            frame_last.append(last)
+            reply = conv.replies.get(f)
+            if reply:
+                r = self.reply_ids(reply)
+                lm_pos.append(last)
+                lm_tgt.append(r[0])
+                if opts.w2t == "head":
+                    w2t_pos.append(last)
+                    w2t_tgt.append(0.0)
+                base = len(ids)
+                ids += r
+                lm_pos += range(base, base + len(r))
+                lm_tgt += r[1:] + [self.eos_id]
+                if rng.random() >= opts.eos_drop:
+                    ids.append(self.eos_id)
+            elif rng.random() < opts.neg_rate:
+                if opts.w2t == "head":
+                    w2t_pos.append(last)
+                    w2t_tgt.append(1.0)
+                else:
+                    lm_pos.append(last)
+                    lm_tgt.append(self.not_talk_id)
+        return TrainSequence(
+            ids=torch.tensor(ids, dtype=torch.long),
+            frames=torch.arange(start, end, dtype=torch.long),
+            frame_last=torch.tensor(frame_last, dtype=torch.long),
+            lm_pos=torch.tensor(lm_pos, dtype=torch.long),
+            lm_tgt=torch.tensor(lm_tgt, dtype=torch.long),
+            w2t_pos=torch.tensor(w2t_pos, dtype=torch.long),
+            w2t_tgt=torch.tensor(w2t_tgt, dtype=torch.float32),
+        )
+
+
+def choose_window(
+    num_frames: int, window: int, conv: ConversationInputs, rng: np.random.Generator
+) -> tuple[int, int]:
+    """A window of `window` frames (0 = the whole episode); a third of the time it starts at 0
+    (where the greeting and the opening request are), otherwise anywhere."""
+    if window <= 0 or num_frames <= window:
+        return 0, num_frames
+    if rng.random() < 1 / 3:
+        return 0, window
+    start = int(rng.integers(0, num_frames - window + 1))
+    return start, start + window

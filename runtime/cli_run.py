@@ -1,0 +1,163 @@
+"""`proassist-edge run` (live source -> speech) and `proassist-edge replay` (recorded episode ->
+per-frame JSONL). The CLI only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from proassist_edge.runtime.prompt import CONTEXT_STRATEGIES
+
+SignalHandler = Callable[[int, FrameType | None], Any] | int | None
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle folder (proassist-edge export)")
+    p.add_argument("--threshold", type=float, help="talk when P(not talk) <= T (default: bundle's)")
+    p.add_argument("--context", choices=CONTEXT_STRATEGIES, help="what to do when memory is full")
+    p.add_argument("--max-seq-len", type=int, help="memory length in tokens (<= the bundle's)")
+    p.add_argument("--max-reply-tokens", type=int, help="cap on one reply (default: bundle's)")
+    p.add_argument("--decoder", help="decoder graph of the bundle (default: the bundle's choice)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    p.add_argument("--quiet", action="store_true", help="no live console lines")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "threshold": args.threshold, "context_strategy": args.context,
+        "max_seq_len": args.max_seq_len, "max_reply_tokens": args.max_reply_tokens,
+    }
+
+
+# --- replay --------------------------------------------------------------------------------------
+def add_replay_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "replay", help="process a recorded episode deterministically (every frame, none dropped)"
+    )
+    _settings_args(p)
+    p.add_argument("--episode", required=True, type=Path,
+                   help="folder with frames.npy or images, conversation.json [, metadata.json]")
+    p.add_argument("--events", required=True, type=Path, help="per-frame JSONL output")
+    p.set_defaults(func=run_replay)
+    return p
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    import time
+
+    from .replay import replay_episode
+
+    t0 = time.monotonic()
+    results = replay_episode(
+        args.bundle, args.episode, _overrides(args), args.events, args.decoder,
+        console=not args.quiet, threads=args.threads,
+    )
+    wall = time.monotonic() - t0
+    talks = sum(r.talk for r in results)
+    resets = sum(r.reset is not None for r in results)
+    skipped = sum(r.p_not_talk != r.p_not_talk for r in results)  # NaN: skipped step
+    per = 1e3 * wall / max(1, len(results))
+    print(f"replayed {len(results)} frames in {wall:.1f} s ({per:.1f} ms/frame): {talks} talk, "
+          f"{resets} context resets, {skipped} skipped; events: {args.events}")
+    return 0
+
+
+# --- run -----------------------------------------------------------------------------------------
+def add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from proassist_edge.device.sources import SPECS
+    from proassist_edge.device.speech import SINK_SPECS
+
+    p = sub.add_parser("run", help="run the assistant on a live source and speak")
+    _settings_args(p)
+    p.add_argument("--source", required=True, help=f"frames from: {SPECS}")
+    p.add_argument("--tts", required=True, help=f"speech to: {SINK_SPECS}")
+    p.add_argument("--events", type=Path, help="write every event as JSONL to this file")
+    p.add_argument("--max-seconds", type=float, help="stop after this much stream time")
+    p.add_argument("--speech-mode", choices=["queue", "interrupt"], default="queue",
+                   help="queue: say everything in order; interrupt: a new reply cuts the old")
+    p.add_argument("--stdin-messages", action="store_true",
+                   help="read messages from stdin, one per line ('user: ...', 'system: ...')")
+    p.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True,
+                   help="pace files and synthetic sources like a camera (default); "
+                        "--no-realtime processes every frame as fast as possible")
+    p.add_argument("--fps", type=float, help="frame rate (default: the bundle's, 2)")
+    p.add_argument("--queue-size", type=int, default=4, help="frames the source keeps (newest)")
+    p.add_argument("--system", help="system prompt (default: the bundle's)")
+    p.add_argument("--knowledge", default="", help="task knowledge added to the system prompt")
+    p.add_argument("--knowledge-file", type=Path, help="read the task knowledge from a file")
+    p.set_defaults(func=run_run)
+    return p
+
+
+def install_stop_handlers(stop: Callable[[], None]) -> Callable[[], None]:
+    """SIGINT/SIGTERM call `stop` (a second SIGINT interrupts at once); returns a restorer.
+
+    Outside the main thread (signals cannot be set there) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, SignalHandler] = {}
+    hits = {"n": 0}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        hits["n"] += 1
+        if hits["n"] > 1 and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: stopping (Ctrl-C again to force)",
+              file=sys.stderr, flush=True)
+        stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from proassist_edge.device.sources import open_source
+    from proassist_edge.device.speech import open_sink
+
+    from .bundle import open_bundle
+    from .core import StreamCore, settings_from_manifest
+    from .events import EventBus, EventLog, LatencyObserver
+    from .loop import Assistant, LoopOptions, format_summary
+
+    knowledge = args.knowledge
+    if args.knowledge_file is not None:
+        knowledge = args.knowledge_file.read_text(encoding="utf-8").strip()
+    bundle = open_bundle(args.bundle, args.decoder, threads=args.threads)
+    settings = settings_from_manifest(bundle, **_overrides(args))
+    core = StreamCore(bundle, settings, args.system, knowledge)
+    log = EventLog(args.events, console=not args.quiet)
+    latency = LatencyObserver()
+    bus = EventBus([log, latency])
+    fps = args.fps or bundle.manifest.model.fps
+    source = open_source(args.source, fps, on_event=bus.forward)
+    sink = open_sink(args.tts)
+    options = LoopOptions(
+        realtime=args.realtime, max_seconds=args.max_seconds, speech_mode=args.speech_mode,
+        source_capacity=args.queue_size,
+    )
+    assistant = Assistant(core, source, sink, bus, options, latency)
+    restore = install_stop_handlers(assistant.stop)
+    try:
+        if args.stdin_messages:
+            assistant.read_messages(sys.stdin)
+        summary = assistant.run()
+    finally:
+        restore()
+        log.close()
+        sink.close()
+    summary.event_write_errors = log.write_errors
+    print(format_summary(summary), flush=True)
+    return summary.exit_code

@@ -1,0 +1,50 @@
+"""`eval` over a task-world split and over the ProAssist released format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_proassist_data import processed  # noqa: F401  (the released-format fixture)
+
+from proassist_edge.bench.evaluate import evaluate
+from proassist_edge.bench.taskworld import generate_split
+from proassist_edge.bench.textsim import ExactSimilarity
+from proassist_edge.cli import main
+from proassist_edge.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_split("test", tmp_path_factory.mktemp("tw") / "test", episodes=2)
+
+
+def test_eval_sweep_and_plot(tiny_bundle, split: Path, tmp_path: Path) -> None:
+    bundle, _, thr = tiny_bundle(1, "lm", 1)
+    out, png = tmp_path / "eval.json", tmp_path / "pr.png"
+    rc = main(["eval", str(bundle), "--data", str(split), "--threshold", str(thr), "1e-9",
+               "--json", str(out), "--plot", str(png), "--embedder", "exact"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    for key in ("f1", "precision", "recall", "semantic_score", "missing_rate", "redundant_rate"):
+        assert 0.0 <= report[key] <= 1.0
+    assert report["episodes"] == 2 and len(report["per_episode"]) == 2
+    assert set(report["sweep"]) == {f"{thr:g}", "1e-09"}
+    # a random model that never talks at a tiny threshold misses every reference utterance
+    assert report["sweep"]["1e-09"]["num_missed"] > 0
+    assert report["sweep"]["1e-09"]["num_matched"] == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_reads_proassist_released_format(tiny_bundle, processed: Path) -> None:  # noqa: F811
+    bundle, _, thr = tiny_bundle(1, "lm", 1)
+    jsonl = processed / "wtag" / "prepared" / "dialog-klg_val_L4096_I5.jsonl"
+    report = evaluate(bundle, jsonl, [thr], ExactSimilarity(), limit=2)
+    assert report["episodes"] == 2
+    assert report["num_matched"] + report["num_missed"] >= 2  # two reference replies per clip
+
+
+def test_eval_rejects_unknown_data(tiny_bundle, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="taskworld generate"):
+        evaluate(tiny_bundle(1, "lm", 1)[0], tmp_path, [0.5], ExactSimilarity())

@@ -1,0 +1,280 @@
+"""quant/: int8, int4 and fp16 children of the tiny fixture bundle, their reports, calibration on
+multimodal streams, and the refusals (corrupt parent, other schema, existing output)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from proassist_edge.errors import BundleError, DataError
+from proassist_edge.manifest import load_manifest
+from proassist_edge.quant.calibration import frame_streams, record_feeds
+from proassist_edge.quant.graphs import QuantizeError
+from proassist_edge.quant.quantize import quantize_bundle
+from proassist_edge.quant.report import Targets, paper_metrics, render
+from proassist_edge.runtime.bundle import open_bundle
+from proassist_edge.runtime.core import StreamCore, settings_from_manifest
+from proassist_edge.runtime.messages import TextMessage
+
+TPF = 5
+# small and fast: per-tensor int8 scales (per-channel quantizes the 128k-row lm_head in a Python
+# loop), one short stream, two reply tokens, one onnxruntime thread on shared cores
+FAST: dict[str, Any] = dict(streams=1, frames=6, reply_tokens=2, per_channel=False,
+                            max_calibration_samples=16, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from proassist_edge.export.bundle import ExportOptions, export_bundle
+    from proassist_edge.export.fixture import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("quant")
+    reuse = os.environ.get("PROASSIST_QUANT_TEST_BUNDLE")  # a tiny bundle exported earlier: saves
+    if reuse:  # the export's minutes while iterating (a copy: the tests must not touch it)
+        return Path(shutil.copytree(reuse, root / "bundle"))
+    ckpt = write_tiny_checkpoint(root / "fx", tokens_per_frame=TPF, w2t="lm", lora_rounds=1)
+    export_bundle(ckpt, root / "bundle", options=ExportOptions(verify=False, max_reply_tokens=4))
+    return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def children(parent: Path) -> dict[str, Path]:
+    out = {}
+    for precision in ("int8", "int4", "fp16"):
+        out[precision] = parent.parent / f"child-{precision}"
+        quantize_bundle(parent, out[precision], precision, sensitivity_on_miss=False, **FAST)
+    return out
+
+
+def hashes(root: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir())}
+
+
+def report_of(child: Path) -> dict[str, Any]:
+    return json.loads((child / "quant_report.json").read_text())
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp16"])
+def test_child_loads_and_streams(children: dict[str, Path], precision: str) -> None:
+    child = children[precision]
+    manifest = load_manifest(child, verify=True)
+    frames = frame_streams(None, 1, 3, offset=7)[0]
+    for name, g in manifest.graphs.items():
+        if not g.variant:
+            continue
+        b = open_bundle(child, decoder=name)
+        core = StreamCore(b, settings_from_manifest(b, max_reply_tokens=2))
+        got = list(core.replay(frames, [TextMessage("user", "What next?", t=0.5)]))
+        assert len(got) == 3 and all(0.0 <= r.p_not_talk <= 1.0 for r in got)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp16"])
+def test_report_has_sane_figures(children: dict[str, Path], parent: Path, precision: str) -> None:
+    r = report_of(children[precision])
+    for key in ("precision", "decision_agreement", "p_not_talk_mae", "logit_cosine", "token_match_rate",
+                "size_bytes", "parent_size_bytes", "graphs", "decoders", "vision", "embeddings", "eval"):
+        assert key in r, key
+    assert r["precision"] == precision
+    assert 0.9 <= r["decision_agreement"] <= 1.0
+    assert 0.0 <= r["p_not_talk_mae"] < 0.05
+    assert 0.95 < r["logit_cosine"] <= 1.0 + 1e-9
+    assert 0.0 <= r["token_match_rate"] <= 1.0
+    assert r["size_bytes"] < r["parent_size_bytes"]
+    assert set(r["decoders"]) == {n for n, g in r["graphs"].items() if g["variant"]}
+    for d in r["decoders"].values():
+        assert d["frames"] == FAST["frames"] and d["variant"] in ("portable", "optimized")
+    assert r["eval"] == "not requested"
+    assert "decoder" in render(r) and "bundle" in render(r)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_integer_decoders_are_smaller(children: dict[str, Path], precision: str) -> None:
+    r = report_of(children[precision])
+    for name in ("decoder", "decoder_gqa"):
+        g = r["graphs"][name]
+        assert g["precision"] == precision
+        assert g["size_bytes"] < g["parent_size_bytes"] / 2, (name, g)
+
+
+def test_child_manifests(children: dict[str, Path], parent: Path) -> None:
+    pm = load_manifest(parent)
+    m8 = load_manifest(children["int8"])
+    assert m8.graphs["decoder"].precision == "int8" and m8.graphs["decoder_gqa"].precision == "int8"
+    qdq = m8.graphs["decoder_qdq"]
+    assert qdq.precision == "int8-qdq" and qdq.variant == "portable"
+    ops = {n.op_type for n in onnx.load(str(children["int8"] / qdq.file)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert m8.graphs["vision"].precision == "int8-qdq"
+    assert m8.default_decoder == pm.default_decoder
+    assert m8.source["parent"] == str(parent.resolve())
+    assert m8.embeddings["dtype"] == "int8" and m8.embeddings["scale"] in m8.files
+    assert any("calibrated on" in n and "decoder feeds" in n for n in m8.notes)
+    m4 = load_manifest(children["int4"])
+    assert m4.graphs["decoder"].precision == "int4"
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(children["int4"] / "decoder.onnx")).graph.node}
+    m16 = load_manifest(children["fp16"])
+    assert m16.embeddings["dtype"] == "float16" and "scale" not in m16.embeddings
+    assert {g.precision for n, g in m16.graphs.items() if n != "head"} == {"fp16"}
+    # the runtime widens int8 rows with their scales: close to the parent's table
+    ids = [128000, 42, 128009]
+    a, b = open_bundle(parent).embed(ids), open_bundle(children["int8"]).embed(ids)
+    assert np.abs(a - b).max() <= np.abs(a).max() / 127 + 1e-7
+
+
+def test_fp16_keeps_rope_in_fp32(children: dict[str, Path]) -> None:
+    """No fp16 rounding anywhere upstream of cos/sin (proassist-reference.md, Numerics)."""
+    model = onnx.load(str(children["fp16"] / "decoder.onnx"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    stack = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    assert stack
+    seen = set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op_type == "Cast":
+            assert next(a.i for a in n.attribute if a.name == "to") != onnx.TensorProto.FLOAT16, n.name
+        stack += [producer[i] for i in n.input if i in producer]
+    halves = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert halves  # the weights did go to fp16
+
+
+def test_calibration_feeds_are_multimodal(parent: Path) -> None:
+    b = open_bundle(parent, decoder="decoder", verify=False)
+    frames = frame_streams(None, 1, 4, offset=100)[0]
+    rec = record_feeds(b, [frames], reply_tokens=2, max_frame=8, max_token=4)
+    samples = rec.samples()
+    inputs = {i for i in load_manifest(parent).graphs["decoder"].inputs}
+    assert all(set(s.feeds) == inputs for s in samples)
+    frame_steps = [s for s in samples if s.kind == "frame"]
+    assert len(frame_steps) == 4 and any(s.kind == "token" for s in samples)
+    for s in frame_steps:
+        tokens = b.encode_frames(frames[s.step : s.step + 1]).reshape(-1, b.manifest.model.hidden_size)
+        assert tokens.shape[0] == TPF
+        np.testing.assert_allclose(s.feeds["inputs_embeds"][0, -TPF:], tokens, atol=1e-6)
+    first = frame_steps[0].feeds
+    assert first["inputs_embeds"].shape[1] > TPF  # system prompt text before the first frame
+    assert first["past_key_values.0.key"].shape[2] == 0
+    assert any(s.feeds["past_key_values.0.key"].shape[2] > 0 for s in frame_steps)  # growing KV
+    question = [s for s in frame_steps if s.feeds["inputs_embeds"].shape[1] > TPF and s.step > 0]
+    assert question  # the user's turn enters with a frame
+
+
+def test_split_folder_as_calibration_source(tmp_path: Path) -> None:
+    for uid in ("b", "a"):
+        (tmp_path / "episodes" / uid).mkdir(parents=True)
+        np.save(tmp_path / "episodes" / uid / "frames.npy", np.zeros((9, 16, 16, 3), np.uint8))
+    streams = frame_streams(tmp_path, 3, 5)
+    assert [s.shape for s in streams] == [(5, 16, 16, 3)] * 3
+    with pytest.raises(DataError):
+        frame_streams(tmp_path / "episodes" / "a", 1, 5)
+
+
+def _copy(parent: Path, dst: Path) -> Path:
+    shutil.copytree(parent, dst)
+    return dst
+
+
+def _refused(bundle: Path, tmp: Path, error: type[Exception]) -> None:
+    before = hashes(bundle)
+    out = tmp / "child"
+    with pytest.raises(error):
+        quantize_bundle(bundle, out, "int8", **FAST)
+    assert hashes(bundle) == before
+    assert not out.exists() and not list(tmp.glob(".child.*"))
+
+
+def test_corrupt_parent_refused(parent: Path, tmp_path: Path) -> None:
+    bad = _copy(parent, tmp_path / "bad")
+    data = bytearray((bad / "vision.onnx").read_bytes())
+    data[1000:1004] = bytes(255 - x for x in data[1000:1004])
+    (bad / "vision.onnx").write_bytes(bytes(data))
+    _refused(bad, tmp_path, BundleError)
+
+
+def test_other_schema_refused(parent: Path, tmp_path: Path) -> None:
+    old = _copy(parent, tmp_path / "old")
+    m = json.loads((old / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (old / "manifest.json").write_text(json.dumps(m))
+    _refused(old, tmp_path, BundleError)
+
+
+def test_existing_output_refused(parent: Path, tmp_path: Path) -> None:
+    (tmp_path / "child").mkdir()
+    before = hashes(parent)
+    with pytest.raises(QuantizeError, match="already exists"):
+        quantize_bundle(parent, tmp_path / "child", "int4", **FAST)
+    assert hashes(parent) == before and not list((tmp_path / "child").iterdir())
+
+
+def test_quantized_parent_refused(children: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(QuantizeError, match="already quantized"):
+        quantize_bundle(children["int4"], tmp_path / "again", "int8", **FAST)
+    assert not (tmp_path / "again").exists()
+
+
+def test_missed_target_names_costly_blocks(parent: Path, children: dict[str, Path], tmp_path: Path) -> None:
+    """keep_fp32 keeps the named nodes; a missed target runs the per-layer scan."""
+    out = tmp_path / "kept"
+    r = quantize_bundle(parent, out, "int4", skip={"vision"}, keep_fp32=["lm_head"],
+                        targets=Targets(logit_cosine=1.01), **FAST)
+    assert not r["targets_met"] and r["misses"]
+    assert r["graphs"]["vision"]["precision"] == "fp32" and r["vision"] == "not quantized"
+    ops = [n for n in onnx.load(str(out / "decoder.onnx")).graph.node if n.op_type == "MatMul"]
+    assert any("lm_head" in str(n.metadata_props) for n in ops)  # the head stayed a float MatMul
+    plain = report_of(children["int4"])["graphs"]["decoder"]
+    assert r["graphs"]["decoder"]["size_bytes"] > plain["size_bytes"]
+    scan = r["sensitivity"]
+    assert {g["group"] for g in scan["groups"]} == {"layers.0.", "layers.1."}  # lm_head kept fp32
+    costs = [g["cost"] for g in scan["groups"]]
+    assert costs == sorted(costs, reverse=True)
+    assert r["suggested_keep_fp32"] == scan["costliest"]
+
+
+def test_paper_metrics_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "proassist_edge.bench.evaluate"
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    assert str(paper_metrics(tmp_path, tmp_path, tmp_path)).startswith("eval unavailable")
+    fake = types.ModuleType(name)
+    fake.evaluate = lambda bundle, data: {"f1": 0.5, "bundle": str(bundle)}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, name, fake)
+    got = paper_metrics(tmp_path / "p", tmp_path / "c", tmp_path)
+    assert isinstance(got, dict) and got["child"]["bundle"] == str(tmp_path / "c")
+
+
+def test_cli_maps_arguments(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from proassist_edge.quant import cli, quantize
+
+    seen: dict[str, Any] = {}
+
+    def fake(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen.update(args=args, **kwargs)
+        return {"bundle": "OUT", "targets_met": False, "misses": {"decoder": ["cosine"]},
+                "suggested_keep_fp32": ["layers.1."], "vision": "not quantized", "precision": "int4",
+                "graphs": {}, "decoders": {}, "streams": 1, "frames": 2, "size_bytes": 1,
+                "parent_size_bytes": 2,
+                "embeddings": {"dtype": "int8", "size_bytes": 1, "parent_size_bytes": 4}}
+
+    monkeypatch.setattr(quantize, "quantize_bundle", fake)
+    parser = argparse.ArgumentParser()
+    cli.add_quantize_parser(parser.add_subparsers())
+    args = parser.parse_args(["quantize", "B", "-o", "O", "--precision", "int4", "--block-size", "64",
+                              "--accuracy-level", "4", "--skip", "vision", "--keep-fp32", "lm_head",
+                              "layers.3.", "--strict"])
+    assert args.func(args) == 3
+    assert seen["args"][2] == "int4" and seen["block_size"] == 64 and seen["accuracy_level"] == 4
+    assert seen["skip"] == {"vision"} and seen["keep_fp32"] == ["lm_head", "layers.3."]
+    assert "--keep-fp32 layers.1." in capsys.readouterr().err
