@@ -43,10 +43,15 @@ def shipped_checkpoint(name: str) -> Path | None:
     weights, meta_path = asset_paths(name)
     if not (weights.is_file() and meta_path.is_file()):
         return None
+    return materialise(weights, meta_path)
+
+
+def materialise(weights: Path, meta_path: Path) -> Path:
+    """The checkpoint folder for a compact pair (WEIGHTS, META), written once into the cache."""
     from proassist_edge.export.smollm import cache_dir
 
     digest = hashlib.sha256(weights.read_bytes() + meta_path.read_bytes()).hexdigest()[:12]
-    root = cache_dir() / f"{name}-{digest}"
+    root = cache_dir() / f"{weights.stem}-{digest}"
     ckpt = root / "checkpoint"
     if (ckpt / "config.json").is_file():
         return ckpt
@@ -70,7 +75,8 @@ def shipped_checkpoint(name: str) -> Path | None:
 # --- the compact vocabulary rows ----------------------------------------------------------
 def split_rows(weight: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """A (U+1, H) compact table (row U = the common row) as rows, ids and common."""
-    return {"rows": weight[:-1].contiguous(), "ids": ids.to(torch.int64), "common": weight[-1].contiguous()}
+    return {"rows": weight[:-1].contiguous(), "ids": ids.to(torch.int64).clone(),
+            "common": weight[-1].contiguous()}
 
 
 def full_table(rows: torch.Tensor, ids: torch.Tensor, common: torch.Tensor, vocab: int) -> torch.Tensor:

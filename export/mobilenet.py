@@ -139,7 +139,9 @@ def load_mobilenet_v2(vision_dir: str | Path) -> tuple[MobileNetV2, int]:
             "proassist_edge.export.mobilenet.write_mobilenet_v2_dir(DIR) and point --vision-from at it"
         )
     cfg_path = vision_dir / "config.json"
-    size = int(json.loads(cfg_path.read_text()).get("image_size", IMAGE_SIZE)) if cfg_path.is_file() else IMAGE_SIZE
+    size = IMAGE_SIZE
+    if cfg_path.is_file():
+        size = int(json.loads(cfg_path.read_text()).get("image_size", IMAGE_SIZE))
     model = MobileNetV2()
     try:
         model.load_state_dict(load_file(str(path)))

@@ -64,6 +64,7 @@ class Preset:
     layers: int = 4
     vision_width: int = 64
     vision_layers: int = 2
+    vision_patch: int = 8
     lora_r: int = 8
     lora_alpha: int = 16
 
@@ -159,7 +160,10 @@ def _tokenizer(path: Path) -> tuple[Any, Any, int, int]:
     tok = Tokenizer.from_file(str(path))
     chat = chat_format_for(tok)
     tok.add_special_tokens(["<image>"])
-    return tok, chat, tok.token_to_id("<image>"), tok.token_to_id(chat.not_talk)
+    img, not_talk = tok.token_to_id("<image>"), tok.token_to_id(chat.not_talk)
+    if img is None or not_talk is None:
+        raise ValueError(f"{path}: the tokenizer lacks <image> or {chat.not_talk!r}")
+    return tok, chat, img, not_talk
 
 
 class TinyTrainee(Trainee):
@@ -171,7 +175,8 @@ class TinyTrainee(Trainee):
         from .fixture import llama3_tokenizer_json, tiny_llama_config
 
         self.tokenizer, self.chat, self.img_id, self.not_talk_id = _tokenizer(llama3_tokenizer_json())
-        self.render, self._frames = render, {}
+        self.render = render
+        self._frames: dict[int, np.ndarray] = {}
         self.full_cfg = tiny_llama_config(hidden=preset.hidden, layers=preset.layers)
         vocab = self.full_cfg.vocab_size
         self.used = used_token_ids(PromptBuilder(self.tokenizer, self.chat), convs, self.not_talk_id)
@@ -185,11 +190,12 @@ class TinyTrainee(Trainee):
         compact_cfg.vocab_size = n_used + 1
         llm = LlamaForCausalLM(compact_cfg)
         with torch.no_grad():
-            llm.get_input_embeddings().weight.zero_()
+            llm.model.embed_tokens.weight.zero_()
             llm.lm_head.weight.zero_()
         self.vcfg = SiglipVisionConfig(
             hidden_size=preset.vision_width, intermediate_size=preset.vision_width * 2,
-            num_hidden_layers=preset.vision_layers, num_attention_heads=2, image_size=64, patch_size=8,
+            num_hidden_layers=preset.vision_layers, num_attention_heads=2, image_size=64,
+            patch_size=preset.vision_patch,
         )
         self.vision = SiglipVisionModel(self.vcfg)
         self.fields = run_fields(preset, "base_llm", "base_vision", preset.vision_width, "full")
@@ -217,8 +223,9 @@ class TinyTrainee(Trainee):
 
     def full_llm(self) -> Any:
         """The full-vocabulary LLM this compact one stands for (shares nothing mutable)."""
-        from proassist_edge.bench.models import full_table, split_rows
         from transformers import LlamaForCausalLM
+
+        from proassist_edge.bench.models import full_table, split_rows
 
         compact = self.model.llm
         state = {k: v for k, v in compact.state_dict().items()
@@ -270,7 +277,8 @@ class LiteTrainee(Trainee):
         llm_dir = smollm2_llm_dir()
         self.tokenizer, self.chat, self.img_id, self.not_talk_id = _tokenizer(llm_dir / "tokenizer.json")
         self.model_img_id = self.img_id
-        self.render, self._features = render, {}
+        self.render = render
+        self._features: dict[int, torch.Tensor] = {}
         self.feature_dir = cache_dir() / "taskworld-features"
         vis_dir = write_mobilenet_v2_dir(cache_dir() / "mobilenet_v2")
         backbone, size = load_mobilenet_v2(vis_dir)
@@ -327,7 +335,9 @@ class LiteTrainee(Trainee):
             pack_lite(path, Path(tmp), {"proassist": self.fields, "training": summary})
 
 
-def sequence_loss(trainee: Trainee, seq: TrainSequence, sample: Sample) -> tuple[torch.Tensor, dict[str, float]]:
+def sequence_loss(
+    trainee: Trainee, seq: TrainSequence, sample: Sample
+) -> tuple[torch.Tensor, dict[str, float]]:
     """LM loss at the labelled positions only (the vocabulary head is the costly part), plus
     BCE on the decision head in head mode."""
     model = trainee.model
@@ -361,7 +371,10 @@ def evaluate(
         gen = [r.text if r.talk else "" for r in results]
         m = compute_metrics(gen, ep.reference(), similarity, fps=ep.fps, window=WINDOW)
         per_episode.append(m)
-        rows.append({"episode": ep.uid, "f1": m.f1, "gen": m.num_gen, "ref": m.num_ref})
+        ref = ep.reference()
+        rows.append({"episode": ep.uid, "f1": m.f1, "gen": m.num_gen, "ref": m.num_ref,
+                     "talk": [(r.index, r.text) for r in results if r.talk],
+                     "ref_talk": [(i, t) for i, t in enumerate(ref) if t]})
     return aggregate(per_episode), rows
 
 
@@ -436,23 +449,25 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
             log.write(json.dumps({"step": step, "val": val_m.to_dict()}) + "\n")
         log.flush()
     bar.close()
-    if val and (val_m is None or step % preset.val_every):
-        val_m = validate(trainee, val, ExactSimilarity())
-        tqdm.write(f"final val ({len(val)} episodes, exact match): {metrics_line(val_m)}")
     wall = time.monotonic() - t_start
     summary = {
         "command": command, "seed": seed, "data_seed": data_seed, "preset": asdict(preset),
         "steps_done": step, "stopped_by": "steps" if step >= preset.steps else "minutes",
         "wall_clock_s": round(wall, 1), "trainable_params": n_params,
-        "val_exact": val_m.to_dict() if val_m else None,
     }
     name = f"taskworld-{preset.name}"
-    trainee.pack(out / name, summary)
+    trainee.pack(out / name, summary)  # saved before anything else can fail
+    if val and (val_m is None or step % preset.val_every):
+        val_m = validate(trainee, val, ExactSimilarity())
+        tqdm.write(f"final val ({len(val)} episodes, exact match): {metrics_line(val_m)}")
+    if val_m is not None:
+        summary["val_exact"] = val_m.to_dict()
+        trainee.pack(out / name, summary)
     if ship:
         ASSETS.mkdir(exist_ok=True)
         for suffix in (".safetensors", ".json"):
             (ASSETS / (name + suffix)).write_bytes((out / (name + suffix)).read_bytes())
-    tqdm.write(f"done in {wall / 60:.1f} min: {out / name}.safetensors")
+    tqdm.write(f"done: trained in {wall / 60:.1f} min: {out / name}.safetensors")
     log.close()
     return summary
 
@@ -460,7 +475,11 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
 def validate(trainee: Trainee, episodes: list[Episode], similarity: Any) -> Metrics:
     model, tok, chat = trainee.eval_model()
     settings = StreamSettings(context_strategy="drop_middle", max_reply_tokens=40)
-    m, _ = evaluate(model, tok, chat, episodes, similarity, settings)
+    m, rows = evaluate(model, tok, chat, episodes, similarity, settings)
+    first = rows[0]
+    talk = ", ".join(f"{i}:{t[:40]!r}" for i, t in first["talk"][:4])
+    ref = ", ".join(f"{i}:{t[:40]!r}" for i, t in first["ref_talk"][:4])
+    print(f"  {first['episode']} said [{talk}]\n  reference [{ref}]", flush=True)
     return m
 
 
@@ -512,13 +531,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from proassist_edge.bench.models import asset_paths, shipped_checkpoint
+    from proassist_edge.bench.models import asset_paths, materialise, shipped_checkpoint
     from proassist_edge.bench.taskworld.splits import iter_episodes
     from proassist_edge.bench.textsim import ExactSimilarity, SentenceSimilarity
 
     from .checkpoint import load_checkpoint
 
+    torch.set_num_threads(1)
     ckpt = shipped_checkpoint(args.evaluate) or Path(args.evaluate)
+    compact = Path(args.evaluate).with_suffix(".safetensors")
+    if compact.is_file() and compact.with_suffix(".json").is_file():  # a run's compact output
+        ckpt = materialise(compact, compact.with_suffix(".json"))
     ck = load_checkpoint(ckpt)
     sim = SentenceSimilarity() if args.similarity == "minilm" else ExactSimilarity()
     settings = StreamSettings(threshold=args.threshold, context_strategy="drop_middle")

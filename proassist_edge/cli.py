@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _optional(score, sub, "score", "score per-frame outputs with the paper's metrics")
 
+    def quantize() -> Callable:
+        from proassist_edge.quant.cli import add_quantize_parser
+
+        return add_quantize_parser
+
+    _optional(quantize, sub, "quantize", "int8 / int4 / fp16 bundle with a measured accuracy cost")
+
     def taskworld() -> Callable:
         from proassist_edge.bench.taskworld.cli import add_taskworld_parser
 
@@ -184,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
         return add_eval_parser
 
     _optional(evaluate, sub, "eval", "evaluate a bundle on a task-world split")
+
+    def demo() -> Callable:
+        from proassist_edge.bench.demo import add_demo_parser
+
+        return add_demo_parser
+
+    _optional(demo, sub, "demo", "the main job: a task-world episode end to end")
+
+    def bench() -> Callable:
+        from proassist_edge.bench.cli_bench import add_bench_parser
+
+        return add_bench_parser
+
+    _optional(bench, sub, "bench", "latency benchmarks")
     from proassist_edge.device.doctor import add_doctor_parser
     from proassist_edge.runtime.cli_run import add_replay_parser, add_run_parser
 
@@ -191,9 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_parser(sub)
     add_doctor_parser(sub)
     for name, help in [
-        ("quantize", "int8 / int4 / fp16 bundle with a measured accuracy cost"),
-        ("bench", "latency benchmarks"),
-        ("demo", "the main job: a task-world episode end to end"),
         ("build-engine", "build TensorRT engines on the device"),
     ]:
         _not_yet(sub, name, help)

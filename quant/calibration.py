@@ -228,7 +228,7 @@ def record_feeds(
     settings = settings_from_manifest(parent, max_reply_tokens=reply_tokens)
     core = StreamCore(tap, settings)
     for k, frames in enumerate(streams):
-        rec.stream = k
+        rec.stream, rec.step = k, 0
         core.reset()
         for r in core.replay(frames, stream_messages(len(frames), fps, k), fps):
             rec.step = r.index + 1  # samples recorded during frame i+1's step carry i+1

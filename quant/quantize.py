@@ -296,10 +296,13 @@ def describe(job: Job, n: int, kept: list[str], fp32_nodes: list[str], rec: Feed
     assert r is not None
     chan = "per-channel" if r.per_channel else "per-tensor"
     what = {
-        "int8": f"int8 dynamic (onnxruntime quantize_dynamic, MatMulInteger), {chan} weights; the CPU path",
+        "int8": (
+            f"int8 dynamic (onnxruntime quantize_dynamic, MatMulInteger), {chan} 7-bit weights "
+            "(reduce_range: no int16 saturation on x86 without VNNI); the CPU path"
+        ),
         "int8-qdq": (
-            f"int8 static QDQ (quantize_static, MinMax), symmetric activations, {chan} weights; "
-            "for TensorRT"
+            f"int8 static QDQ (quantize_static, MinMax), symmetric activations, {chan} 7-bit "
+            "weights; for TensorRT (also runs on CPU)"
         ),
         "int4": f"int4 weight-only MatMulNBits, block {r.block_size}, accuracy level {r.accuracy_level}",
         "fp16": "fp16 (onnxruntime float16, keep_io_types), norms/softmax/sigmoid/RoPE path in fp32",

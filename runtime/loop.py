@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 import numpy as np
+
 from proassist_edge.device.grabber import ThreadedSource
 from proassist_edge.device.source_base import FrameSource
 from proassist_edge.device.speaker import Speaker, SpeakerMode
 from proassist_edge.device.speech_base import SpeechSink
-
 from proassist_edge.errors import FrameError, SourceError
 
 from .backend import Decoder, StepOut
@@ -207,6 +207,8 @@ class Assistant:
         self._speaker: Speaker | None = None
         self._core_thread: threading.Thread | None = None
         self._reported_drops = 0
+        self._readers: list[IO[str]] = []
+        self._started = threading.Event()
 
     # --- inputs from other threads ------------------------------------------------------------
     def stop(self) -> None:
@@ -222,27 +224,35 @@ class Assistant:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         with self._msg_lock:
-            if len(self._messages) >= self.options.max_pending_messages:
-                self.bus.emit("error", kind="message_dropped", error="too many pending messages",
-                              role=role, content=content)
-                return
-            self._messages.append((role, content))
+            full = len(self._messages) >= self.options.max_pending_messages
+            if not full:
+                self._messages.append((role, content))
+        if full:
+            self.bus.emit("error", kind="message_dropped", error="too many pending messages",
+                          role=role, content=content, fatal=False)
+            return
         self.bus.emit("message", role=role, content=content, t=self.summary.stream_s)
 
-    def read_messages(self, stream: IO[str]) -> threading.Thread:
-        """Start a daemon thread that injects one message per line of `stream` until EOF."""
+    def read_messages(self, stream: IO[str]) -> None:
+        """Inject one message per line of `stream` (`user: ...`, `system: ...`, plain = user)
+        from a daemon thread, until EOF; it starts with the run (at once if already running)."""
+        with self._msg_lock:
+            running = self._started.is_set()
+            if not running:
+                self._readers.append(stream)
+        if running:
+            self._start_reader(stream)
 
+    def _start_reader(self, stream: IO[str]) -> None:
         def reader() -> None:
             for line in stream:
+                if self._stop.is_set():
+                    return
                 parsed = parse_message_line(line)
                 if parsed is not None:
                     self.inject(*parsed)
-                if self._stop.is_set():
-                    return
 
-        thread = threading.Thread(target=reader, name="messages", daemon=True)
-        thread.start()
-        return thread
+        threading.Thread(target=reader, name="messages", daemon=True).start()
 
     def _take_messages(self, t: float) -> list[TextMessage]:
         with self._msg_lock:
@@ -276,6 +286,11 @@ class Assistant:
             grabber.start()  # opening errors (no camera, missing file) raise here
             if self._speaker is not None:
                 self._speaker.start()
+            with self._msg_lock:
+                self._started.set()
+                readers, self._readers = self._readers, []
+            for stream in readers:
+                self._start_reader(stream)
             self._core_thread = threading.Thread(target=self._core_main, name="core", daemon=True)
             self._core_thread.start()
             self._core_thread.join()

@@ -3,13 +3,9 @@ multimodal streams, and the refusals (corrupt parent, other schema, existing out
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import shutil
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +31,26 @@ FAST: dict[str, Any] = dict(streams=1, frames=6, reply_tokens=2, per_channel=Fal
 
 
 @pytest.fixture(scope="module")
-def parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from proassist_edge.export.bundle import ExportOptions, export_bundle
-    from proassist_edge.export.fixture import write_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("quant")
-    reuse = os.environ.get("PROASSIST_QUANT_TEST_BUNDLE")  # a tiny bundle exported earlier: saves
-    if reuse:  # the export's minutes while iterating (a copy: the tests must not touch it)
-        return Path(shutil.copytree(reuse, root / "bundle"))
-    ckpt = write_tiny_checkpoint(root / "fx", tokens_per_frame=TPF, w2t="lm", lora_rounds=1)
-    export_bundle(ckpt, root / "bundle", options=ExportOptions(verify=False, max_reply_tokens=4))
-    return root / "bundle"
+def parent(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's tiny LM-mode bundle (the tests must not touch the shared one)."""
+    src, _, _ = tiny_bundle(TPF, "lm", 1)
+    return Path(shutil.copytree(src, tmp_path_factory.mktemp("quant") / "bundle"))
 
 
 @pytest.fixture(scope="module")
 def children(parent: Path) -> dict[str, Path]:
     out = {}
-    for precision in ("int8", "int4", "fp16"):
+    for precision in ("int8", "fp16"):
         out[precision] = parent.parent / f"child-{precision}"
         quantize_bundle(parent, out[precision], precision, sensitivity_on_miss=False, **FAST)
+    # int4 through the command line, as a user would
+    from proassist_edge.cli import main
+
+    out["int4"] = parent.parent / "child-int4"
+    argv = ["quantize", str(parent), "-o", str(out["int4"]), "--precision", "int4", "--block-size", "64",
+            "--accuracy-level", "4", "--streams", "1", "--frames", "6", "--reply-tokens", "2",
+            "--per-tensor", "--no-sensitivity", "--threads", "1"]
+    assert main(argv) == 0
     return out
 
 
@@ -244,37 +241,18 @@ def test_missed_target_names_costly_blocks(parent: Path, children: dict[str, Pat
     assert r["suggested_keep_fp32"] == scan["costliest"]
 
 
-def test_paper_metrics_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    name = "proassist_edge.bench.evaluate"
-    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    assert str(paper_metrics(tmp_path, tmp_path, tmp_path)).startswith("eval unavailable")
-    fake = types.ModuleType(name)
-    fake.evaluate = lambda bundle, data: {"f1": 0.5, "bundle": str(bundle)}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, name, fake)
-    got = paper_metrics(tmp_path / "p", tmp_path / "c", tmp_path)
-    assert isinstance(got, dict) and got["child"]["bundle"] == str(tmp_path / "c")
+def test_paper_metrics_for_parent_and_child(parent: Path, children: dict[str, Path], tmp_path: Path) -> None:
+    from proassist_edge.bench.taskworld import generate_split
+
+    split = generate_split("test", tmp_path / "test", episodes=1)
+    got = paper_metrics(parent, children["int4"], split)
+    assert isinstance(got, dict)
+    for side in ("parent", "child"):
+        assert got[side]["episodes"] == 1 and 0.0 <= got[side]["f1"] <= 1.0
 
 
-def test_cli_maps_arguments(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from proassist_edge.quant import cli, quantize
-
-    seen: dict[str, Any] = {}
-
-    def fake(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        seen.update(args=args, **kwargs)
-        return {"bundle": "OUT", "targets_met": False, "misses": {"decoder": ["cosine"]},
-                "suggested_keep_fp32": ["layers.1."], "vision": "not quantized", "precision": "int4",
-                "graphs": {}, "decoders": {}, "streams": 1, "frames": 2, "size_bytes": 1,
-                "parent_size_bytes": 2,
-                "embeddings": {"dtype": "int8", "size_bytes": 1, "parent_size_bytes": 4}}
-
-    monkeypatch.setattr(quantize, "quantize_bundle", fake)
-    parser = argparse.ArgumentParser()
-    cli.add_quantize_parser(parser.add_subparsers())
-    args = parser.parse_args(["quantize", "B", "-o", "O", "--precision", "int4", "--block-size", "64",
-                              "--accuracy-level", "4", "--skip", "vision", "--keep-fp32", "lm_head",
-                              "layers.3.", "--strict"])
-    assert args.func(args) == 3
-    assert seen["args"][2] == "int4" and seen["block_size"] == 64 and seen["accuracy_level"] == 4
-    assert seen["skip"] == {"vision"} and seen["keep_fp32"] == ["lm_head", "layers.3."]
-    assert "--keep-fp32 layers.1." in capsys.readouterr().err
+def test_cli_options_reach_the_child(children: dict[str, Path]) -> None:
+    r = report_of(children["int4"])
+    assert r["precision"] == "int4"
+    notes = " ".join(load_manifest(children["int4"]).notes)
+    assert "block 64, accuracy level 4" in notes

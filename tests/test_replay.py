@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from proassist_edge.errors import DataError
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.core import StreamCore
 from proassist_edge.runtime.messages import TextMessage
 from proassist_edge.runtime.prompt import StreamSettings
 from proassist_edge.runtime.replay import load_episode, replay_episode
-
-from proassist_edge.errors import DataError
 
 N, SIZE = 10, 32
 SYSTEM, KNOWLEDGE = "You guide the user.", "1. Take the red block. 2. Put it on the base."

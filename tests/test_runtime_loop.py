@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from proassist_edge.device.source_base import FrameSource
 from proassist_edge.device.sources import SyntheticSource
 from proassist_edge.device.speech_base import SpeechSink
+from proassist_edge.errors import SourceError, SpeechError
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.core import StreamCore
 from proassist_edge.runtime.events import EventBus, EventLog, LatencyObserver
@@ -25,8 +28,6 @@ from proassist_edge.runtime.loop import Assistant, LoopOptions, RunSummary, pars
 from proassist_edge.runtime.messages import Frame
 from proassist_edge.runtime.prompt import StreamSettings
 from proassist_edge.runtime.stream_text import SentenceSplitter
-
-from proassist_edge.errors import SourceError, SpeechError
 
 REPLY_TOKENS = 4
 
@@ -202,7 +203,10 @@ class FailingSource(FrameSource):
 
 def test_source_dying_mid_stream_ends_cleanly(tiny) -> None:
     assistant, rec, _ = make_assistant(tiny[0], FailingSource(3))
+    assistant.read_messages(io.StringIO("system: the user looks lost\nwhere is it?\n\n"))
     summary = assistant.run()
+    roles = [(e["role"], e["content"]) for e in rec.of("message")]
+    assert roles == [("system", "the user looks lost"), ("user", "where is it?")]
     assert summary.reason == "source_error" and summary.frames == 3 and summary.exit_code == 0
     errors = rec.of("error")
     assert errors and errors[0]["kind"] == "source" and "cable" in errors[0]["error"]

