@@ -89,8 +89,13 @@ def run_demo(args: argparse.Namespace) -> int:
     bus = EventBus([log, latency])
     if args.source is None:
         renderer = EpisodeRenderer(episode)
-        source = SyntheticSource(fps=episode.fps, size=frames.shape[1:3], n_frames=len(frames),
-                                 renderer=renderer, on_event=bus.forward)
+        source = SyntheticSource(
+            fps=episode.fps,
+            size=frames.shape[1:3],
+            n_frames=len(frames),
+            renderer=renderer,
+            on_event=bus.forward,
+        )
         name = f"task-world episode {episode.uid} ({episode.task})"
     else:
         source = open_source(args.source, bundle.manifest.model.fps, on_event=bus.forward)
@@ -123,8 +128,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     if "metrics" in result:
         m = result["metrics"]
-        print(f"episode F1 {m['f1']:.2f} (precision {m['precision']:.2f}, recall {m['recall']:.2f}); "
-              f"speech in {out / 'speech'}; events in {events_path}; {result['wall_s']:.0f} s in all")
+        print(
+            f"episode F1 {m['f1']:.2f} (precision {m['precision']:.2f}, recall {m['recall']:.2f}); "
+            f"speech in {out / 'speech'}; events in {events_path}; {result['wall_s']:.0f} s in all"
+        )
     return summary.exit_code
 
 
@@ -164,12 +171,22 @@ def record_video(frames: Any, gen: list[str], ref: list[str], fps: float, path: 
         last = ""
         for i, f in enumerate(frames):
             canvas = np.zeros((h, w, 3), np.uint8)
-            canvas[:, : frames.shape[2] * scale] = cv2.resize(f, None, fx=scale, fy=scale,
-                                                             interpolation=cv2.INTER_NEAREST)
+            canvas[:, : frames.shape[2] * scale] = cv2.resize(
+                f, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST
+            )
             last = gen[i] or last
-            for row, (label, text) in enumerate((("assistant", last), ("reference", ref[i] if i < len(ref) else ""))):
-                cv2.putText(canvas, f"{label}: {text[:48]}", (frames.shape[2] * scale + 8, 30 + 30 * row),
-                            cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+            for row, (label, text) in enumerate(
+                (("assistant", last), ("reference", ref[i] if i < len(ref) else ""))
+            ):
+                cv2.putText(
+                    canvas,
+                    f"{label}: {text[:48]}",
+                    (frames.shape[2] * scale + 8, 30 + 30 * row),
+                    cv2.FONT_HERSHEY_SIMPLEX,
+                    0.45,
+                    (255, 255, 255),
+                    1,
+                )
             for packet in stream.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -179,7 +196,9 @@ def record_video(frames: Any, gen: list[str], ref: list[str], fps: float, path: 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: a task-world episode end to end")
-    p.add_argument("--model", default="taskworld-tiny", help="shipped model (taskworld-tiny | taskworld-lite)")
+    p.add_argument(
+        "--model", default="taskworld-tiny", help="shipped model (taskworld-tiny | taskworld-lite)"
+    )
     p.add_argument("--precision", default="int8", choices=["fp32", "int8", "int4"])
     p.add_argument("--bundle", type=Path, help="use this bundle instead of the shipped model")
     p.add_argument("--source", help="camera:0, file:PATH, ... (default: a task-world episode)")
@@ -187,8 +206,12 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, help="only the first N frames")
     p.add_argument("--threshold", type=float)
     p.add_argument("--short", action="store_true", help="a quick run (CI): 40 frames, light verification")
-    p.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True,
-                   help="pace frames at 2 fps like a camera (default) or run as fast as possible")
+    p.add_argument(
+        "--realtime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pace frames at 2 fps like a camera (default) or run as fast as possible",
+    )
     p.add_argument("--record", action="store_true", help="also write an annotated video (opt-in)")
     p.add_argument("-o", "--out", type=Path, default=Path("out/demo"))
     p.set_defaults(func=run_demo)

@@ -54,9 +54,14 @@ def run_episode(bundle: Bundle, ep: Episode, **overrides: Any) -> list[str]:
 
 
 def evaluate(
-    bundle_path: str | Path, data_dir: str | Path, thresholds: Sequence[float] | None = None,
-    similarity: PairSimilarity | None = None, window: tuple[float, float] = DEFAULT_WINDOW,
-    limit: int | None = None, decoder: str | None = None, context: str | None = None,
+    bundle_path: str | Path,
+    data_dir: str | Path,
+    thresholds: Sequence[float] | None = None,
+    similarity: PairSimilarity | None = None,
+    window: tuple[float, float] = DEFAULT_WINDOW,
+    limit: int | None = None,
+    decoder: str | None = None,
+    context: str | None = None,
 ) -> dict[str, Any]:
     """Metrics per threshold (aggregated over episodes) and per episode at the first threshold."""
     if similarity is None:
@@ -84,9 +89,14 @@ def evaluate(
     bar.close()
     head = sweep[f"{thresholds[0]:g}"]
     return {
-        "bundle": str(bundle_path), "data": str(data_dir), "episodes": len(episodes),
-        "threshold": thresholds[0], "window": list(window), **head,
-        "sweep": sweep, "per_episode": per_episode,
+        "bundle": str(bundle_path),
+        "data": str(data_dir),
+        "episodes": len(episodes),
+        "threshold": thresholds[0],
+        "window": list(window),
+        **head,
+        "sweep": sweep,
+        "per_episode": per_episode,
     }
 
 
@@ -103,8 +113,13 @@ def plot_sweep(report: dict[str, Any], out: str | Path) -> None:
     ax.plot(r, p, marker="o")
     for t, x, y in zip(thr, r, p, strict=True):
         ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.05), ylim=(0, 1.05),
-           title=f"{Path(report['bundle']).name}: threshold sweep")
+    ax.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1.05),
+        ylim=(0, 1.05),
+        title=f"{Path(report['bundle']).name}: threshold sweep",
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -121,7 +136,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="first N episodes only")
     p.add_argument("--decoder", help="decoder graph (default: the manifest's)")
     p.add_argument("--context", choices=["drop_all", "drop_middle", "summarize_and_drop"])
-    p.add_argument("--window", default=",".join(map(str, DEFAULT_WINDOW)), help="L,R seconds (use --window=L,R)")
+    p.add_argument(
+        "--window", default=",".join(map(str, DEFAULT_WINDOW)), help="L,R seconds (use --window=L,R)"
+    )
     p.add_argument("--embedder", help="sentence-transformers folder, or 'exact'")
     p.set_defaults(func=run_eval)
 
@@ -130,16 +147,26 @@ def run_eval(args: argparse.Namespace) -> int:
     from .score import make_similarity, parse_window
 
     report = evaluate(
-        args.bundle, args.data, args.threshold, make_similarity(args.embedder),
-        parse_window(args.window), args.limit, args.decoder, args.context,
+        args.bundle,
+        args.data,
+        args.threshold,
+        make_similarity(args.embedder),
+        parse_window(args.window),
+        args.limit,
+        args.decoder,
+        args.context,
     )
     from proassist_edge.cli import table
 
-    rows = [(e["episode"], e["frames"], f"{e['f1']:.3f}", f"{e['precision']:.3f}", f"{e['recall']:.3f}")
-            for e in report["per_episode"]]
+    rows = [
+        (e["episode"], e["frames"], f"{e['f1']:.3f}", f"{e['precision']:.3f}", f"{e['recall']:.3f}")
+        for e in report["per_episode"]
+    ]
     print(table(rows, ["episode", "frames", "F1", "precision", "recall"]))
-    sweep = [(t, f"{m['f1']:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['semantic_score']:.3f}")
-             for t, m in report["sweep"].items()]
+    sweep = [
+        (t, f"{m['f1']:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['semantic_score']:.3f}")
+        for t, m in report["sweep"].items()
+    ]
     print(table(sweep, ["threshold", "F1", "precision", "recall", "semantic"]))
     print(f"F1 {report['f1']:.3f} at threshold {report['threshold']:g} over {report['episodes']} episodes")
     if args.json:

@@ -61,12 +61,21 @@ def frame_source(size: int, seed: int) -> Callable[[int], np.ndarray]:
 
 
 def soak(
-    bundle_path: str | Path, strategy: str, frames: int, every: int = 1200, threshold: float | None = None,
-    max_seq_len: int | None = None, seed: int = 0, size: int = 64,
+    bundle_path: str | Path,
+    strategy: str,
+    frames: int,
+    every: int = 1200,
+    threshold: float | None = None,
+    max_seq_len: int | None = None,
+    seed: int = 0,
+    size: int = 64,
 ) -> SoakReport:
     bundle = open_bundle(bundle_path)
     s = settings_from_manifest(
-        bundle, context_strategy=strategy, threshold=threshold, max_seq_len=max_seq_len,
+        bundle,
+        context_strategy=strategy,
+        threshold=threshold,
+        max_seq_len=max_seq_len,
         drop_middle_tail=min(512, (max_seq_len or 4096) // 4),
     )
     core = StreamCore(bundle, s)
@@ -80,8 +89,14 @@ def soak(
         rep.utterances += bool(r.talk and r.text)
         rep.max_context = max(rep.max_context, r.context_len)
         if (i + 1) % every == 0 or i + 1 == frames:
-            rep.checkpoints.append({"simulated_min": (i + 1) / fps / 60, "rss_mb": rss_bytes() / 2**20,
-                                    "context_len": r.context_len, "resets": rep.resets})
+            rep.checkpoints.append(
+                {
+                    "simulated_min": (i + 1) / fps / 60,
+                    "rss_mb": rss_bytes() / 2**20,
+                    "context_len": r.context_len,
+                    "resets": rep.resets,
+                }
+            )
     rep.wall_s = time.perf_counter() - t0
     return rep
 
@@ -98,17 +113,28 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     for strategy in args.strategies:
         fps = open_bundle(args.bundle, verify=False).manifest.model.fps
-        rep = soak(args.bundle, strategy, int(args.hours * 3600 * fps), threshold=args.threshold,
-                   max_seq_len=args.max_seq_len)
+        rep = soak(
+            args.bundle,
+            strategy,
+            int(args.hours * 3600 * fps),
+            threshold=args.threshold,
+            max_seq_len=args.max_seq_len,
+        )
         reports.append(rep)
-        print(f"{strategy}: {rep.frames} frames ({rep.simulated_s / 3600:.1f} h simulated) in "
-              f"{rep.wall_s:.0f} s; resets {rep.resets}, utterances {rep.utterances}, "
-              f"max context {rep.max_context}/{rep.capacity}, memory growth {rep.memory_growth:+.1%}")
+        print(
+            f"{strategy}: {rep.frames} frames ({rep.simulated_s / 3600:.1f} h simulated) in "
+            f"{rep.wall_s:.0f} s; resets {rep.resets}, utterances {rep.utterances}, "
+            f"max context {rep.max_context}/{rep.capacity}, memory growth {rep.memory_growth:+.1%}"
+        )
         for c in rep.checkpoints:
-            print(f"  {c['simulated_min']:6.0f} min  rss {c['rss_mb']:7.1f} MB  context {c['context_len']:5.0f}"
-                  f"  resets {c['resets']:.0f}")
+            print(
+                f"  {c['simulated_min']:6.0f} min  rss {c['rss_mb']:7.1f} MB  context {c['context_len']:5.0f}"
+                f"  resets {c['resets']:.0f}"
+            )
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) | {"memory_growth": r.memory_growth} for r in reports], indent=2))
+        args.json.write_text(
+            json.dumps([asdict(r) | {"memory_growth": r.memory_growth} for r in reports], indent=2)
+        )
     return 0
 
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-from proassist_edge.runtime.messages import Frame
 
 from proassist_edge.errors import MissingDependencyError, SourceError
+from proassist_edge.runtime.messages import Frame
 
 from .source_base import EventCallback, FrameSource, Pacer
 

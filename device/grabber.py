@@ -15,9 +15,8 @@ from collections import deque
 from collections.abc import Iterator
 from types import TracebackType
 
-from proassist_edge.runtime.messages import Frame
-
 from proassist_edge.errors import SourceError
+from proassist_edge.runtime.messages import Frame
 
 from .source_base import EventCallback, FrameSource, Pacer, SourceStats, emit
 

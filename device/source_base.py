@@ -12,9 +12,9 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-from proassist_edge.runtime.messages import Frame
 
 from proassist_edge.errors import FrameError
+from proassist_edge.runtime.messages import Frame
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
-from proassist_edge.runtime.messages import Frame
 
 from proassist_edge.errors import MissingDependencyError, SourceError
+from proassist_edge.runtime.messages import Frame
 
 from .cameras import CameraSource, Picamera2Source
 from .grabber import FrameGrabber, ThreadedSource

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from proassist_edge.runtime.messages import Utterance
 
 from proassist_edge.errors import MissingDependencyError, SpeechError
+from proassist_edge.runtime.messages import Utterance
 
 from .speaker import Speaker, SpeakerMode
 from .speech_base import Audio, SpeakResult, SpeechSink, duration_s, read_wav, write_wav

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from proassist_edge.runtime.messages import Utterance
 
 from proassist_edge.errors import SpeechError
+from proassist_edge.runtime.messages import Utterance
 
 # Mono float32 samples in [-1, 1] and their sample rate in Hz.
 Audio = tuple[np.ndarray, int]

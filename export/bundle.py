@@ -47,7 +47,7 @@ class ExportOptions:
 
 
 def model_facts(ck: LoadedCheckpoint, max_seq_len: int, system: str) -> ModelFacts:
-    c = ck.model.llm.config
+    c: Any = ck.model.llm.config  # transformers' configs are loosely typed
     tok = ck.tokenizer
     bos = tok.token_to_id(ck.chat.bos) if ck.chat.bos else None
     return ModelFacts(
@@ -61,7 +61,7 @@ def model_facts(ck: LoadedCheckpoint, max_seq_len: int, system: str) -> ModelFac
         image_size=ck.model.vision.image_size,
         w2t_mode=ck.config.w2t_mode,
         not_talk_id=ck.model.not_talk_id,
-        eos_id=int(tok.token_to_id(ck.chat.eos)),
+        eos_id=int(tok.token_to_id(ck.chat.eos) or 0),
         bos_id=bos,
         img_token_id=ck.img_token_id,
         context_strategy=ck.config.exceed_context_handling,
@@ -87,7 +87,7 @@ def time_decoder(bundle: Path, name: str, tokens_per_frame: int, reps: int = 20)
     x = np.random.default_rng(0).standard_normal(
         (1, tokens_per_frame, b.manifest.model.hidden_size)
     )
-    x = x.astype(np.float32) * 0.05
+    x = (x * 0.05).astype(np.float32)
     dec.append(np.repeat(x, 20, axis=1))
     times = []
     for _ in range(reps):
@@ -122,7 +122,7 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         graphs = _export_graphs(ck, tmp, opts, steps)
-        table = ck.model.llm.get_input_embeddings().weight.detach().float().numpy()
+        table = ck.model.llm.get_input_embeddings().weight.detach().float().numpy()  # type: ignore[operator]
         np.save(tmp / "embeddings.npy", table)
         shutil.copy(ck.tokenizer_path, tmp / "tokenizer.json")
         steps.update()

@@ -148,7 +148,7 @@ def load_vision(cfg: ProAssistConfig, vision_dir: Path) -> VisionTower:
         backbone, size = load_mobilenet_v2(vision_dir)
         return VisionTower(cfg, backbone, size)
     tower = SiglipVisionModel.from_pretrained(str(vision_dir), dtype=torch.float32)
-    return VisionTower(cfg, tower, int(tower.config.image_size))
+    return VisionTower(cfg, tower, int(tower.config.image_size))  # type: ignore[arg-type]
 
 
 def load_checkpoint(
@@ -203,4 +203,5 @@ def load_checkpoint(
         raise CheckpointError(f"the not-talk token {not_talk!r} is not in the tokenizer")
     vision = load_vision(cfg, vision_dir)
     model = ProAssistModel(cfg, vision, llm, not_talk_id).eval()
+    assert img_id is not None  # added just above
     return LoadedCheckpoint(model, cfg, tok, tok_path, chat, llm_dir, vision_dir, img_id)

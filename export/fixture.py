@@ -12,6 +12,7 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
@@ -192,4 +193,4 @@ def write_lora_rounds(
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
         target = ckpt if r == rounds else ckpt / f"adapter_{r}"
         peft_model.save_pretrained(str(target))
-        llm = peft_model.merge_and_unload()
+        llm = cast(LlamaForCausalLM, peft_model.merge_and_unload())

@@ -7,6 +7,8 @@ are the merged Hugging Face modules themselves; parity with LlamaForCausalLM is 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,17 +49,18 @@ class PortableDecoder(nn.Module):
         super().__init__()
         llm = model.llm
         c = llm.config
-        self.layers = llm.model.layers
+        self.layers: Any = llm.model.layers
         self.norm = llm.model.norm
         self.lm_head = llm.lm_head
         self.head = model.decision_head
         self.not_talk_id = model.not_talk_id
-        self.n_heads = c.num_attention_heads
-        self.n_kv = c.num_key_value_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.n_heads: int = c.num_attention_heads
+        self.n_kv: int = c.num_key_value_heads or c.num_attention_heads
+        self.head_dim: int = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
         rot = llm.model.rotary_emb
         # RoPE frequencies stay fp32 in every precision (proassist-reference.md, Numerics).
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", rot.inv_freq.detach().float().clone(), persistent=False)
         self.attn_scale = float(getattr(rot, "attention_scaling", 1.0))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ class VisionTower(nn.Module):
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, h, w)
-        x = (x - self.mean) / self.std
+        x = (x - self.mean) / self.std  # type: ignore[operator]  # registered buffers
         # The authors resize after normalising, bilinear on the tensor, no antialiasing.
         size = (self.image_size, self.image_size)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
@@ -102,7 +102,7 @@ class VisionTower(nn.Module):
 
     def grid_size(self) -> int:
         if isinstance(self.backbone, SiglipVisionModel):
-            c = self.backbone.config
+            c: Any = self.backbone.config
             return int(c.image_size // c.patch_size)
         return int(getattr(self.backbone, "grid_size", 7))
 
@@ -146,16 +146,16 @@ class ProAssistModel(nn.Module):
         self.check_shapes()
 
     @property
-    def projector(self) -> nn.Module:
-        return self.llm.mm_projector
+    def projector(self) -> nn.Sequential:
+        return cast(nn.Sequential, self.llm.mm_projector)
 
     @property
     def decision_head(self) -> nn.Module | None:
-        return getattr(self.llm, "binary_decision_head", None)
+        return cast(nn.Module | None, getattr(self.llm, "binary_decision_head", None))
 
     def check_shapes(self) -> None:
         hidden = self.llm.config.hidden_size
-        first, last = self.projector[0], self.projector[-1]
+        first, last = cast(nn.Linear, self.projector[0]), cast(nn.Linear, self.projector[-1])
         if first.in_features != self.cfg.vision_hidden_size:
             raise ShapeMismatchError(
                 "projector input width vs config vision_hidden_size",

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaForCausalLM
@@ -87,11 +88,11 @@ def export_vision(model: ProAssistModel, path: Path, opset: int = 18) -> GraphSp
 
 def export_portable_decoder(model: ProAssistModel, path: Path, opset: int = 18) -> GraphSpec:
     dec = PortableDecoder(model).eval()
-    c = model.llm.config
+    c: Any = model.llm.config
     layers, kvh, hd = c.num_hidden_layers, c.num_key_value_heads, dec.head_dim
     spec = portable_spec(layers)
-    embeds = torch.randn(1, 3, c.hidden_size)
-    past = tuple(torch.randn(1, kvh, 5, hd) for _ in range(2 * layers))
+    embeds = torch.randn(1, 3, int(c.hidden_size))
+    past = tuple(torch.randn(1, int(kvh), 5, hd) for _ in range(2 * layers))
     s = torch.export.Dim("sequence_length", min=1, max=8192)
     p = torch.export.Dim("past_sequence_length", min=0, max=131072)
     dynamic = ({1: s}, tuple({2: p} for _ in range(2 * layers)))

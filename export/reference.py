@@ -8,6 +8,7 @@ DynamicCache); the on-device runtime reproduces the same decisions with its own 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ class ReferenceLoop:
                 torch.cat([layer.keys[:, :, :pre], layer.keys[:, :, start:end]], dim=2),
                 torch.cat([layer.values[:, :, :pre], layer.values[:, :, start:end]], dim=2),
             )
-            for layer in self.past.layers
+            for layer in cast(Any, self.past).layers  # Llama: full-attention layers only
         ]
         self.past = DynamicCache(ddp_cache_data=layers)
         self.kv_len = pre + end - start

@@ -71,7 +71,7 @@ class GqaDecoder:
         self.capacity = capacity
         shape = (1, kv_heads, capacity, head_dim)
         dtype = _kv_dtype(session)
-        self.kv = [np.zeros(shape, dtype) for _ in range(2 * layers)]
+        self.kv: list[np.ndarray] = [np.zeros(shape, dtype) for _ in range(2 * layers)]
         self.kv_ort = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
         self.mask = np.ones((1, capacity), np.int64)
         self.with_hidden = with_hidden
@@ -128,7 +128,7 @@ class PortableDecoder:
         self.sess = session
         self.capacity = capacity
         self.layers = layers
-        self.empty = np.zeros((1, kv_heads, 0, head_dim), _kv_dtype(session))
+        self.empty: np.ndarray = np.zeros((1, kv_heads, 0, head_dim), _kv_dtype(session))
         self.names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self.reset()
 

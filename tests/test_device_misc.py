@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from proassist_edge.device.doctor import (
     PRIVACY,
     add_doctor_parser,
@@ -25,7 +26,6 @@ from proassist_edge.device.tensorrt import (
     optimization_profiles,
     past_key_value_names,
 )
-
 from proassist_edge.errors import BundleError, MissingDependencyError
 
 

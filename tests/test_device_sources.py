@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from proassist_edge.device.sources import (
     CameraSource,
     FileSource,
@@ -21,9 +22,8 @@ from proassist_edge.device.sources import (
     ThreadedSource,
     open_source,
 )
-from proassist_edge.runtime.messages import Frame
-
 from proassist_edge.errors import FrameError, MissingDependencyError, SourceError
+from proassist_edge.runtime.messages import Frame
 
 av = pytest.importorskip("av")
 BITS = 7  # frame numbers up to 127 drawn as 7 stripes: robust to lossy compression

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from proassist_edge.device.speech import (
     EspeakSink,
     NullSink,
@@ -24,9 +25,8 @@ from proassist_edge.device.speech import (
     WavSink,
     open_sink,
 )
-from proassist_edge.runtime.messages import Utterance
-
 from proassist_edge.errors import SpeechError
+from proassist_edge.runtime.messages import Utterance
 
 SENTENCE = "Now cut the tomato into thin slices."
 needs_espeak = pytest.mark.skipif(

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from proassist_edge.bench import score
 from proassist_edge.bench.metrics import (
     DATASET_WINDOWS,
@@ -19,7 +20,6 @@ from proassist_edge.bench.metrics import (
     match_utterances,
 )
 from proassist_edge.bench.textsim import ExactSimilarity, SentenceSimilarity, bundled_model_dir
-
 from proassist_edge.errors import MetricsError, ProAssistEdgeError
 
 EXACT = ExactSimilarity()

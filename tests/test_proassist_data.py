@@ -18,7 +18,6 @@ from proassist_edge.bench.proassist_data import (  # noqa: E402
     load_proassist_split,
     read_frames,
 )
-
 from proassist_edge.errors import DataError  # noqa: E402
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (240, 220, 40), (250, 250, 250),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from proassist_edge.bench.taskworld import (
     EpisodeRenderer,
     add_taskworld_parser,
@@ -25,7 +26,6 @@ from proassist_edge.bench.taskworld import (
     task_pool,
 )
 from proassist_edge.bench.taskworld.world import MAX_FRAMES, MIN_FRAMES
-
 from proassist_edge.errors import DataError
 
 
