@@ -286,39 +286,6 @@ def _ms(fn: Callable[[], object]) -> float:
     return 1e3 * (time.perf_counter() - t0)
 
 
-def time_at_context(
-    step: CoreStep, frame_tokens: np.ndarray, reps: int, bare: bool
-) -> dict[str, dict[str, Any]]:
-    """At the decoder's current kv_len: a frame step (I tokens) and a decode step (1 token),
-    `reps` times each after one untimed rep; with `bare`, the bare graph run interleaved
-    (ours, bare, ours, ...) so a change of machine load hits both alike."""
-    dec, mark = step.dec, _mark(step.dec)
-    vocab = step.b.manifest.model.vocab_size
-    token = int(step.b.manifest.model.eos_id)
-    out: dict[str, dict[str, Any]] = {}
-    for kind, fn, x in (
-        ("frame", lambda: step.frame(frame_tokens), frame_tokens.reshape(1, -1, frame_tokens.shape[-1])),
-        ("decode", lambda: step.token(token), step.b.embed([token])),
-    ):
-        _back(dec, mark)
-        raw = bare_run(dec, x, vocab) if bare else None
-        ours: list[float] = []
-        graph: list[float] = []
-        for r in range(reps + 1):
-            _back(dec, mark)
-            t = _ms(fn)
-            g = _ms(raw) if raw is not None else math.nan
-            if r:  # the first rep warms caches and allocators up
-                ours.append(t)
-                graph.append(g)
-        fig: dict[str, Any] = {"ours_ms": percentiles(ours)}
-        if raw is not None:
-            fig.update(bare_ms=percentiles(graph), **overhead(ours, graph))
-        out[kind] = fig
-    _back(dec, mark)
-    return out
-
-
 def overhead(ours: list[float], bare: list[float]) -> dict[str, Any]:
     """Our step minus the bare graph run: the median of the paired differences (each pair ran
     back to back, so slow changes of load cancel), and min(ours) - min(bare) (load only ever
@@ -335,10 +302,17 @@ def overhead(ours: list[float], bare: list[float]) -> dict[str, Any]:
 
 def context_sweep(
     bundle: Bundle, frame_tokens: np.ndarray, sweep: list[int], overhead_at: list[int],
-    reps: int, seed: int = 0,
+    reps: int, overhead_reps: int | None = None, seed: int = 0,
 ) -> dict[str, Any]:
-    """Latency of a frame step and a decode step at each context of `sweep`, and the runtime's
-    overhead over the bare graph at each context of `overhead_at`, on one filled decoder."""
+    """Latency of a frame step (I tokens) and a decode step (1 token) at each context of `sweep`,
+    and the runtime's overhead over the bare pre-bound graph run at each context of
+    `overhead_at` (`overhead_reps` pairs: a difference of two noisy times needs more samples).
+
+    The decoder is filled once, marking each context on the way; then the reps go round all
+    contexts in turn (order reversed every round), so a change of machine load spreads over the
+    whole curve instead of bending it. A rep may overwrite K/V of positions filled earlier; the
+    values do not matter to the timing.
+    """
     m = bundle.manifest.model
     s = frame_tokens.shape[0] * frame_tokens.shape[1]
     limit = m.max_seq_len - s - 1
@@ -347,10 +321,39 @@ def context_sweep(
     contexts = [c for c in wanted if c <= limit]
     dec = bundle.new_decoder(max(contexts, default=0) + s + 1)
     step, rng = CoreStep(bundle, dec), np.random.default_rng(seed)
-    points: dict[int, dict[str, Any]] = {}
+    marks: dict[int, _Mark] = {}
     for c in contexts:
         fill(bundle, dec, c, rng)
-        points[c] = time_at_context(step, frame_tokens, reps, bare=c in overhead_at)
+        marks[c] = _mark(dec)
+    token = int(m.eos_id)
+    x = {"frame": frame_tokens.reshape(1, -1, frame_tokens.shape[-1]), "decode": bundle.embed([token])}
+    ours_fn: dict[str, Callable[[], object]] = {
+        "frame": lambda: step.frame(frame_tokens), "decode": lambda: step.token(token)}
+    n_ov = max(reps, overhead_reps or 3 * reps)
+    tasks = [(c, k, n_ov if c in overhead_at else reps) for c in contexts for k in ("frame", "decode")]
+    bare: dict[tuple[int, str], Callable[[], object]] = {}
+    for c, k, _ in tasks:
+        if c in overhead_at:
+            _back(dec, marks[c])
+            bare[c, k] = bare_run(dec, x[k], m.vocab_size)
+    ours: dict[tuple[int, str], list[float]] = {(c, k): [] for c, k, _ in tasks}
+    graph: dict[tuple[int, str], list[float]] = {(c, k): [] for c, k, _ in tasks}
+    for r in range(max((n for *_, n in tasks), default=0) + 1):
+        for c, k, n in tasks if r % 2 else tasks[::-1]:
+            if r > n:
+                continue
+            _back(dec, marks[c])
+            t = _ms(ours_fn[k])
+            g = _ms(bare[c, k]) if (c, k) in bare else math.nan
+            if r:  # round 0 warms caches and allocators up
+                ours[c, k].append(t)
+                graph[c, k].append(g)
+    points: dict[int, dict[str, Any]] = {c: {} for c in contexts}
+    for c, k, _ in tasks:
+        fig: dict[str, Any] = {"ours_ms": percentiles(ours[c, k])}
+        if (c, k) in bare:
+            fig.update(bare_ms=percentiles(graph[c, k]), **overhead(ours[c, k], graph[c, k]))
+        points[c][k] = fig
     note = f"contexts {skipped} exceed the bundle's max_seq_len {m.max_seq_len}" if skipped else None
     return {"decoder": type(dec).__name__, "points": points, "skipped": skipped, "note": note,
             "frame_tokens": s}

@@ -3,8 +3,9 @@ workload in the same process.
 
 Timing stays outside the stages (as in runtime/loop.py): the bench wraps the core's decoder and
 the bundle's vision encoder and timestamps what they do; the core code that runs is the code that
-ships. Speech runs on its own thread, as on the device, so synthesis overlaps the next frames
-and the time to first audio includes any wait behind an earlier reply.
+ships. Speech runs on its own thread, as on the device: the first sentence is synthesized while
+the rest of the reply decodes. Between frames the bench lets the speaker go idle, so no frame
+step (ours or the reference's) is timed while a voice synthesizes on the same cores.
 
 Stages (ms): `encode` (vision graph, one frame), `append` (the frame step: I frame tokens plus
 any text, through the decoder), `decision` (P(not talk) and the rule, from the append's end to
@@ -100,12 +101,17 @@ def settings_for(bundle: Bundle, threshold: float, reply_tokens: int) -> StreamS
     return settings_from_manifest(bundle, threshold=threshold, max_reply_tokens=reply_tokens)
 
 
-def calibrate_threshold(bundle: Bundle, frames: np.ndarray, talk_fraction: float) -> float:
-    """A threshold under which about `talk_fraction` of these frames talk (talk iff P(not talk)
-    <= threshold), so the workload has both silent frames and replies to time. A random or
-    untrained projector gives P(not talk) far from the manifest's threshold either way."""
+def calibrate_threshold(
+    bundle: Bundle, frames: np.ndarray, messages: Sequence[TextMessage], fps: float,
+    talk_fraction: float,
+) -> float:
+    """A threshold under which about `talk_fraction` of the frames talk (talk iff P(not talk)
+    <= threshold), so the workload has both silent frames and replies to time: a random or
+    untrained projector puts P(not talk) far from the manifest's threshold either way. The
+    calibration replays the same frames and messages, so the measured stream follows it up to
+    its first reply: at least one frame talks."""
     core = StreamCore(bundle, settings_for(bundle, -1.0, 1))  # threshold -1: never talk
-    ps = [r.p_not_talk for r in core.replay(frames)]
+    ps = [r.p_not_talk for r in core.replay(frames, messages, fps)]
     return float(np.quantile(ps, talk_fraction))
 
 

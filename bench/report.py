@@ -46,7 +46,9 @@ def finite(x: Any) -> bool:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if finite(a) and finite(b) and b else None
+    if a is None or b is None or not (finite(a) and finite(b)) or b == 0:
+        return None
+    return a / b
 
 
 def clean(x: Any) -> Any:
@@ -78,7 +80,7 @@ def _overhead_at(sweep: dict[str, Any], context: int) -> float | None:
     return max(values) if values else None
 
 
-def _sweep_ends(sweep: dict[str, Any], sweep_contexts: list[int], kind: str) -> tuple[int, int] | None:
+def _sweep_ends(sweep: dict[str, Any], sweep_contexts: list[int]) -> tuple[int, int] | None:
     done = sorted(c for c in sweep.get("points", {}) if c in sweep_contexts)
     return (done[0], done[-1]) if len(done) >= 2 else None
 
@@ -94,7 +96,7 @@ def headline(b: dict[str, Any], sweep_contexts: list[int]) -> dict[str, Any]:
     ref = b.get("torch_reference") or {}
     dec = b.get("decode", {})
     sweep = b.get("context_sweep", {})
-    ends = _sweep_ends(sweep, sweep_contexts, "decode")
+    ends = _sweep_ends(sweep, sweep_contexts)
     measured = predicted = None
     if ends:
         measured = ratio(sweep_p50(sweep, ends[1], "decode"), sweep_p50(sweep, ends[0], "decode"))
@@ -103,7 +105,9 @@ def headline(b: dict[str, Any], sweep_contexts: list[int]) -> dict[str, Any]:
     ref_decode = ref.get("stages_ms", {}).get("decode", {}).get("p50")
     genai = (dec.get("ort_genai") or {}).get("decode_ms_per_token")
     return {
-        "speedup_vs_torch_reference": ratio(ref.get("no_talk_step_ms_p50"), stream.get("no_talk_step_ms_p50")),
+        "speedup_vs_torch_reference": ratio(
+            ref.get("no_talk_step_ms_p50"), stream.get("no_talk_step_ms_p50")
+        ),
         "speedup_vs_torch_reference_decode": ratio(ref_decode, ours_decode),
         "decode_vs_ort_genai": ratio((dec.get("ours") or {}).get("decode_ms_per_token"), genai),
         "decode_over_bandwidth_floor": b.get("limit", {}).get("decode_over_bandwidth_floor"),

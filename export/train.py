@@ -25,7 +25,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,15 @@ from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings
 
 from .model import ProAssistConfig, ProAssistModel, VisionTower, attach_multimodal_modules
 from .reference import ReferenceLoop
-from .trainseq import SeqOptions, SequenceBuilder, TrainSequence, choose_window
+from .trainseq import (
+    Schedule,
+    SeqOptions,
+    SequenceBuilder,
+    TrainSequence,
+    choose_window,
+    epoch_order,
+    used_token_ids,
+)
 
 WINDOW = DATASET_WINDOWS["taskworld"]
 
@@ -49,7 +57,7 @@ WINDOW = DATASET_WINDOWS["taskworld"]
 @dataclass(frozen=True)
 class Preset:
     name: str
-    steps: int = 550
+    steps: int = 750
     lr: float = 3e-3
     warmup: int = 40
     weight_decay: float = 0.01
@@ -58,7 +66,7 @@ class Preset:
     window: int = 0  # frames per training sequence; 0 = the whole episode
     train_episodes: int = 400
     val_episodes: int = 3
-    val_every: int = 150
+    val_every: int = 250
     w2t: str = "lm"  # lm | head-linear | head-mlp
     hidden: int = 128  # tiny LLM width
     layers: int = 4
@@ -71,37 +79,9 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset("tiny"),
-    "lite": Preset("lite", steps=500, lr=1e-3, warmup=25, window=24, train_episodes=160,
-                   val_episodes=3, val_every=125),
+    "lite": Preset("lite", steps=300, lr=1e-3, warmup=20, window=24, train_episodes=24,
+                   val_episodes=2, val_every=300),
 }
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A training episode: its parsed conversation and how to get its frame inputs."""
-
-    index: int
-    conv: ConversationInputs
-    num_frames: int
-
-
-class Schedule:
-    """Linear warmup, then cosine to 10% of the peak, over progress = max(step / steps,
-    elapsed / budget): deterministic whenever the step budget is reached first."""
-
-    def __init__(self, lr: float, warmup: int, steps: int, seconds: float | None) -> None:
-        self.lr, self.warmup, self.steps, self.seconds = lr, warmup, steps, seconds
-        self.t0 = time.monotonic()
-
-    def progress(self, step: int) -> float:
-        p = step / self.steps
-        if self.seconds:
-            p = max(p, (time.monotonic() - self.t0) / self.seconds)
-        return min(p, 1.0)
-
-    def __call__(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(self.warmup, 1))
-        return self.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * self.progress(step))))
 
 
 LITE_LORA_TARGETS = r"model.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -252,18 +232,6 @@ class TinyTrainee(Trainee):
         pack_tiny(path, self.model.llm, self.vision, self.used, meta)
 
 
-def used_token_ids(pb: PromptBuilder, convs: list[ConversationInputs], not_talk: int) -> torch.Tensor:
-    """Every token id a training sequence can hold or predict (sorted)."""
-    used = {not_talk, *pb.ids(pb.chat.eos), *pb.ids(pb.chat.assistant_prefix)}
-    for conv in convs:
-        used.update(pb.opening(conv.system, ""))
-        for m in conv.messages:
-            used.update(pb.message(m.role, m.content))
-        for text in conv.replies.values():
-            used.update(pb.ids(pb.chat.assistant_prefix + text))
-    return torch.tensor(sorted(used), dtype=torch.long)
-
-
 class LiteTrainee(Trainee):
     """SmolLM2-135M-Instruct + LoRA, frozen MobileNetV2 whose features are computed once."""
 
@@ -336,13 +304,13 @@ class LiteTrainee(Trainee):
 
 
 def sequence_loss(
-    trainee: Trainee, seq: TrainSequence, sample: Sample
+    trainee: Trainee, seq: TrainSequence, index: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """LM loss at the labelled positions only (the vocabulary head is the costly part), plus
     BCE on the decision head in head mode."""
     model = trainee.model
     ids = trainee.model_ids(seq.ids)
-    tokens = trainee.frame_tokens(sample.index, seq.frames)  # (F, I, H)
+    tokens = trainee.frame_tokens(index, seq.frames)  # (F, I, H)
     embeds = model.joint_embed(ids[None], tokens, trainee.model_img_id)  # (1, S, H)
     h = model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]  # (S, H)
     logits = trainee.head_logits(h[seq.lm_pos])  # (L, V')
@@ -430,7 +398,7 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
         seq = builder.build(conv, n, opts, rng, start, end)
         trainee.model.train()
         trainee.freeze_modes()
-        loss, stats = sequence_loss(trainee, seq, Sample(idx, conv, n))
+        loss, stats = sequence_loss(trainee, seq, idx)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -481,11 +449,6 @@ def validate(trainee: Trainee, episodes: list[Episode], similarity: Any) -> Metr
     ref = ", ".join(f"{i}:{t[:40]!r}" for i, t in first["ref_talk"][:4])
     print(f"  {first['episode']} said [{talk}]\n  reference [{ref}]", flush=True)
     return m
-
-
-def epoch_order(n: int, rng: np.random.Generator) -> Iterator[int]:
-    while True:
-        yield from (int(i) for i in rng.permutation(n))
 
 
 # --- the CLI -----------------------------------------------------------------------------

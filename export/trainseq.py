@@ -19,6 +19,9 @@ where a reply is ids(assistant_prefix + text) + eos. Labels follow the paper:
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,3 +140,39 @@ def choose_window(
         return 0, window
     start = int(rng.integers(0, num_frames - window + 1))
     return start, start + window
+
+
+def used_token_ids(pb: PromptBuilder, convs: list[ConversationInputs], not_talk: int) -> torch.Tensor:
+    """Every token id a training sequence can hold or predict (sorted)."""
+    used = {not_talk, *pb.ids(pb.chat.eos), *pb.ids(pb.chat.assistant_prefix)}
+    for conv in convs:
+        used.update(pb.opening(conv.system, ""))
+        for m in conv.messages:
+            used.update(pb.message(m.role, m.content))
+        for text in conv.replies.values():
+            used.update(pb.ids(pb.chat.assistant_prefix + text))
+    return torch.tensor(sorted(used), dtype=torch.long)
+
+
+def epoch_order(n: int, rng: np.random.Generator) -> Iterator[int]:
+    while True:
+        yield from (int(i) for i in rng.permutation(n))
+
+
+class Schedule:
+    """Linear warmup, then cosine to 10% of the peak, over progress = max(step / steps,
+    elapsed / budget): deterministic whenever the step budget is reached first."""
+
+    def __init__(self, lr: float, warmup: int, steps: int, seconds: float | None) -> None:
+        self.lr, self.warmup, self.steps, self.seconds = lr, warmup, steps, seconds
+        self.t0 = time.monotonic()
+
+    def progress(self, step: int) -> float:
+        p = step / self.steps
+        if self.seconds:
+            p = max(p, (time.monotonic() - self.t0) / self.seconds)
+        return min(p, 1.0)
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(self.warmup, 1))
+        return self.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * self.progress(step))))
