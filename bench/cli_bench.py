@@ -37,7 +37,7 @@ OVERHEAD_CONTEXTS = [200, 3500]
 @dataclass
 class BenchOptions:
     bundles: list[Path]
-    frames: int = 24
+    frames: int = 16
     sweep: list[int] = field(default_factory=lambda: [256, 1024, 2048, 3500])
     compare: tuple[str, ...] = COMPARISONS
     checkpoint: Path | None = None
@@ -45,11 +45,11 @@ class BenchOptions:
     threads: int = 0
     source: str = "synthetic"
     decoder: str | None = None
-    reps: int = 10
-    warmup: int = 3
-    reply_tokens: int = 24
-    decode_tokens: int = 32
-    talk_fraction: float = 0.3
+    reps: int = 6
+    warmup: int = 2
+    reply_tokens: int = 16
+    decode_tokens: int = 24
+    talk_fraction: float = 0.25
     genai_cache: Path | None = None
     bandwidth_mib: int = 1024
     memory_probe: bool = True
@@ -67,11 +67,11 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     if unknown:
         raise SystemExit(f"--compare: unknown {unknown}; choose from {', '.join(COMPARISONS)} or none")
     return BenchOptions(
-        bundles=list(args.bundles), frames=pick(args.frames, 24, 8),
+        bundles=list(args.bundles), frames=pick(args.frames, 16, 8),
         sweep=[int(c) for c in args.context_sweep.split(",") if c], compare=compare,
         checkpoint=args.checkpoint, tts=args.tts, threads=args.threads, source=args.source,
-        decoder=args.decoder, reps=pick(args.reps, 10, 3), warmup=pick(None, 3, 1),
-        reply_tokens=pick(args.reply_tokens, 24, 4), decode_tokens=pick(args.decode_tokens, 32, 8),
+        decoder=args.decoder, reps=pick(args.reps, 6, 3), warmup=pick(None, 2, 1),
+        reply_tokens=pick(args.reply_tokens, 16, 4), decode_tokens=pick(args.decode_tokens, 24, 8),
         talk_fraction=args.talk_fraction, genai_cache=args.genai_cache,
         bandwidth_mib=pick(args.bandwidth_mib, 1024, 256), memory_probe=not args.no_memory_probe,
         quick=quick,
@@ -181,48 +181,84 @@ def bundle_sizes(bundle: Bundle) -> tuple[int, int]:
     return every, sum((root / f).stat().st_size for f in needed)
 
 
-# --- one bundle -----------------------------------------------------------------------------------
-def bench_bundle(
-    path: Path, opts: BenchOptions, work: lat.Workload, band: bw.Bandwidth, sink: Any,
-    refs: dict[Path, Any], notes: list[str],
-) -> dict[str, Any]:
-    t0 = time.time()
-    b = open_bundle(path, opts.decoder, threads=opts.threads)
-    m = b.manifest.model
-    threshold = lat.calibrate_threshold(b, work.frames, work.messages, work.fps, opts.talk_fraction)
-    work = replace(work, threshold=threshold)
-    speech = lat.SpeechTimer(sink)
-    ours = lat.OursStepper(b, work, speech)
-    steppers: list[lat.OursStepper | lat.ReferenceStepper] = [ours]
-    ck = reference_checkpoint(opts, b, refs, notes) if "torch-reference" in opts.compare else None
+# --- the streams: every bundle and the reference in one lockstep run ------------------------------
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def bundle_name(path: Path, taken: dict[str, Any]) -> str:
+    return path.name if path.name not in taken else str(path)
+
+
+def run_streams(
+    opts: BenchOptions, work: lat.Workload, sink: Any, notes: list[str]
+) -> tuple[dict[str, Bundle], dict[str, dict[str, Any]]]:
+    """Open every bundle, give each the threshold that makes it talk on about `talk_fraction`
+    of the frames, and run them and the PyTorch reference loop frame by frame in lockstep."""
+    opened: dict[str, Bundle] = {}
+    ours: dict[str, lat.OursStepper] = {}
+    thresholds: dict[str, float] = {}
+    for path in opts.bundles:
+        name = bundle_name(path, opened)
+        progress(f"{name}: opening and calibrating the talk threshold on {len(work.frames)} frames")
+        b = opened[name] = open_bundle(path, opts.decoder, threads=opts.threads)
+        thresholds[name] = lat.calibrate_threshold(
+            b, work.frames, work.messages, work.fps, opts.talk_fraction)
+        ours[name] = lat.OursStepper(b, replace(work, threshold=thresholds[name]), lat.SpeechTimer(sink))
+    steppers: list[lat.OursStepper | lat.ReferenceStepper] = list(ours.values())
+    first = next(iter(opened.values()))
     ref = None
-    if ck is not None:
-        settings = lat.settings_for(b, work.threshold, work.reply_tokens)
-        ref = lat.ReferenceStepper(ck, work, settings, m.system_prompt)
-        steppers.append(ref)
+    if "torch-reference" in opts.compare:
+        progress("loading the checkpoint for the PyTorch reference loop")
+        ck = reference_checkpoint(opts, first, {}, notes)
+        if ck is not None:
+            # one reference run serves every bundle: it decides with the first bundle's threshold
+            w = replace(work, threshold=next(iter(thresholds.values())))
+            settings = lat.settings_for(first, w.threshold, w.reply_tokens)
+            ref = lat.ReferenceStepper(ck, w, settings, first.manifest.model.system_prompt)
+            steppers.append(ref)
+    progress(f"streaming {len(work.frames)} frames through {len(steppers)} loops in lockstep")
     lat.run_lockstep(work, steppers)
-    section: dict[str, Any] = {
-        "path": str(path.resolve()), "decoder": b.decoder_name,
-        "decoder_variant": b.manifest.graphs[b.decoder_name].variant,
-        "threshold": threshold,
-        "precision": b.manifest.source.get("precision") or b.manifest.graphs[b.decoder_name].precision,
-        "stream": ours.finish().summary(),
-        "torch_reference": ref.finish().summary() if ref else None,
-    }
+    ref_summary = ref.finish().summary() if ref else None
+    sections = {}
+    for name, stepper in ours.items():
+        b = opened[name]
+        g = b.manifest.graphs[b.decoder_name]
+        sections[name] = {
+            "path": str(b.root.resolve()), "decoder": b.decoder_name, "decoder_variant": g.variant,
+            "precision": b.manifest.source.get("precision") or g.precision,
+            "threshold": thresholds[name], "stream": stepper.finish().summary(),
+            "torch_reference": ref_summary,
+        }
+    return opened, sections
+
+
+# --- one bundle's decoder-level figures ----------------------------------------------------------
+def bench_decoder(
+    b: Bundle, section: dict[str, Any], opts: BenchOptions, work: lat.Workload, band: bw.Bandwidth,
+    notes: list[str],
+) -> None:
+    t0 = time.time()
+    name, m = b.root.name, b.manifest.model
     section["size_bytes"], section["deployed_size_bytes"] = bundle_sizes(b)
-    section["memory"] = (
-        lat.runtime_peak_memory(path, b.decoder_name, opts.threads, size=work.frames.shape[1])
-        if opts.memory_probe else {"peak_rss_mb": None, "note": "--no-memory-probe"}
-    )
+    if opts.memory_probe:
+        progress(f"{name}: peak memory of the runtime alone (fresh process)")
+        section["memory"] = lat.runtime_peak_memory(
+            b.root, b.decoder_name, opts.threads, size=work.frames.shape[1])
+    else:
+        section["memory"] = {"peak_rss_mb": None, "note": "--no-memory-probe"}
+    progress(f"{name}: latency vs context {opts.sweep} and overhead at {OVERHEAD_CONTEXTS}")
     frame_tokens = b.encode_frames(work.frames[:1])
     sweep = bw.context_sweep(b, frame_tokens, opts.sweep, OVERHEAD_CONTEXTS, opts.reps)
     if sweep["note"]:
-        notes.append(f"{path.name}: {sweep['note']}")
+        notes.append(f"{name}: {sweep['note']}")
     section["context_sweep"] = sweep
+    progress(f"{name}: greedy decoding of {opts.decode_tokens} tokens")
     prompt = bw.decode_prompt(b)
     dec: dict[str, Any] = {"prompt_tokens": len(prompt)}
     dec["ours"] = bw.ours_decode(b, prompt, opts.decode_tokens, max(2, opts.reps // 3))
     if "ort-genai" in opts.compare:
+        progress(f"{name}: onnxruntime-genai on the same weights (first build takes minutes)")
         dec["ort_genai"] = genai_comparison(opts, b, prompt, dec["ours"], notes)
     section["decode"] = dec
     weights = bw.decoder_weights(b.root, b.manifest, b.decoder_name)
@@ -232,8 +268,7 @@ def bench_bundle(
         section["context_ratio_flops_predicted"] = bw.context_ratio_predicted(
             weights.params, m, done[0], done[-1])
     section["headline"] = report.headline(section, opts.sweep)
-    section["elapsed_s"] = round(time.time() - t0, 1)
-    return section
+    section["decoder_figures_s"] = round(time.time() - t0, 1)
 
 
 # --- the whole run --------------------------------------------------------------------------------
@@ -241,24 +276,24 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     t0 = time.time()
     notes: list[str] = []
     machine = machine_labels()
+    progress(f"memory bandwidth ({opts.bandwidth_mib} MiB array)")
     band = bw.measure_bandwidth(opts.bandwidth_mib << 20, 3 if opts.quick else 5,
                                 opts.threads or os.cpu_count())
     fps = load_manifest(opts.bundles[0], verify=False).model.fps  # the camera rate it expects
     frames = lat.collect_frames(opts.source, opts.frames, fps)
     ask = TextMessage("user", "What should I do next?", t=(len(frames) // 3) / fps)
-    # each bundle gets its own threshold (bench_bundle): quantization moves P(not talk)
+    # each bundle gets its own threshold (run_streams): quantization moves P(not talk)
     work = lat.Workload(frames, fps, math.nan, opts.reply_tokens, (ask,), opts.warmup)
     sink, tts_tmp = make_sink(opts.tts, notes)
-    refs: dict[Path, Any] = {}
-    bundles: dict[str, Any] = {}
     try:
-        for path in opts.bundles:
-            name = path.name if path.name not in bundles else str(path)
-            bundles[name] = bench_bundle(path, opts, work, band, sink, refs, notes)
+        opened, bundles = run_streams(opts, work, sink, notes)
     finally:
         sink.close()
         if tts_tmp is not None:
             shutil.rmtree(tts_tmp, ignore_errors=True)
+    t_streams = time.time() - t0
+    for name, b in opened.items():
+        bench_decoder(b, bundles[name], opts, work, band, notes)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     proj = projection.project()
     result: dict[str, Any] = {
@@ -273,6 +308,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "reply_tokens": opts.reply_tokens,
             "messages": [{"role": ask.role, "content": ask.content, "t": ask.t}],
             "speech": getattr(sink, "name", "none"),
+            "reference_threshold_from": next(iter(bundles)),
         },
         "bandwidth": band.to_dict(),
         "bundles": bundles,
@@ -283,6 +319,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "projection_markdown": projection.markdown(proj),
         "process_peak_rss_mb": lat.process_peak_rss_mb(),
         "notes": notes,
+        "streams_s": round(t_streams, 1),
     }
     result["elapsed_s"] = round(time.time() - t0, 1)
     return result
@@ -292,7 +329,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency per stage, vs context, vs PyTorch and onnxruntime-genai")
     p.add_argument("bundles", nargs="+", type=Path, help="bundle folders (e.g. fp32, int8, int4)")
-    p.add_argument("--frames", type=int, help="frames in the measured stream (default 24; quick 8)")
+    p.add_argument("--frames", type=int, help="frames in the measured stream (default 16; quick 8)")
     p.add_argument("--context-sweep", default="256,1024,2048,3500", help="contexts to time steps at")
     p.add_argument("--compare", default=",".join(COMPARISONS),
                    help="alternatives to run side by side: torch-reference, ort-genai, or none")
@@ -305,10 +342,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="threads per session (0: runtime default)")
     p.add_argument("--source", default="synthetic", help="frame source (synthetic, file:PATH, ...)")
     p.add_argument("--decoder", help="decoder graph of the bundles (default: each manifest's)")
-    p.add_argument("--reps", type=int, help="repetitions per timed step (default 10; quick 3)")
-    p.add_argument("--reply-tokens", type=int, help="reply cap in the stream (default 24; quick 4)")
-    p.add_argument("--decode-tokens", type=int, help="tokens of plain greedy decoding (default 32)")
-    p.add_argument("--talk-fraction", type=float, default=0.3,
+    p.add_argument("--reps", type=int, help="reps per timed step (default 6, 3x for overhead; quick 3)")
+    p.add_argument("--reply-tokens", type=int, help="reply cap in the stream (default 16; quick 4)")
+    p.add_argument("--decode-tokens", type=int, help="tokens of plain greedy decoding (default 24; quick 8)")
+    p.add_argument("--talk-fraction", type=float, default=0.25,
                    help="share of frames that should talk (sets the workload's threshold)")
     p.add_argument("--genai-cache", type=Path, help="folder for onnxruntime-genai model folders")
     p.add_argument("--bandwidth-mib", type=int, help="array size for the bandwidth test (1024)")

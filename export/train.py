@@ -13,7 +13,7 @@ Two presets:
   MobileNetV2 (features computed once per episode, as the authors trained on features), the
   projector trained and saved inside the adapter; windows of frames bound the sequence length.
 
-    python -m proassist_edge.export.train --preset tiny --out runs/tiny --minutes 10 --seed 0
+    python -m proassist_edge.export.train --preset tiny --out /tmp/tiny --minutes 10 --seed 0
     python -m proassist_edge.export.train --evaluate taskworld-tiny --similarity minilm
 """
 
@@ -421,7 +421,8 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     summary = {
         "command": command, "seed": seed, "data_seed": data_seed, "preset": asdict(preset),
         "steps_done": step, "stopped_by": "steps" if step >= preset.steps else "minutes",
-        "wall_clock_s": round(wall, 1), "trainable_params": n_params,
+        "schedule_time_driven": sched.time_driven, "wall_clock_s": round(wall, 1),
+        "trainable_params": n_params,
     }
     name = f"taskworld-{preset.name}"
     trainee.pack(out / name, summary)  # saved before anything else can fail

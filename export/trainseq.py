@@ -161,16 +161,20 @@ def epoch_order(n: int, rng: np.random.Generator) -> Iterator[int]:
 
 class Schedule:
     """Linear warmup, then cosine to 10% of the peak, over progress = max(step / steps,
-    elapsed / budget): deterministic whenever the step budget is reached first."""
+    elapsed / budget): deterministic as long as the step fraction stays ahead of the time
+    fraction (`time_driven` records whether it ever fell behind)."""
 
     def __init__(self, lr: float, warmup: int, steps: int, seconds: float | None) -> None:
         self.lr, self.warmup, self.steps, self.seconds = lr, warmup, steps, seconds
+        self.time_driven = False
         self.t0 = time.monotonic()
 
     def progress(self, step: int) -> float:
         p = step / self.steps
         if self.seconds:
-            p = max(p, (time.monotonic() - self.t0) / self.seconds)
+            t = (time.monotonic() - self.t0) / self.seconds
+            self.time_driven |= t > p + 1 / self.steps and step < self.steps
+            p = max(p, t)
         return min(p, 1.0)
 
     def __call__(self, step: int) -> float:

@@ -50,7 +50,7 @@ def talk_threshold(ckpt: Path, frames: int = 40) -> float:
     from proassist_edge.runtime.prompt import StreamSettings
 
     ck = load_checkpoint(ckpt)
-    loop = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, StreamSettings(threshold=2.0))
+    loop = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, StreamSettings(threshold=-1.0))  # never talks
     ps = [r.p_not_talk for r in loop.run(synthetic_stream(frames))]
     return float(np.median(ps))
 

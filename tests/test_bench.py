@@ -80,7 +80,7 @@ def test_mark_puts_the_memory_back_for_both_decoders(tiny) -> None:
     for name in ("decoder", "decoder_gqa"):
         b = open_bundle(bundle, name)
         dec = b.new_decoder(64)
-        bw.fill(b, dec, 20, np.random.default_rng(0))
+        bw.fill(dec, 20, np.random.default_rng(0))
         mark = bw._mark(dec)
         before = dec.append(b.embed([1])).logits.copy()
         bw._back(dec, mark)

@@ -96,7 +96,7 @@ def test_summary_is_fed_back_as_system_message(tiny_bundle) -> None:
 
 def test_drop_all_restarts_from_frame_tokens_alone(tiny_bundle) -> None:
     bundle, _, _ = tiny_bundle(5, "head-linear", 2)
-    s = small_context("drop_all", threshold=2.0)  # never talks: lengths are exact
+    s = small_context("drop_all", threshold=-1.0)  # P > -1 always: never talks, lengths are exact
     core = StreamCore(open_bundle(bundle), s, SYSTEM, KNOWLEDGE)
     frames = synthetic_stream(80, seed=6)
     results = [core.step(frames[i : i + 1], i, i / 2) for i in range(80)]
@@ -106,7 +106,7 @@ def test_drop_all_restarts_from_frame_tokens_alone(tiny_bundle) -> None:
 
 def test_drop_middle_keeps_prefix_and_tail(tiny_bundle) -> None:
     bundle, _, _ = tiny_bundle(5, "head-linear", 2)
-    s = small_context("drop_middle", threshold=2.0)
+    s = small_context("drop_middle", threshold=-1.0)
     core = StreamCore(open_bundle(bundle), s, SYSTEM, KNOWLEDGE)
     frames = synthetic_stream(80, seed=6)
     results = [core.step(frames[i : i + 1], i, i / 2) for i in range(80)]
