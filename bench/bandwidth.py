@@ -9,7 +9,6 @@ benchmark reports how far the runtime is from what the hardware allows, not only
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
@@ -299,12 +298,16 @@ def _ms(fn: Callable[[], object]) -> float:
 
 def overhead(ours: list[float], bare: list[float]) -> dict[str, Any]:
     """Our step minus the bare graph run: the median of the paired differences (each pair ran
-    back to back, so slow changes of load cancel), and min(ours) - min(bare) (load only ever
-    adds time, so the minima are each side's least disturbed run). Target: under 1 ms + 10%."""
-    paired = float(np.median(np.subtract(ours, bare)))
-    g = float(np.median(bare))
+    back to back, so slow changes of load cancel) with its standard error (on a busy machine it
+    can exceed the overhead), and min(ours) - min(bare) (load only ever adds time, so the minima
+    are each side's least disturbed run). Target: under 1 ms + 10% of the bare step."""
+    diffs = np.subtract(ours, bare)
+    paired, g = float(np.median(diffs)), float(np.median(bare))
+    # standard error of a median: 1.2533 sigma / sqrt(n), sigma from the MAD (robust to spikes)
+    mad = float(np.median(np.abs(diffs - paired)))
     return {
         "overhead_ms": paired,
+        "overhead_se_ms": 1.2533 * 1.4826 * mad / math.sqrt(len(diffs)),
         "overhead_ms_min": float(min(ours) - min(bare)),
         "overhead_target_ms": 1.0 + 0.1 * g,
         "within_target": bool(paired < 1.0 + 0.1 * g),
@@ -371,7 +374,6 @@ def context_sweep(
 
 
 # --- plain greedy decoding: ours against onnxruntime-genai on the same weights ----------------
-GENAI_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int4": "int4", "int8": "int8", "int8-qdq": "int8"}
 DECODE_PROMPT = "List the steps to make a cup of tea, one short sentence each."
 
 
@@ -385,71 +387,90 @@ def decode_prompt(bundle: Bundle) -> list[int]:
             *pb.ids(m.chat_format.assistant_prefix)]
 
 
-def _decode_figures(prefill_s: list[float], decode_s: list[float], n: int) -> dict[str, Any]:
-    per_token = float(np.median(decode_s)) / max(n - 1, 1)
-    return {"prefill_ms": 1e3 * float(np.median(prefill_s)), "decode_ms_per_token": 1e3 * per_token,
-            "tokens_per_s": 1.0 / per_token if per_token > 0 else None, "new_tokens": n}
+class _OursGreedy:
+    """Greedy decoding as runtime.core.greedy_generate does it: embedding lookup, append, argmax."""
+
+    def __init__(self, bundle: Bundle, prompt: list[int], n: int) -> None:
+        self.b, self.prompt = bundle, prompt
+        self.dec = bundle.new_decoder(len(prompt) + n + 1)
+        self.tokens: list[int] = []
+
+    def prepare(self) -> None:
+        self.dec.reset()
+
+    def first(self) -> None:
+        self.tokens = [int(np.argmax(self.dec.append(self.b.embed(self.prompt)).logits))]
+
+    def next(self) -> None:
+        self.tokens.append(int(np.argmax(self.dec.append(self.b.embed(self.tokens[-1:])).logits)))
 
 
-def ours_decode(bundle: Bundle, prompt: list[int], n: int, reps: int) -> dict[str, Any]:
-    """Greedy decoding as runtime.core.greedy_generate does it (embedding lookup, append,
-    argmax), timed per phase: the prompt and first token, then n-1 tokens of one append each."""
+class _GenaiGreedy:
+    """onnxruntime-genai's Generator, greedy, exactly n new tokens."""
+
+    def __init__(self, folder: Path, prompt: list[int], n: int, threads: int) -> None:
+        import onnxruntime_genai as og
+
+        _set_genai_threads(folder, threads)
+        self.og, self.model, self.prompt, self.n = og, og.Model(str(folder)), prompt, n
+        self.gen: Any = None
+
+    def prepare(self) -> None:
+        params = self.og.GeneratorParams(self.model)
+        # min_length keeps eos from ending the run early: both sides decode n tokens
+        total = len(self.prompt) + self.n
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        self.gen = self.og.Generator(self.model, params)
+
+    def first(self) -> None:
+        self.gen.append_tokens(self.prompt)
+        self.gen.generate_next_token()  # the prompt's logits are ready: this only picks
+
+    def next(self) -> None:
+        self.gen.generate_next_token()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [int(t) for t in self.gen.get_sequence(0)[len(self.prompt) :]]
+
+
+def decode_compare(
+    bundle: Bundle, prompt: list[int], n: int, reps: int, genai: Path | None = None,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Greedy decoding of exactly n tokens after `prompt`, ours and (with `genai`, a model
+    folder) onnxruntime-genai's, in turns: whole runs alternate (A B, B A, ...) so both see the
+    same machine load. Not token by token: each session's threads spin a while after a run, and
+    would then slow the other side's next token. The prefill (prompt and first token) is timed
+    apart from the n-1 one-token steps; rep 0 warms up."""
     from proassist_edge.runtime.core import greedy_generate
 
-    dec = bundle.new_decoder(len(prompt) + n + 1)
-    prefill, decode, tokens = [], [], []
+    sides: dict[str, _OursGreedy | _GenaiGreedy] = {"ours": _OursGreedy(bundle, prompt, n)}
+    if genai is not None:
+        sides["ort_genai"] = _GenaiGreedy(genai, prompt, n, threads)
+    times = {k: {"prefill": [], "token": []} for k in sides}  # type: dict[str, dict[str, list[float]]]
     for r in range(reps + 1):
-        dec.reset()
-        t0 = time.perf_counter()
-        tokens = [int(np.argmax(dec.append(bundle.embed(prompt)).logits))]
-        t1 = time.perf_counter()
-        while len(tokens) < n:
-            tokens.append(int(np.argmax(dec.append(bundle.embed(tokens[-1:])).logits)))
-        if r:  # the first run warms up
-            prefill.append(t1 - t0)
-            decode.append(time.perf_counter() - t1)
-    same = greedy_generate(bundle, prompt, n, eos=-1) == tokens
-    return {**_decode_figures(prefill, decode, n), "tokens": tokens, "matches_greedy_generate": same}
-
-
-def _checkpoint_stamp(ckpt: Path) -> str:
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
-    text = "|".join(f"{p.relative_to(ckpt)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(f"{ckpt.resolve()}|{text}".encode()).hexdigest()[:16]
-
-
-def genai_folder(
-    ckpt: Path, precision: str, cache: Path, llm_from: Path | None = None,
-    vision_from: Path | None = None,
-) -> Path:
-    """A standard onnxruntime-genai model folder (token ids in, its own embedding) built by the
-    model builder from the checkpoint's merged LLM; cached by checkpoint contents and precision."""
-    import subprocess
-    import sys
-    import tempfile
-
-    from proassist_edge.errors import ExportError
-
-    out = cache / f"{ckpt.name}-{precision}-{_checkpoint_stamp(ckpt)}"
-    if (out / "genai_config.json").is_file():
-        return out
-    from proassist_edge.export.checkpoint import load_checkpoint
-    from proassist_edge.export.onnx_export import save_plain_llm
-
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        llm, build = Path(tmp) / "llm", Path(tmp) / "build"
-        ck = load_checkpoint(ckpt, llm_from, vision_from)
-        save_plain_llm(ck.model, ck.tokenizer_path, llm)
-        del ck
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(llm),
-               "-i", str(llm), "-o", str(build), "-p", precision, "-e", "cpu"]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0 or not (build / "genai_config.json").is_file():
-            tail = (done.stderr or done.stdout)[-1500:]
-            raise ExportError(f"onnxruntime-genai's builder failed ({done.returncode}):\n{tail}")
-        build.rename(out)
+        for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+            side = sides[name]
+            side.prepare()
+            for k in range(n):
+                t = _ms(side.first if k == 0 else side.next)
+                if r:
+                    times[name]["prefill" if k == 0 else "token"].append(t)
+    ours = sides["ours"].tokens
+    out = {name: _figures(times[name], n, side.tokens) for name, side in sides.items()}
+    out["ours"]["matches_greedy_generate"] = greedy_generate(bundle, prompt, n, eos=-1) == ours
+    if genai is not None:
+        out["ort_genai"]["folder"] = str(genai)
+        out["ort_genai"]["token_agreement_with_ours"] = agreement(ours, out["ort_genai"]["tokens"])
     return out
+
+
+def _figures(t: dict[str, list[float]], n: int, tokens: list[int]) -> dict[str, Any]:
+    per_token = float(np.median(t["token"])) if t["token"] else math.nan
+    return {"prefill_ms": float(np.median(t["prefill"])), "decode_ms_per_token": per_token,
+            "decode_ms": percentiles(t["token"]), "tokens_per_s": 1e3 / per_token,
+            "new_tokens": n, "tokens": tokens}
 
 
 def _set_genai_threads(folder: Path, threads: int) -> None:
@@ -463,34 +484,6 @@ def _set_genai_threads(folder: Path, threads: int) -> None:
     else:
         opts.pop("intra_op_num_threads", None)
     path.write_text(json.dumps(cfg, indent=4))
-
-
-def genai_decode(folder: Path, prompt: list[int], n: int, reps: int, threads: int) -> dict[str, Any]:
-    """The same prompt through onnxruntime-genai's Generator, greedy, exactly n new tokens."""
-    import onnxruntime_genai as og
-
-    _set_genai_threads(folder, threads)
-    model = og.Model(str(folder))
-    prefill, decode, tokens = [], [], []
-    for r in range(reps + 1):
-        params = og.GeneratorParams(model)
-        # min_length keeps eos from ending the run early: both sides decode n tokens
-        params.set_search_options(do_sample=False, max_length=len(prompt) + n,
-                                  min_length=len(prompt) + n)
-        gen = og.Generator(model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(prompt)
-        gen.generate_next_token()  # the logits of the prompt are ready: this only picks
-        t1 = time.perf_counter()
-        while not gen.is_done():
-            gen.generate_next_token()
-        if r:
-            prefill.append(t1 - t0)
-            decode.append(time.perf_counter() - t1)
-        tokens = [int(t) for t in gen.get_sequence(0)[len(prompt):]]
-        del gen
-    return {**_decode_figures(prefill, decode, len(tokens)), "tokens": tokens,
-            "folder": str(folder)}
 
 
 def agreement(a: list[int], b: list[int]) -> float:

@@ -9,10 +9,12 @@ interleaved where they can be (lockstep streams, back-to-back pairs of steps).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from proassist_edge.errors import ProAssistEdgeError
+from proassist_edge.errors import ExportError, ProAssistEdgeError
 from proassist_edge.manifest import load_manifest
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 from proassist_edge.runtime.messages import TextMessage
@@ -31,6 +33,8 @@ from . import latency as lat
 from . import projection, report
 
 COMPARISONS = ("torch-reference", "ort-genai")
+# bundle precision -> onnxruntime-genai builder precision ("the same precision" on both sides)
+GENAI_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int4": "int4", "int8": "int8", "int8-qdq": "int8"}
 OVERHEAD_CONTEXTS = [200, 3500]
 
 
@@ -115,60 +119,87 @@ def make_sink(spec: str, notes: list[str]) -> tuple[Any, Path | None]:
         return NullSink(), tmp
 
 
-def reference_checkpoint(
-    opts: BenchOptions, bundle: Bundle, cache: dict[Path, Any], notes: list[str]
-) -> Any:
+def reference_checkpoint(opts: BenchOptions, bundle: Bundle, notes: list[str]) -> Any:
     """The bundle's source checkpoint loaded for the PyTorch loop (None, with a note, if not)."""
     src = bundle.manifest.source
     src = src.get("parent_source", src) if "checkpoint" not in src else src
     ckpt = opts.checkpoint or (Path(src["checkpoint"]) if src.get("checkpoint") else None)
     if ckpt is None or not ckpt.is_dir():
-        notes.append(f"torch-reference skipped for {bundle.root.name}: checkpoint {ckpt} not found "
+        notes.append(f"torch-reference skipped: checkpoint {ckpt} of {bundle.root.name} not found "
                      "(pass --checkpoint CKPT)")
         return None
-    if ckpt not in cache:
-        try:
-            import torch
+    try:
+        import torch
 
-            from proassist_edge.export.checkpoint import load_checkpoint
-        except ImportError as e:
-            notes.append(f"torch-reference skipped: {e.name} is not installed")
-            return None
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
-        llm, vision = (Path(p) if p and Path(p).is_dir() else None
-                       for p in (src.get("llm"), src.get("vision")))
-        cache[ckpt] = load_checkpoint(ckpt, llm, vision)
-    return cache[ckpt]
+        from proassist_edge.export.checkpoint import load_checkpoint
+    except ImportError as e:
+        notes.append(f"torch-reference skipped: {e.name} is not installed")
+        return None
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    dirs = (Path(p) if p and Path(p).is_dir() else None for p in (src.get("llm"), src.get("vision")))
+    try:
+        return load_checkpoint(ckpt, *dirs)
+    except ProAssistEdgeError as e:
+        notes.append(f"torch-reference skipped: {e}")
+        return None
 
 
-def genai_comparison(
-    opts: BenchOptions, bundle: Bundle, prompt: list[int], ours: dict[str, Any], notes: list[str]
-) -> dict[str, Any] | None:
-    """onnxruntime-genai's Generator on the same weights and precision (folder cached)."""
+def genai_model(opts: BenchOptions, bundle: Bundle, notes: list[str]) -> tuple[Path | None, str | None]:
+    """The onnxruntime-genai folder for the bundle's weights at its precision (built once, then
+    cached), and the builder precision; (None, None) with a note when it cannot be had."""
     from proassist_edge.export.smollm import cache_dir
 
     name = bundle.root.name
     src = bundle.manifest.source
     precision = src.get("precision") or bundle.manifest.graphs[bundle.decoder_name].precision
-    builder_precision = bw.GENAI_PRECISION.get(precision)
+    builder_precision = GENAI_PRECISION.get(precision)
     base = src.get("parent_source", src)
     ckpt = opts.checkpoint or (Path(base["checkpoint"]) if base.get("checkpoint") else None)
     if builder_precision is None or ckpt is None or not ckpt.is_dir():
         notes.append(f"ort-genai skipped for {name}: precision {precision!r} or checkpoint {ckpt}")
-        return None
-    cache = opts.genai_cache or cache_dir() / "genai"
+        return None, None
+    dirs = (Path(p) if p and Path(p).is_dir() else None for p in (base.get("llm"), base.get("vision")))
     try:
-        folder = bw.genai_folder(ckpt, builder_precision, cache,
-                                 *(Path(p) if p and Path(p).is_dir() else None
-                                   for p in (base.get("llm"), base.get("vision"))))
-        g = bw.genai_decode(folder, prompt, opts.decode_tokens, max(2, opts.reps // 3), opts.threads)
-    except (ImportError, ProAssistEdgeError, RuntimeError, OSError) as e:
-        notes.append(f"ort-genai failed for {name}: {type(e).__name__}: {e}")
-        return None
-    g["builder_precision"] = builder_precision
-    g["token_agreement_with_ours"] = bw.agreement(ours["tokens"], g["tokens"])
-    return g
+        folder = genai_folder(ckpt, builder_precision, opts.genai_cache or cache_dir() / "genai", *dirs)
+    except (ImportError, ProAssistEdgeError, OSError) as e:
+        notes.append(f"ort-genai unavailable for {name}: {type(e).__name__}: {e}")
+        return None, None
+    return folder, builder_precision
+
+
+def _checkpoint_stamp(ckpt: Path) -> str:
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    text = "|".join(f"{p.relative_to(ckpt)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return hashlib.sha256(f"{ckpt.resolve()}|{text}".encode()).hexdigest()[:16]
+
+
+def genai_folder(
+    ckpt: Path, precision: str, cache: Path, llm_from: Path | None = None,
+    vision_from: Path | None = None,
+) -> Path:
+    """A standard onnxruntime-genai model folder (token ids in, its own embedding) built by the
+    model builder from the checkpoint's merged LLM; cached by checkpoint contents and precision."""
+    out = cache / f"{ckpt.name}-{precision}-{_checkpoint_stamp(ckpt)}"
+    if (out / "genai_config.json").is_file():
+        return out
+    from proassist_edge.export.checkpoint import load_checkpoint
+    from proassist_edge.export.onnx_export import save_plain_llm
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        llm, build = Path(tmp) / "llm", Path(tmp) / "build"
+        ck = load_checkpoint(ckpt, llm_from, vision_from)
+        save_plain_llm(ck.model, ck.tokenizer_path, llm)
+        del ck
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(llm),
+               "-i", str(llm), "-o", str(build), "-p", precision, "-e", "cpu"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not (build / "genai_config.json").is_file():
+            tail = (done.stderr or done.stdout)[-1500:]
+            raise ExportError(f"onnxruntime-genai's builder failed ({done.returncode}):\n{tail}")
+        build.rename(out)
+    return out
 
 
 def bundle_sizes(bundle: Bundle) -> tuple[int, int]:
@@ -210,7 +241,7 @@ def run_streams(
     ref = None
     if "torch-reference" in opts.compare:
         progress("loading the checkpoint for the PyTorch reference loop")
-        ck = reference_checkpoint(opts, first, {}, notes)
+        ck = reference_checkpoint(opts, first, notes)
         if ck is not None:
             # one reference run serves every bundle: it decides with the first bundle's threshold
             w = replace(work, threshold=next(iter(thresholds.values())))
@@ -253,16 +284,30 @@ def bench_decoder(
     if sweep["note"]:
         notes.append(f"{name}: {sweep['note']}")
     section["context_sweep"] = sweep
-    progress(f"{name}: greedy decoding of {opts.decode_tokens} tokens")
-    prompt = bw.decode_prompt(b)
-    dec: dict[str, Any] = {"prompt_tokens": len(prompt)}
-    dec["ours"] = bw.ours_decode(b, prompt, opts.decode_tokens, max(2, opts.reps // 3))
+    folder, builder_precision = None, None
     if "ort-genai" in opts.compare:
-        progress(f"{name}: onnxruntime-genai on the same weights (first build takes minutes)")
-        dec["ort_genai"] = genai_comparison(opts, b, prompt, dec["ours"], notes)
+        progress(f"{name}: onnxruntime-genai model folder (the first build takes minutes)")
+        folder, builder_precision = genai_model(opts, b, notes)
+    progress(f"{name}: greedy decoding of {opts.decode_tokens} tokens"
+             + (", in turns with onnxruntime-genai" if folder else ""))
+    prompt = bw.decode_prompt(b)
+    try:
+        dec = bw.decode_compare(b, prompt, opts.decode_tokens, max(2, opts.reps // 3), folder,
+                                opts.threads)
+    except (ImportError, RuntimeError) as e:  # onnxruntime-genai raises RuntimeError on load
+        notes.append(f"ort-genai failed for {name}: {type(e).__name__}: {e}")
+        dec = bw.decode_compare(b, prompt, opts.decode_tokens, max(2, opts.reps // 3))
+    dec["prompt_tokens"] = len(prompt)
+    if "ort_genai" in dec:
+        dec["ort_genai"]["builder_precision"] = builder_precision
     section["decode"] = dec
+    # the bandwidth again, right after the decode: the floor uses the best figure of the run
+    # (load only ever lowers it), so a busy moment at the start cannot flatter the ratio
+    near = bw.measure_bandwidth(256 << 20, 3, opts.threads or os.cpu_count())
+    best = max((band, near), key=lambda x: x.bytes_per_s)
     weights = bw.decoder_weights(b.root, b.manifest, b.decoder_name)
-    section["limit"] = bw.bandwidth_figures(weights, band, dec["ours"]["decode_ms_per_token"] / 1e3)
+    section["limit"] = bw.bandwidth_figures(weights, best, dec["ours"]["decode_ms_per_token"] / 1e3)
+    section["limit"]["bandwidth_near_decode_gb_per_s"] = near.bytes_per_s / 1e9
     done = sorted(c for c in sweep["points"] if c in opts.sweep)
     if len(done) >= 2:
         section["context_ratio_flops_predicted"] = bw.context_ratio_predicted(

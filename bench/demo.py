@@ -40,7 +40,9 @@ def cached_bundles(model: str, precision: str, short: bool) -> Path:
         from proassist_edge.quant import quantize_bundle
 
         print(f"quantizing to {precision} once into {out} ...", flush=True)
-        quantize_bundle(fp32, out, precision=precision, streams=1, frames=40 if short else 120)
+        # per-tensor scales in the quick mode: per-channel int8 of a 128k-row lm_head takes minutes
+        quantize_bundle(fp32, out, precision=precision, streams=1, frames=40 if short else 120,
+                        per_channel=not short)
     return out
 
 

@@ -36,6 +36,7 @@ DEFINITIONS = {
     "context, the worse of frame step and decode step (median of back-to-back pairs); target "
     "below 1 ms + 10% of the step",
     "overhead_ms_ctx3500": "the same at 3500 tokens of context",
+    "overhead_se_ms_ctx200": "standard error of overhead_ms_ctx200 (the noise of a busy machine)",
     "ttfa_ms_p50": "median time from the talk decision to the first audio sample of the reply",
     "deadline_misses": "frame steps (incl. speech hand-off) longer than 1/fps",
 }
@@ -74,10 +75,14 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
 
 
 # --- headline of one bundle ------------------------------------------------------------------
-def _overhead_at(sweep: dict[str, Any], context: int) -> float | None:
+def _overhead_at(sweep: dict[str, Any], context: int) -> tuple[float | None, float | None]:
+    """The worse of the frame step's and the decode step's overhead, with its standard error."""
     point = sweep.get("points", {}).get(context, {})
-    values = [v["overhead_ms"] for v in point.values() if finite(v.get("overhead_ms"))]
-    return max(values) if values else None
+    figs = [v for v in point.values() if finite(v.get("overhead_ms"))]
+    if not figs:
+        return None, None
+    worst = max(figs, key=lambda v: v["overhead_ms"])
+    return worst["overhead_ms"], worst.get("overhead_se_ms")
 
 
 def _sweep_ends(sweep: dict[str, Any], sweep_contexts: list[int]) -> tuple[int, int] | None:
@@ -104,6 +109,7 @@ def headline(b: dict[str, Any], sweep_contexts: list[int]) -> dict[str, Any]:
     ours_decode = stream.get("stages_ms", {}).get("decode", {}).get("p50")
     ref_decode = ref.get("stages_ms", {}).get("decode", {}).get("p50")
     genai = (dec.get("ort_genai") or {}).get("decode_ms_per_token")
+    o200, o3500 = _overhead_at(sweep, 200), _overhead_at(sweep, 3500)
     return {
         "speedup_vs_torch_reference": ratio(
             ref.get("no_talk_step_ms_p50"), stream.get("no_talk_step_ms_p50")
@@ -114,8 +120,10 @@ def headline(b: dict[str, Any], sweep_contexts: list[int]) -> dict[str, Any]:
         "context_ratio": measured,
         "context_ratio_flops_predicted": predicted,
         "context_ratio_contexts": list(ends) if ends else None,
-        "overhead_ms_ctx200": _overhead_at(sweep, 200),
-        "overhead_ms_ctx3500": _overhead_at(sweep, 3500),
+        "overhead_ms_ctx200": o200[0],
+        "overhead_se_ms_ctx200": o200[1],
+        "overhead_ms_ctx3500": o3500[0],
+        "overhead_se_ms_ctx3500": o3500[1],
         "ttfa_ms_p50": stream.get("stages_ms", {}).get("ttfa", {}).get("p50"),
         "deadline_misses": stream.get("deadline_misses"),
     }
@@ -128,6 +136,12 @@ def _f(x: Any, digits: int = 1) -> str:
     if isinstance(x, int):
         return str(x)
     return f"{x:.{digits}f}" if finite(x) else "-"
+
+
+def _pm(fig: dict[str, Any]) -> str:
+    if not finite(fig.get("overhead_ms")):
+        return "-"
+    return f"{fig['overhead_ms']:.2f} ± {_f(fig.get('overhead_se_ms'), 2)}"
 
 
 def print_report(result: dict[str, Any], console: Any = None) -> None:
@@ -166,13 +180,14 @@ def print_report(result: dict[str, Any], console: Any = None) -> None:
             t.add_column(col, justify="right")
         for c, pt in sorted(sweep["points"].items()):
             t.add_row(str(c), _f(pt["frame"]["ours_ms"]["p50"], 2), _f(pt["decode"]["ours_ms"]["p50"], 2),
-                      _f(pt["frame"].get("overhead_ms"), 2), _f(pt["decode"].get("overhead_ms"), 2))
+                      _pm(pt["frame"]), _pm(pt["decode"]))
         con.print(t)
     t = Table(title="headline")
     t.add_column("figure")
     for name in result["bundles"]:
         t.add_column(name, justify="right")
-    for key in (*HEADLINE_KEYS, "speedup_vs_torch_reference_decode"):
+    extra = ("speedup_vs_torch_reference_decode", "overhead_se_ms_ctx200", "overhead_se_ms_ctx3500")
+    for key in (*HEADLINE_KEYS, *extra):
         t.add_row(key, *(_f(b["headline"].get(key), 2) for b in result["bundles"].values()))
     con.print(t)
     for note in result.get("notes", []):

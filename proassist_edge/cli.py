@@ -147,17 +147,6 @@ def _unavailable(name: str, e: ImportError) -> int:
     return 2
 
 
-def _not_yet(sub: argparse._SubParsersAction, name: str, help: str) -> None:
-    p = sub.add_parser(name, help=f"{help} (not yet available)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(
-        func=lambda a: (
-            print(f"'{name}' is not yet available in this version", file=sys.stderr),
-            2,
-        )[1]
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proassist-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _optional(demo, sub, "demo", "the main job: a task-world episode end to end")
 
+    def build_engine() -> Callable:
+        from proassist_edge.device.engine_cli import add_build_engine_parser
+
+        return add_build_engine_parser
+
+    _optional(build_engine, sub, "build-engine", "build TensorRT engines on the device")
+
+    def train() -> Callable:
+        from proassist_edge.export.train import add_train_parser
+
+        return add_train_parser
+
+    _optional(train, sub, "train", "train a task-world checkpoint (tiny | lite)")
+
     def bench() -> Callable:
         from proassist_edge.bench.cli_bench import add_bench_parser
 
@@ -211,10 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_replay_parser(sub)
     add_doctor_parser(sub)
-    for name, help in [
-        ("build-engine", "build TensorRT engines on the device"),
-    ]:
-        _not_yet(sub, name, help)
     return parser
 
 

@@ -52,7 +52,7 @@ def test_bench_quick_json_has_finite_headline_and_a_png(tiny, tmp_path: Path) ->
     assert r["context_ratio_flops_predicted"] > 1.0
     assert b["stream"]["frames"] == 8 and 0 < b["stream"]["talk_frames"] < 8
     assert b["torch_reference"]["frames"] == 8
-    assert b["decode"]["ours"]["matches_greedy_generate"]
+    assert b["decode"]["ours"]["matches_greedy_generate"] and "ort_genai" not in b["decode"]
     assert b["memory"]["peak_rss_mb"] > 0 and b["memory"]["torch_loaded"] is False
     assert b["size_bytes"] >= b["deployed_size_bytes"] > 0
     assert set(b["context_sweep"]["points"]) == {"64", "200", "512", "3500"}
@@ -91,18 +91,20 @@ def test_mark_puts_the_memory_back_for_both_decoders(tiny) -> None:
 
 
 @pytest.mark.slow
-def test_genai_folder_and_decode_match_ours(tiny, tmp_path: Path) -> None:
+def test_genai_folder_and_decode_in_turns_match_ours(tiny, tmp_path: Path) -> None:
+    from proassist_edge.bench.cli_bench import genai_folder
+
     bundle, ckpt = tiny
-    folder = bw.genai_folder(ckpt, "fp32", tmp_path / "genai")
+    folder = genai_folder(ckpt, "fp32", tmp_path / "genai")
     assert (folder / "genai_config.json").is_file() and (folder / "model.onnx").is_file()
-    assert bw.genai_folder(ckpt, "fp32", tmp_path / "genai") == folder  # cached
+    assert genai_folder(ckpt, "fp32", tmp_path / "genai") == folder  # cached
     b = open_bundle(bundle)
     prompt = bw.decode_prompt(b)
-    ours = bw.ours_decode(b, prompt, 6, reps=1)
-    theirs = bw.genai_decode(folder, prompt, 6, reps=1, threads=1)
-    assert theirs["new_tokens"] == 6
-    assert bw.agreement(ours["tokens"], theirs["tokens"]) == 1.0  # same fp32 weights
-    assert theirs["decode_ms_per_token"] > 0
+    d = bw.decode_compare(b, prompt, 6, reps=1, genai=folder, threads=1)
+    assert d["ours"]["matches_greedy_generate"] and len(d["ours"]["tokens"]) == 6
+    assert d["ort_genai"]["new_tokens"] == 6 and d["ort_genai"]["decode_ms"]["n"] == 5
+    assert d["ort_genai"]["token_agreement_with_ours"] == 1.0  # the same fp32 weights
+    assert d["ort_genai"]["decode_ms_per_token"] > 0
 
 
 def test_percentiles_on_known_data() -> None:
@@ -123,6 +125,7 @@ def test_overhead_pairs_and_minima() -> None:
     assert o["overhead_ms"] == pytest.approx(1.0)  # median of (1, 0.5, 18)
     assert o["overhead_ms_min"] == pytest.approx(1.0)
     assert o["overhead_target_ms"] == pytest.approx(1.0 + 1.15)
+    assert o["overhead_se_ms"] == pytest.approx(1.2533 * 1.4826 * 0.5 / math.sqrt(3))
     assert o["within_target"]
 
 
