@@ -42,7 +42,7 @@ def cached_bundles(model: str, precision: str, short: bool) -> Path:
         print(f"quantizing to {precision} once into {out} ...", flush=True)
         # per-tensor scales in the quick mode: per-channel int8 of a 128k-row lm_head takes minutes
         quantize_bundle(fp32, out, precision=precision, streams=1, frames=40 if short else 120,
-                        per_channel=not short)
+                        per_channel=not short, sensitivity_on_miss=not short)
     return out
 
 

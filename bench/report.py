@@ -218,7 +218,9 @@ def plot_context(result: dict[str, Any], path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
     m = result["machine"]
-    fig.suptitle(f"latency vs context on {m.get('model') or m.get('cpu_model')}", fontsize=10)
+    load = (m.get("load_average_start") or [None])[0]
+    fig.suptitle(f"latency vs context on {m.get('model') or m.get('cpu_model')}, "
+                 f"{m.get('cpu_cores')} cores, load average {load} at start", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, format="png")
