@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from proassist_edge.cli import human_bytes
 from proassist_edge.manifest import Manifest
 from proassist_edge.runtime.bundle import Bundle
 
@@ -130,12 +131,6 @@ def paper_metrics(parent: Path, child: Path, data: Path | None) -> dict[str, Any
 
 
 # --- the table at the end ---------------------------------------------------------------------
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
