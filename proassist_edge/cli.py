@@ -147,6 +147,12 @@ def _unavailable(name: str, e: ImportError) -> int:
     return 2
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from proassist_edge.export.train import main as train_main
+
+    return train_main(list(args.args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proassist-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,12 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _optional(build_engine, sub, "build-engine", "build TensorRT engines on the device")
 
-    def train() -> Callable:
-        from proassist_edge.export.train import add_train_parser
-
-        return add_train_parser
-
-    _optional(train, sub, "train", "train a task-world checkpoint (tiny | lite)")
+    # train needs torch: its options are parsed by its own module, imported only when it runs
+    p = sub.add_parser("train", help="train a task-world checkpoint (tiny | lite); --help for options",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run_train)
 
     def bench() -> Callable:
         from proassist_edge.bench.cli_bench import add_bench_parser
@@ -218,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its own parser (needs torch); argparse's REMAINDER drops leading options
+        from proassist_edge.export.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
