@@ -33,7 +33,7 @@ print("OK", sum(r.talk for r in results))
 """
 
 
-def test_bundle_runs_without_torch(tiny_bundle) -> None:
+def test_bundle_runs_without_torch(tiny_bundle, tmp_path) -> None:
     bundle, _, thr = tiny_bundle(1, "lm", 1)
     python = os.environ.get("PROASSIST_EDGE_NOTORCH_PYTHON")
     script = SCRIPT.format(block=python is None)
@@ -42,6 +42,7 @@ def test_bundle_runs_without_torch(tiny_bundle) -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,  # not the checkout: its proassist_edge/ folder would shadow the installed package
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK")
