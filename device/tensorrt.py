@@ -79,16 +79,18 @@ def _profile(
     num_kv_heads: int,
     head_dim: int,
     hidden: int,
+    attention_mask: bool,
 ) -> Profile:
     # Each row is (min, opt, max); opt is the step the runtime takes most often.
     s_min, s_opt, s_max = steps
     p_min, p_opt, p_max = pasts
     shapes: dict[str, tuple[Shape, Shape, Shape]] = {
         INPUTS_EMBEDS: ((1, s_min, hidden), (1, s_opt, hidden), (1, s_max, hidden)),
+    }
+    if attention_mask:
         # The mask covers past + new tokens, which the runtime keeps within the
         # cache length (p_max + 1), even where p_max + s_max would be larger.
-        ATTENTION_MASK: ((1, p_min + s_min), (1, p_opt + s_opt), (1, p_max + 1)),
-    }
+        shapes[ATTENTION_MASK] = ((1, p_min + s_min), (1, p_opt + s_opt), (1, p_max + 1))
     for key in past_key_value_names(num_layers):
         shapes[key] = (
             (1, num_kv_heads, p_min, head_dim),
@@ -106,17 +108,20 @@ def optimization_profiles(
     head_dim: int,
     hidden: int,
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
+    attention_mask: bool = False,
 ) -> list[Profile]:
     """Two profiles for the decoder: `decode` (1 new token) and `frame` (a frame's
     tokens, up to `max_step_tokens` to fit a user message), each with a past of
-    0 .. max_seq_len - 1 tokens. Profile 0 is `decode`, profile 1 is `frame`."""
+    0 .. max_seq_len - 1 tokens. Profile 0 is `decode`, profile 1 is `frame`. The portable
+    decoder (the graph TensorRT takes) has no attention mask; `attention_mask` adds one for
+    graphs that do."""
     if min(tokens_per_frame, num_layers, num_kv_heads, head_dim, hidden) < 1:
         raise ValueError("every size must be >= 1")
     if max_step_tokens < tokens_per_frame:
         raise ValueError(f"max_step_tokens {max_step_tokens} < tokens_per_frame {tokens_per_frame}")
     if max_seq_len <= max_step_tokens:
         raise ValueError(f"max_seq_len {max_seq_len} must exceed max_step_tokens {max_step_tokens}")
-    dims = (num_layers, num_kv_heads, head_dim, hidden)
+    dims = (num_layers, num_kv_heads, head_dim, hidden, attention_mask)
     past = (0, max_seq_len // 2, max_seq_len - 1)
     return [
         _profile("decode", (1, 1, 1), past, *dims),

@@ -74,6 +74,10 @@ class Manifest:
     verify: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     default_decoder: str = "decoder"
+    # graph name -> TensorRT engine facts ({"file", "device", "compute_capability", "tensorrt",
+    # "profiles", ...}), written on the device by build-engine; engines are not in `files`
+    # (they are built after export, and checked against the device instead)
+    engines: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -97,6 +101,7 @@ class Manifest:
                 verify=d.get("verify", {}),
                 notes=list(d.get("notes", [])),
                 default_decoder=d.get("default_decoder", "decoder"),
+                engines=dict(d.get("engines", {})),
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest is malformed ({e}): re-export the bundle") from e

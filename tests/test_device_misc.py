@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from proassist_edge.device.doctor import (
@@ -93,7 +94,7 @@ def test_optimization_profiles_shapes() -> None:
         hidden=576,
     )
     assert (decode.name, frame.name) == ("decode", "frame")
-    names = [INPUTS_EMBEDS, ATTENTION_MASK, *past_key_value_names(2)]
+    names = [INPUTS_EMBEDS, *past_key_value_names(2)]
     assert past_key_value_names(2) == [
         "past_key_values.0.key", "past_key_values.0.value",
         "past_key_values.1.key", "past_key_values.1.value",
@@ -105,13 +106,30 @@ def test_optimization_profiles_shapes() -> None:
         assert profile.shapes["past_key_values.1.value"] == (
             (1, 3, 0, 64), (1, 3, 2048, 64), (1, 3, 4095, 64)
         )
-        assert profile.shapes[ATTENTION_MASK][0] == (1, 1)
-        assert profile.shapes[ATTENTION_MASK][2] == (1, 4096)
     assert decode.shapes[INPUTS_EMBEDS] == ((1, 1, 576),) * 3
     assert frame.shapes[INPUTS_EMBEDS] == ((1, 1, 576), (1, 10, 576), (1, 256, 576))
-    # opt shapes agree with each other: mask = past + new tokens.
-    assert frame.shapes[ATTENTION_MASK][1] == (1, 2048 + 10)
     assert json.dumps(frame.to_dict())
+    masked = optimization_profiles(10, 4096, 2, 3, 64, 576, attention_mask=True)[1]
+    assert masked.shapes[ATTENTION_MASK] == ((1, 1), (1, 2048 + 10), (1, 4096))  # = past + new
+
+
+def test_profiles_fit_the_exported_portable_decoder(tiny_bundle) -> None:
+    """The names and ranks build-engine gives TensorRT are those of the real portable graph."""
+    import onnx
+
+    from proassist_edge.device.tensorrt import _check_profiles
+    from proassist_edge.manifest import load_manifest
+
+    bundle, _, _ = tiny_bundle(5, "lm", 1)
+    m = load_manifest(bundle).model
+    graph = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False).graph
+    inputs = {i.name: tuple(d.dim_value if d.HasField("dim_value") else -1
+                            for d in i.type.tensor_type.shape.dim) for i in graph.input}
+    profiles = optimization_profiles(m.tokens_per_frame, m.max_seq_len, m.num_layers, m.num_kv_heads,
+                                     m.head_dim, m.hidden_size)
+    _check_profiles(inputs, profiles)
+    for p in profiles:
+        assert {k: len(v[0]) for k, v in p.shapes.items()} == {k: len(v) for k, v in inputs.items()}
 
 
 def test_optimization_profiles_reject_bad_sizes() -> None:
@@ -147,3 +165,48 @@ def test_build_engine_needs_tensorrt(tmp_path: Path) -> None:
     profiles = optimization_profiles(10, 4096, 2, 3, 64, 576)
     with pytest.raises(MissingDependencyError, match="JetPack"):
         build_engine(tmp_path / "decoder.onnx", tmp_path / "decoder.engine", profiles)
+
+
+def test_engine_profile_choice_and_kv_repack() -> None:
+    from proassist_edge.device.trt_decoder import choose_profile, repack_kv
+
+    profiles = [p.to_dict() for p in optimization_profiles(5, 1024, 2, 2, 8, 32)]
+    as_tuples = [{"shapes": {k: [tuple(s) for s in v] for k, v in p["shapes"].items()}} for p in profiles]
+    assert choose_profile(as_tuples, 1, 0) == 0  # a decoded token
+    assert choose_profile(as_tuples, 5, 700) == 1  # a frame
+    assert choose_profile(as_tuples, 40, 10) == 1  # a frame with a user message
+    with pytest.raises(BundleError, match="build-engine"):
+        choose_profile(as_tuples, 300, 10)
+    kv = np.arange(2 * 10 * 3, dtype=np.float32).reshape(1, 2, 10, 3)
+    packed = repack_kv(kv, 2, 6, 9)
+    assert packed.shape == (1, 2, 5, 3) and packed.flags.c_contiguous
+    np.testing.assert_array_equal(packed[:, :, 2:], kv[:, :, 6:9])
+
+
+def test_engine_built_elsewhere_falls_back_to_onnxruntime(tiny_bundle, tmp_path: Path) -> None:
+    """A manifest that lists an engine this machine cannot run (no TensorRT here, or another
+    device): the bundle opens on onnxruntime, says why, and streams the same as without it."""
+    import shutil
+
+    from proassist_edge.manifest import MANIFEST
+    from proassist_edge.runtime.bundle import open_bundle
+    from proassist_edge.runtime.core import StreamCore
+    from proassist_edge.runtime.prompt import StreamSettings
+
+    src, _, thr = tiny_bundle(1, "lm", 1)
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    (bundle / "decoder.engine").write_bytes(b"not an engine for this machine")
+    data = json.loads((bundle / MANIFEST).read_text())
+    profiles = [p.to_dict() for p in optimization_profiles(1, 4096, 2, 2, 32, 128)]
+    data["engines"] = {"decoder": {"file": "decoder.engine", "device": "Orin", "compute_capability": "8.7",
+                                   "tensorrt": "10.3.0", "profiles": profiles}}
+    (bundle / MANIFEST).write_text(json.dumps(data))
+    b = open_bundle(bundle)
+    assert b.engine is None and len(b.notes) == 1
+    assert "TensorRT engine not used, running on onnxruntime" in b.notes[0]
+    frames = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    settings = StreamSettings(threshold=thr, max_reply_tokens=4)
+    got = [(r.talk, r.text) for r in StreamCore(b, settings).replay(frames)]
+    want = [(r.talk, r.text) for r in StreamCore(open_bundle(src), settings).replay(frames)]
+    assert got == want

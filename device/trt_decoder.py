@@ -1,0 +1,187 @@
+"""The runtime's TensorRT backend: a serialized engine of the portable decoder behind the same
+`Decoder` interface as the onnxruntime sessions (append / reset / keep).
+
+`engine_decoder_factory` is what `open_bundle` calls: it reads the manifest's `engines` entry
+(written by `build-engine`), refuses an engine built for another device or TensorRT version
+(EngineMismatchError) and needs `tensorrt` and `cuda-python` (MissingDependencyError); the
+caller falls back to onnxruntime on either, with the message. The past/present KV stays on the
+GPU in two ping-pong buffers per tensor sized for the bundle's capacity: a step copies only
+the new embeddings in and the last position's outputs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from proassist_edge.errors import BundleError, MissingDependencyError
+from proassist_edge.manifest import Manifest
+
+from .tensorrt import INPUTS_EMBEDS, _import_tensorrt, check_engine_compat, past_key_value_names
+
+
+def choose_profile(profiles: Sequence[Mapping[str, Any]], new: int, past: int) -> int:
+    """Index of the first profile whose ranges hold `new` embeddings over `past` cached ones."""
+    for i, prof in enumerate(profiles):
+        shapes = prof["shapes"]
+        (lo, _, hi) = shapes[INPUTS_EMBEDS]
+        kv = next((v for k, v in shapes.items() if k.startswith("past_key_values")), None)
+        if lo[1] <= new <= hi[1] and (kv is None or kv[0][2] <= past <= kv[2][2]):
+            return i
+    raise BundleError(
+        f"no TensorRT profile takes {new} new tokens over {past} cached ones: rebuild the engine "
+        "with `proassist-edge build-engine` after changing max_seq_len or the step size"
+    )
+
+
+def repack_kv(kv: np.ndarray, prefix_len: int, start: int, end: int) -> np.ndarray:
+    """(1, heads, past, dim) -> the prefix and [start, end) rows, packed (context strategies)."""
+    return np.ascontiguousarray(np.concatenate([kv[:, :, :prefix_len], kv[:, :, start:end]], axis=2))
+
+
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError as e:
+            raise MissingDependencyError(
+                "cuda-python", "Running TensorRT engines",
+                "pip install cuda-python (the major version of the device's CUDA)",
+            ) from e
+    return cudart
+
+
+class _Cuda:
+    """The few CUDA runtime calls the decoder needs, with errors raised."""
+
+    def __init__(self) -> None:
+        self.rt = _cudart()
+        self.stream = self.check(self.rt.cudaStreamCreate())
+
+    def check(self, result: tuple[Any, ...]) -> Any:
+        err, *rest = result
+        if int(err) != 0:
+            raise BundleError(f"CUDA call failed: {self.rt.cudaGetErrorName(err)[1]}")
+        return rest[0] if rest else None
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self.check(self.rt.cudaMalloc(max(nbytes, 256))))
+
+    def to_device(self, dst: int, arr: np.ndarray) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self.check(self.rt.cudaMemcpyAsync(dst, arr.ctypes.data, arr.nbytes, kind, self.stream))
+
+    def to_host(self, arr: np.ndarray, src: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self.check(self.rt.cudaMemcpyAsync(arr.ctypes.data, src, arr.nbytes, kind, self.stream))
+
+    def sync(self) -> None:
+        self.check(self.rt.cudaStreamSynchronize(self.stream))
+
+
+class TensorRTDecoder:
+    """The portable decoder's engine. Inputs: inputs_embeds (1, S, H) and past KV (1, h, P, d);
+    outputs: logits, p_not_talk, hidden_states and present KV (1, h, P + S, d)."""
+
+    def __init__(self, engine: Any, profiles: Sequence[Mapping[str, Any]], layers: int,
+                 kv_heads: int, head_dim: int, capacity: int) -> None:
+        trt = _import_tensorrt()
+        self.cuda = _Cuda()
+        self.engine, self.profiles, self.capacity = engine, list(profiles), capacity
+        self.ctx = engine.create_execution_context()
+        self.names = past_key_value_names(layers)
+        self.kv_shape = (1, kv_heads, capacity, head_dim)
+        self.dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
+                      for n in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))}
+        kv_bytes = int(np.prod(self.kv_shape)) * self.dtype[self.names[0]].itemsize
+        # ping-pong: the present of one step is the past of the next
+        self.kv = [[self.cuda.malloc(kv_bytes), self.cuda.malloc(kv_bytes)] for _ in self.names]
+        self.side = 0
+        self.out: dict[str, tuple[int, int]] = {}  # output name -> (device pointer, bytes)
+        self.embeds = (self.cuda.malloc(0), 0)
+        self.profile = -1
+        self.reset()
+
+    def reset(self) -> None:
+        self.kv_len = 0
+
+    def _buffer(self, name: str, nbytes: int, current: tuple[int, int]) -> tuple[int, int]:
+        if nbytes <= current[1]:
+            return current
+        self.cuda.check(self.cuda.rt.cudaFree(current[0]))
+        return self.cuda.malloc(nbytes), nbytes
+
+    def append(self, embeds: np.ndarray) -> Any:
+        from proassist_edge.runtime.backend import StepOut
+
+        new, past = embeds.shape[1], self.kv_len
+        if past + new > self.capacity:
+            raise BundleError(f"KV memory full ({past + new} > {self.capacity}): a context strategy "
+                              "must run first")
+        profile = choose_profile(self.profiles, new, past)
+        if profile != self.profile:
+            self.ctx.set_optimization_profile_async(profile, self.cuda.stream)
+            self.profile = profile
+        x = np.ascontiguousarray(embeds, dtype=self.dtype[INPUTS_EMBEDS])
+        self.embeds = self._buffer(INPUTS_EMBEDS, x.nbytes, self.embeds)
+        self.cuda.to_device(self.embeds[0], x)
+        self.ctx.set_input_shape(INPUTS_EMBEDS, x.shape)
+        self.ctx.set_tensor_address(INPUTS_EMBEDS, self.embeds[0])
+        for i, name in enumerate(self.names):
+            self.ctx.set_input_shape(name, (*self.kv_shape[:2], past, self.kv_shape[3]))
+            self.ctx.set_tensor_address(name, self.kv[i][self.side])
+            self.ctx.set_tensor_address(name.replace("past_key_values", "present"), self.kv[i][1 - self.side])
+        for name in ("logits", "p_not_talk", "hidden_states"):
+            nbytes = int(np.prod(self.ctx.get_tensor_shape(name))) * self.dtype[name].itemsize
+            self.out[name] = self._buffer(name, nbytes, self.out.get(name, (0, 0)))
+            self.ctx.set_tensor_address(name, self.out[name][0])
+        if not self.ctx.execute_async_v3(self.cuda.stream):
+            raise BundleError("TensorRT failed to run the decoder step; see its log")
+        host = {}
+        for name in ("logits", "p_not_talk", "hidden_states"):
+            shape = tuple(self.ctx.get_tensor_shape(name))
+            host[name] = np.empty(shape, self.dtype[name])
+            self.cuda.to_host(host[name], self.out[name][0])
+        self.cuda.sync()
+        self.side, self.kv_len = 1 - self.side, past + new
+        logits, hidden = host["logits"].reshape(-1, host["logits"].shape[-1]), host["hidden_states"]
+        return StepOut(logits[-1].astype(np.float32), hidden.reshape(-1, hidden.shape[-1])[-1],
+                       float(host["p_not_talk"].reshape(-1)[-1]))
+
+    def keep(self, prefix_len: int, start: int, end: int) -> None:
+        """Context strategies: a rare event, so the KV makes a round trip through the host."""
+        for i, name in enumerate(self.names):
+            shape = (*self.kv_shape[:2], self.kv_len, self.kv_shape[3])
+            kv = np.empty(shape, self.dtype[name])
+            self.cuda.to_host(kv, self.kv[i][self.side])
+            self.cuda.sync()
+            packed = repack_kv(kv, prefix_len, start, end)
+            self.cuda.to_device(self.kv[i][self.side], packed)
+        self.cuda.sync()
+        self.kv_len = prefix_len + end - start
+
+
+def engine_decoder_factory(
+    root: Path, manifest: Manifest, engines: Mapping[str, Any]
+) -> Callable[[int], Any]:
+    """A `capacity -> Decoder` factory for the bundle's engine. Raises EngineMismatchError for an
+    engine built elsewhere and MissingDependencyError without tensorrt / cuda-python."""
+    name, meta = next(iter(engines.items()))
+    check_engine_compat(meta)
+    trt = _import_tensorrt()
+    _cudart()
+    path = root / meta["file"]
+    if not path.is_file():
+        raise BundleError(f"{path} is listed in the manifest but missing: run build-engine again")
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise BundleError(f"TensorRT could not load {path}: rebuild it with build-engine")
+    m = manifest.model
+    return lambda capacity: TensorRTDecoder(engine, meta["profiles"], m.num_layers, m.num_kv_heads,
+                                            m.head_dim, capacity)
