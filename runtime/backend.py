@@ -44,10 +44,17 @@ def providers(prefer: str = "auto") -> list[str]:
     return [p for p in order[1:] if p in available]
 
 
-def make_session(path: str, threads: int = 0, prefer: str = "auto") -> ort.InferenceSession:
+def make_session(
+    path: str, threads: int = 0, prefer: str = "auto", spin: bool = True
+) -> ort.InferenceSession:
+    """`spin=False` for small graphs run just before a big one: onnxruntime's workers otherwise
+    spin on the cores for a while after each run, and the decoder's step that follows the vision
+    encode then shares the cores with them (measured: the frame append ~1.8x slower on 2 cores)."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         return ort.InferenceSession(path, opts, providers=providers(prefer))
