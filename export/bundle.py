@@ -42,11 +42,13 @@ class ExportOptions:
     verify_frames: int = 300
     variants: tuple[str, ...] = ("portable", "optimized")
     max_reply_tokens: int = 100
-    threshold: float | None = None  # for the verification stream only (default: the manifest's)
+    threshold: float | None = None  # the manifest's default (else the checkpoint's, else 0.5)
     tolerance: Tolerance | None = None
 
 
-def model_facts(ck: LoadedCheckpoint, max_seq_len: int, system: str) -> ModelFacts:
+def model_facts(
+    ck: LoadedCheckpoint, max_seq_len: int, system: str, threshold: float | None = None
+) -> ModelFacts:
     c: Any = ck.model.llm.config  # transformers' configs are loosely typed
     tok = ck.tokenizer
     bos = tok.token_to_id(ck.chat.bos) if ck.chat.bos else None
@@ -60,6 +62,7 @@ def model_facts(ck: LoadedCheckpoint, max_seq_len: int, system: str) -> ModelFac
         max_seq_len=max_seq_len,
         image_size=ck.model.vision.image_size,
         w2t_mode=ck.config.w2t_mode,
+        default_threshold=ck.config.default_threshold if threshold is None else threshold,
         not_talk_id=ck.model.not_talk_id,
         eos_id=int(tok.token_to_id(ck.chat.eos) or 0),
         bos_id=bos,
@@ -126,7 +129,7 @@ def export_bundle(
         np.save(tmp / "embeddings.npy", table)
         shutil.copy(ck.tokenizer_path, tmp / "tokenizer.json")
         steps.update()
-        facts = model_facts(ck, max_len, system)
+        facts = model_facts(ck, max_len, system, opts.threshold)
         manifest = Manifest(
             model=facts,
             graphs=graphs,
@@ -151,7 +154,7 @@ def export_bundle(
                 context_strategy=facts.context_strategy,
                 max_seq_len=max_len,
                 max_reply_tokens=opts.max_reply_tokens,
-                threshold=facts.default_threshold if opts.threshold is None else opts.threshold,
+                threshold=facts.default_threshold,
             )
             report = verify_bundle(
                 ck, tmp, decoders, settings, opts.verify_frames, system, tol=opts.tolerance

@@ -40,6 +40,7 @@ class ProAssistConfig:
     exceed_context_handling: str = "summarize_and_drop"
     llm_train_mode: str = "lora"
     vision_type: str = "siglip"  # ProAssist Edge extension: "siglip" | "mobilenet_v2"
+    default_threshold: float = 0.5  # extension: the talk threshold chosen on validation data
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

@@ -63,7 +63,9 @@ class Preset:
     weight_decay: float = 0.01
     neg_rate: float = 0.5
     eos_drop: float = 0.5
+    keep_after: int = 2  # silent frames after a reply that always keep their label (trainseq)
     window: int = 0  # frames per training sequence; 0 = the whole episode
+    batch: int = 1  # sequences per optimizer step
     train_episodes: int = 400
     val_episodes: int = 3
     val_every: int = 250
@@ -304,22 +306,32 @@ class LiteTrainee(Trainee):
 
 
 def sequence_loss(
-    trainee: Trainee, seq: TrainSequence, index: int
+    trainee: Trainee, batch: list[tuple[TrainSequence, int]]
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """LM loss at the labelled positions only (the vocabulary head is the costly part), plus
-    BCE on the decision head in head mode."""
+    BCE on the decision head in head mode, over a batch of (sequence, episode index) padded on
+    the right: for the tiny model a step is mostly per-op overhead, so four sequences cost
+    little more than one."""
     model = trainee.model
-    ids = trainee.model_ids(seq.ids)
-    tokens = trainee.frame_tokens(index, seq.frames)  # (F, I, H)
-    embeds = model.joint_embed(ids[None], tokens, trainee.model_img_id)  # (1, S, H)
-    h = model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]  # (S, H)
-    logits = trainee.head_logits(h[seq.lm_pos])  # (L, V')
-    loss = F.cross_entropy(logits, trainee.model_ids(seq.lm_tgt))
+    embeds = [model.joint_embed(trainee.model_ids(seq.ids)[None], trainee.frame_tokens(index, seq.frames),
+                                trainee.model_img_id)[0] for seq, index in batch]
+    x = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, S, H)
+    mask = torch.zeros(x.shape[:2], dtype=torch.long)
+    for b, e in enumerate(embeds):
+        mask[b, : len(e)] = 1
+    h = model.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+    h = h.reshape(-1, h.shape[-1])  # (B * S, H)
+    width = x.shape[1]
+    lm_pos = torch.cat([seq.lm_pos + b * width for b, (seq, _) in enumerate(batch)])
+    lm_tgt = torch.cat([seq.lm_tgt for seq, _ in batch])
+    logits = trainee.head_logits(h[lm_pos])  # (L, V')
+    loss = F.cross_entropy(logits, trainee.model_ids(lm_tgt))
     stats = {"lm": float(loss.detach())}
+    w2t_pos = torch.cat([seq.w2t_pos + b * width for b, (seq, _) in enumerate(batch)])
     head = model.decision_head
-    if head is not None and len(seq.w2t_pos):
-        z = head(h[seq.w2t_pos]).squeeze(-1)
-        bce = F.binary_cross_entropy_with_logits(z, seq.w2t_tgt)
+    if head is not None and len(w2t_pos):
+        z = head(h[w2t_pos]).squeeze(-1)
+        bce = F.binary_cross_entropy_with_logits(z, torch.cat([seq.w2t_tgt for seq, _ in batch]))
         loss = loss + bce
         stats["bce"] = float(bce.detach())
     return loss, stats
@@ -375,7 +387,8 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     )
     builder = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id,
                               trainee.tokens_per_frame, trainee.not_talk_id)
-    opts = SeqOptions(preset.neg_rate, preset.eos_drop, "lm" if preset.w2t == "lm" else "head")
+    opts = SeqOptions(preset.neg_rate, preset.eos_drop, "lm" if preset.w2t == "lm" else "head",
+                      preset.keep_after)
     val = [make_episode("val", i, data_seed) for i in range(preset.val_episodes)]
     params = [p for p in trainee.model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=preset.lr, betas=(0.9, 0.98),
@@ -391,14 +404,15 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     running, step, val_m = None, 0, None
     order = epoch_order(len(convs), rng)
     while step < preset.steps and sched.progress(step) < 1.0:
-        idx = next(order)
-        conv = convs[idx]
-        n = trainee.num_frames(idx)
-        start, end = choose_window(n, preset.window, conv, rng)
-        seq = builder.build(conv, n, opts, rng, start, end)
+        batch = []
+        for _ in range(preset.batch):
+            idx = next(order)
+            n = trainee.num_frames(idx)
+            start, end = choose_window(n, preset.window, convs[idx], rng)
+            batch.append((builder.build(convs[idx], n, opts, rng, start, end), idx))
         trainee.model.train()
         trainee.freeze_modes()
-        loss, stats = sequence_loss(trainee, seq, idx)
+        loss, stats = sequence_loss(trainee, batch)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -409,8 +423,9 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
         value = float(loss.detach())
         running = value if running is None else 0.95 * running + 0.05 * value
         bar.update()
-        bar.set_postfix(loss=f"{running:.3f}", lr=f"{sched(step):.1e}", len=len(seq))
-        log.write(json.dumps({"step": step, "loss": value, **stats, "len": len(seq)}) + "\n")
+        tokens = sum(len(seq) for seq, _ in batch)
+        bar.set_postfix(loss=f"{running:.3f}", lr=f"{sched(step):.1e}", tokens=tokens)
+        log.write(json.dumps({"step": step, "loss": value, **stats, "tokens": tokens}) + "\n")
         if val and (step % preset.val_every == 0):
             val_m = validate(trainee, val, ExactSimilarity())
             tqdm.write(f"step {step} val ({len(val)} episodes, exact match): {metrics_line(val_m)}")

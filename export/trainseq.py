@@ -10,6 +10,9 @@ where a reply is ids(assistant_prefix + text) + eos. Labels follow the paper:
 * the LAST placeholder of every frame predicts the "not talk" token on a silent frame (kept with
   probability `neg_rate`, the paper's negative-frame sampling) and the first token of the
   assistant prefix on a talk frame;
+* the `keep_after` silent frames right after a reply always keep their label: the step just
+  confirmed is still in view there, and a model trained with them sampled away speaks twice in
+  a row (measured on the task world: most of the lite model's errors began with such a repeat);
 * every reply token predicts the next one, the last text token predicts eos;
 * the streaming loop does not feed a reply's final eos back (the authors' behaviour), so with
   probability `eos_drop` the eos is left out of the INPUT while its label stays;
@@ -36,6 +39,7 @@ class SeqOptions:
     neg_rate: float = 1.0  # probability of keeping a silent frame's label
     eos_drop: float = 0.5  # probability of leaving a reply's eos out of the input
     w2t: str = "lm"  # "lm": not-talk token via the LM head; "head": BCE on a decision head
+    keep_after: int = 0  # silent frames right after a reply that always keep their label
 
 
 @dataclass
@@ -92,6 +96,7 @@ class SequenceBuilder:
         w2t_pos: list[int] = []
         w2t_tgt: list[float] = []
         frame_last: list[int] = []
+        last_talk = -(10**9)
         for f in range(start, end):
             ids += due.get(f, [])
             ids += [self.img_id] * self.tpf
@@ -99,6 +104,7 @@ class SequenceBuilder:
             frame_last.append(last)
             reply = conv.replies.get(f)
             if reply:
+                last_talk = f
                 r = self.reply_ids(reply)
                 lm_pos.append(last)
                 lm_tgt.append(r[0])
@@ -111,7 +117,7 @@ class SequenceBuilder:
                 lm_tgt += r[1:] + [self.eos_id]
                 if rng.random() >= opts.eos_drop:
                     ids.append(self.eos_id)
-            elif rng.random() < opts.neg_rate:
+            elif f - last_talk <= opts.keep_after or rng.random() < opts.neg_rate:
                 if opts.w2t == "head":
                     w2t_pos.append(last)
                     w2t_tgt.append(1.0)

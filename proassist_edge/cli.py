@@ -76,6 +76,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", default="portable,optimized", help="decoder variants to export")
     p.add_argument("--verify-frames", type=int, default=300)
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    p.add_argument("--threshold", type=float,
+                   help="the manifest's default talk threshold (default: the checkpoint's, else 0.5)")
     p.set_defaults(func=run_export)
 
 
@@ -99,6 +101,7 @@ def run_export(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         verify_frames=args.verify_frames,
         variants=tuple(args.variants.split(",")),
+        threshold=args.threshold,
     )
     summary = export_bundle(
         resolve_checkpoint(args.checkpoint),

@@ -81,6 +81,10 @@ def test_eos_dropout_and_negative_sampling(pb: PromptBuilder) -> None:
     assert labels[start + len(hi) - 1] == eot  # ...and the last text token still predicts eos
     frame_labels = [labels.get(p) for p in seq.frame_last.tolist()]
     assert frame_labels == [None, None, prefix0, None, None, prefix0, None, None]
+    hard = b.build(conv, 8, SeqOptions(0.0, 1.0, keep_after=1), np.random.default_rng(0))
+    hard_labels = dict(zip(hard.lm_pos.tolist(), hard.lm_tgt.tolist(), strict=True))
+    assert [hard_labels.get(p) for p in hard.frame_last.tolist()] == [
+        None, None, prefix0, eot, None, prefix0, eot, None]  # the frame after each reply stays
     head = b.build(conv, 8, SeqOptions(1.0, 0.0, "head"), np.random.default_rng(0))
     assert head.w2t_pos.tolist() == head.frame_last.tolist()
     assert head.w2t_tgt.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
@@ -148,13 +152,37 @@ def test_a_few_steps_reduce_the_loss(micro) -> None:
     opt = torch.optim.AdamW(params, lr=3e-3)
     losses = []
     for _ in range(8):
-        loss, _ = sequence_loss(trainee, seq, 0)
+        loss, _ = sequence_loss(trainee, [(seq, 0)])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[0] == pytest.approx(np.log(128256), abs=0.05)  # zero head: uniform over all
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_a_padded_batch_equals_its_sequences_one_by_one(micro) -> None:
+    """Right padding and the attention mask change nothing: the batch loss is the label-weighted
+    mean of the sequences' own losses."""
+    import copy
+
+    from proassist_edge.export.train import sequence_loss
+
+    trainee, convs = copy.deepcopy(micro[0]), micro[1]
+    with torch.no_grad():  # random weights: the zero-initialised tables would make every loss log(V)
+        for p in trainee.model.parameters():
+            p.normal_(0.0, 0.2)
+    b = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id, TPF,
+                        trainee.not_talk_id)
+    long = b.build(convs[0], 24, SeqOptions(1.0, 0.0), np.random.default_rng(0))
+    short = b.build(convs[1], 24, SeqOptions(1.0, 0.0), np.random.default_rng(0), 0, 10)
+    assert len(short) < len(long)
+    trainee.model.eval()
+    with torch.no_grad():
+        both, _ = sequence_loss(trainee, [(short, 1), (long, 0)])
+        one = [float(sequence_loss(trainee, [(s, i)])[0]) for s, i in ((short, 1), (long, 0))]
+    n = [len(short.lm_pos), len(long.lm_pos)]
+    assert float(both) == pytest.approx((one[0] * n[0] + one[1] * n[1]) / sum(n), rel=1e-4)
 
 
 def test_compact_checkpoint_materialises_exactly(micro, tmp_path: Path) -> None:
