@@ -3,11 +3,11 @@
 Two presets:
 * tiny: from scratch, a few minutes on 2 CPU cores. Tiny SigLIP-style tower (trained too),
   projector, tiny Llama with the real Llama-3 tokenizer and its full 128256-token vocabulary,
-  I = 5, when-to-talk through the LM. The embedding table and LM head start at zero, so rows of
-  tokens never seen in training stay zero / identical: training runs on a compact table of the
-  used rows plus one "common" row whose logit counts (vocab - used) times in the softmax, which
-  is exactly the full-vocabulary loss (Adam sees the common row's summed gradient, the same
-  update up to its epsilon), and the shipped file stays small.
+  I = 5, when-to-talk through the LM. Rows of tokens never seen in training start at zero and stay
+  identical (the LM head starts at zero, the embedding rows of used tokens random): training runs
+  on a compact table of the used rows plus one "common" row whose logit counts (vocab - used)
+  times in the softmax, which is exactly the full-vocabulary loss (Adam sees the common row's
+  summed gradient, the same update up to its epsilon), and the shipped file stays small.
 * lite: SmolLM2-135M-Instruct + LoRA (q/k/v/o/gate/up/down; NOT lm_head, unlike the authors'
   regex, because peft would then store the 113 MB tied head in every adapter file), frozen
   MobileNetV2 (features computed once per episode, as the authors trained on features), the
@@ -77,6 +77,7 @@ class Preset:
     vision_patch: int = 8
     lora_r: int = 8
     lora_alpha: int = 16
+    embed_init: float = 0.02  # tiny: std of the used embedding rows at the start (0: all zero)
 
 
 PRESETS = {
@@ -172,7 +173,10 @@ class TinyTrainee(Trainee):
         compact_cfg.vocab_size = n_used + 1
         llm = LlamaForCausalLM(compact_cfg)
         with torch.no_grad():
-            llm.model.embed_tokens.weight.zero_()
+            # the rows training sees start random (tokens tell apart from the first step, which a
+            # zero start delays); the common row and the LM head start at zero
+            llm.model.embed_tokens.weight.normal_(0.0, preset.embed_init)
+            llm.model.embed_tokens.weight[-1].zero_()
             llm.lm_head.weight.zero_()
         self.vcfg = SiglipVisionConfig(
             hidden_size=preset.vision_width, intermediate_size=preset.vision_width * 2,
@@ -364,7 +368,7 @@ def metrics_line(m: Metrics) -> str:
 
 
 def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None,
-          data_seed: int = 0, ship: bool = False, command: str = "") -> dict[str, Any]:
+          data_seed: int = 0, ship: bool = False, command: str = "", threads: int = 1) -> dict[str, Any]:
     """Train PRESET, write out/taskworld-<name>.{safetensors,json} (and copy them into
     bench/assets with ship); returns the run summary."""
     from tqdm import tqdm
@@ -373,9 +377,9 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     from proassist_edge.bench.taskworld.splits import build_episode, make_episode
     from proassist_edge.bench.textsim import ExactSimilarity
 
-    # One thread: deterministic, and on a shared 2-core machine far faster than two that wait
-    # for each other.
-    torch.set_num_threads(1)
+    # One thread by default: on a shared 2-core machine two runs side by side are far faster
+    # than two threads each that wait for each other; a run alone may take both cores.
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -437,7 +441,7 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
         "command": command, "seed": seed, "data_seed": data_seed, "preset": asdict(preset),
         "steps_done": step, "stopped_by": "steps" if step >= preset.steps else "minutes",
         "schedule_time_driven": sched.time_driven, "wall_clock_s": round(wall, 1),
-        "trainable_params": n_params,
+        "trainable_params": n_params, "threads": threads,
     }
     name = f"taskworld-{preset.name}"
     trainee.pack(out / name, summary)  # saved before anything else can fail
@@ -475,6 +479,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="model init and sampling seed")
     p.add_argument("--data-seed", type=int, default=0, help="task-world split seed")
     p.add_argument("--ship", action="store_true", help="copy the result into bench/assets")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: leave a core to others)")
     for f in fields(Preset):
         if f.name != "name":
             p.add_argument("--" + f.name.replace("_", "-"), type=type(PRESETS["tiny"].__dict__[f.name]),
@@ -505,7 +510,7 @@ def run_train(args: argparse.Namespace) -> int:
             if f.name != "name" and getattr(args, f.name, None) is not None}
     preset = replace(PRESETS[args.preset], **over)
     command = "python -m proassist_edge.export.train " + shlex.join(sys.argv[1:])
-    train(preset, args.out, args.seed, args.minutes, args.data_seed, args.ship, command)
+    train(preset, args.out, args.seed, args.minutes, args.data_seed, args.ship, command, args.threads)
     return 0
 
 
