@@ -157,11 +157,6 @@ def decoder_weights(root: Path, manifest: Manifest, decoder: str) -> GraphWeight
     return w
 
 
-def decode_floor_s(weight_bytes: float, bandwidth: float) -> float:
-    """Seconds per token if decoding did nothing but read the weights once at full bandwidth."""
-    return weight_bytes / bandwidth
-
-
 # --- FLOP model for latency vs context ---------------------------------------------------------
 def flops_per_token(params: int, m: ModelFacts, context: int) -> float:
     """2*params for the weight matmuls, plus attention: Q.K and P.V over `context` positions for
@@ -178,8 +173,9 @@ def context_ratio_predicted(params: int, m: ModelFacts, lo: int, hi: int) -> flo
 def bandwidth_figures(
     weights: GraphWeights, bw: Bandwidth, decode_s_per_token: float | None
 ) -> dict[str, Any]:
-    """The decode floor and how far the measured decode is above it."""
-    floor = decode_floor_s(weights.bytes, bw.bytes_per_s)
+    """The decode floor (seconds per token if decoding only read the weights once at full
+    bandwidth) and how far the measured decode is above it."""
+    floor = weights.bytes / bw.bytes_per_s
     ratio = decode_s_per_token / floor if decode_s_per_token else None
     return {
         "weight_bytes": weights.bytes,
@@ -405,13 +401,26 @@ class _OursGreedy:
         self.tokens.append(int(np.argmax(self.dec.append(self.b.embed(self.tokens[-1:])).logits)))
 
 
+def physical_cores() -> int:
+    """What onnxruntime's CPU provider uses by default for intra-op threads."""
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return os.cpu_count() or 1
+
+
 class _GenaiGreedy:
-    """onnxruntime-genai's Generator, greedy, exactly n new tokens."""
+    """onnxruntime-genai's Generator, greedy, exactly n new tokens. Its threads are set to ours
+    (given, or onnxruntime's default of one per physical core): left to itself, genai picks
+    its own count, and a comparison at different thread counts says nothing about the code."""
 
     def __init__(self, folder: Path, prompt: list[int], n: int, threads: int) -> None:
         import onnxruntime_genai as og
 
-        _set_genai_threads(folder, threads)
+        self.threads = threads or physical_cores()
+        _set_genai_threads(folder, self.threads)
         self.og, self.model, self.prompt, self.n = og, og.Model(str(folder)), prompt, n
         self.gen: Any = None
 
@@ -460,8 +469,9 @@ def decode_compare(
     ours = sides["ours"].tokens
     out = {name: _figures(times[name], n, side.tokens) for name, side in sides.items()}
     out["ours"]["matches_greedy_generate"] = greedy_generate(bundle, prompt, n, eos=-1) == ours
-    if genai is not None:
+    if isinstance(g := sides.get("ort_genai"), _GenaiGreedy):
         out["ort_genai"]["folder"] = str(genai)
+        out["ort_genai"]["threads"] = g.threads
         out["ort_genai"]["token_agreement_with_ours"] = agreement(ours, out["ort_genai"]["tokens"])
     return out
 
@@ -478,11 +488,7 @@ def _set_genai_threads(folder: Path, threads: int) -> None:
 
     path = folder / "genai_config.json"
     cfg = json.loads(path.read_text())
-    opts = cfg["model"]["decoder"].setdefault("session_options", {})
-    if threads:
-        opts["intra_op_num_threads"] = threads
-    else:
-        opts.pop("intra_op_num_threads", None)
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
     path.write_text(json.dumps(cfg, indent=4))
 
 

@@ -119,13 +119,13 @@ def make_sink(spec: str, notes: list[str]) -> tuple[Any, Path | None]:
         return NullSink(), tmp
 
 
-def reference_checkpoint(opts: BenchOptions, bundle: Bundle, notes: list[str]) -> Any:
+def reference_checkpoint(opts: BenchOptions, bundle: Path, notes: list[str]) -> Any:
     """The bundle's source checkpoint loaded for the PyTorch loop (None, with a note, if not)."""
-    src = bundle.manifest.source
+    src = load_manifest(bundle, verify=False).source
     src = src.get("parent_source", src) if "checkpoint" not in src else src
     ckpt = opts.checkpoint or (Path(src["checkpoint"]) if src.get("checkpoint") else None)
     if ckpt is None or not ckpt.is_dir():
-        notes.append(f"torch-reference skipped: checkpoint {ckpt} of {bundle.root.name} not found "
+        notes.append(f"torch-reference skipped: checkpoint {ckpt} of {bundle.name} not found "
                      "(pass --checkpoint CKPT)")
         return None
     try:
@@ -212,56 +212,39 @@ def bundle_sizes(bundle: Bundle) -> tuple[int, int]:
     return every, sum((root / f).stat().st_size for f in needed)
 
 
-# --- the streams: every bundle and the reference in one lockstep run ------------------------------
+# --- one bundle's stream, in lockstep with the reference ---------------------------------------
 def progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def bundle_name(path: Path, taken: dict[str, Any]) -> str:
-    return path.name if path.name not in taken else str(path)
-
-
-def run_streams(
-    opts: BenchOptions, work: lat.Workload, sink: Any, notes: list[str]
-) -> tuple[dict[str, Bundle], dict[str, dict[str, Any]]]:
-    """Open every bundle, give each the threshold that makes it talk on about `talk_fraction`
-    of the frames, and run them and the PyTorch reference loop frame by frame in lockstep."""
-    opened: dict[str, Bundle] = {}
-    ours: dict[str, lat.OursStepper] = {}
-    thresholds: dict[str, float] = {}
-    for path in opts.bundles:
-        name = bundle_name(path, opened)
-        progress(f"{name}: opening and calibrating the talk threshold on {len(work.frames)} frames")
-        b = opened[name] = open_bundle(path, opts.decoder, threads=opts.threads)
-        thresholds[name] = lat.calibrate_threshold(
-            b, work.frames, work.messages, work.fps, opts.talk_fraction)
-        ours[name] = lat.OursStepper(b, replace(work, threshold=thresholds[name]), lat.SpeechTimer(sink))
-    steppers: list[lat.OursStepper | lat.ReferenceStepper] = list(ours.values())
-    first = next(iter(opened.values()))
+def run_stream(
+    b: Bundle, opts: BenchOptions, work: lat.Workload, sink: Any, ck: Any, ref_threshold: float
+) -> dict[str, Any]:
+    """The bundle's StreamCore and (with `ck`) the PyTorch reference loop, frame by frame in
+    lockstep, at the threshold that makes this bundle talk on about `talk_fraction` of the frames
+    (quantization moves P(not talk)). One bundle at a time: on this kind of machine a step of
+    another bundle's decoder session just before slowed the next step by ~1.8x, which a device
+    running one bundle never sees; the PyTorch loop in between did not."""
+    name = b.root.name
+    progress(f"{name}: calibrating the talk threshold on {len(work.frames)} frames")
+    threshold = lat.calibrate_threshold(b, work.frames, work.messages, work.fps, opts.talk_fraction)
+    work = replace(work, threshold=threshold)
+    ours = lat.OursStepper(b, work, lat.SpeechTimer(sink))
+    steppers: list[lat.OursStepper | lat.ReferenceStepper] = [ours]
     ref = None
-    if "torch-reference" in opts.compare:
-        progress("loading the checkpoint for the PyTorch reference loop")
-        ck = reference_checkpoint(opts, first, notes)
-        if ck is not None:
-            # one reference run serves every bundle: it decides with the first bundle's threshold
-            w = replace(work, threshold=next(iter(thresholds.values())))
-            settings = lat.settings_for(first, w.threshold, w.reply_tokens)
-            ref = lat.ReferenceStepper(ck, w, settings, first.manifest.model.system_prompt)
-            steppers.append(ref)
-    progress(f"streaming {len(work.frames)} frames through {len(steppers)} loops in lockstep")
+    if ck is not None:
+        settings = lat.settings_for(b, ref_threshold, work.reply_tokens)
+        w = replace(work, threshold=ref_threshold)
+        ref = lat.ReferenceStepper(ck, w, settings, b.manifest.model.system_prompt)
+        steppers.append(ref)
+    progress(f"{name}: streaming {len(work.frames)} frames" + (" in lockstep with PyTorch" if ref else ""))
     lat.run_lockstep(work, steppers)
-    ref_summary = ref.finish().summary() if ref else None
-    sections = {}
-    for name, stepper in ours.items():
-        b = opened[name]
-        g = b.manifest.graphs[b.decoder_name]
-        sections[name] = {
-            "path": str(b.root.resolve()), "decoder": b.decoder_name, "decoder_variant": g.variant,
-            "precision": b.manifest.source.get("precision") or g.precision,
-            "threshold": thresholds[name], "stream": stepper.finish().summary(),
-            "torch_reference": ref_summary,
-        }
-    return opened, sections
+    g = b.manifest.graphs[b.decoder_name]
+    return {
+        "path": str(b.root.resolve()), "decoder": b.decoder_name, "decoder_variant": g.variant,
+        "precision": b.manifest.source.get("precision") or g.precision, "threshold": threshold,
+        "stream": ours.finish().summary(), "torch_reference": ref.finish().summary() if ref else None,
+    }
 
 
 # --- one bundle's decoder-level figures ----------------------------------------------------------
@@ -327,18 +310,28 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     fps = load_manifest(opts.bundles[0], verify=False).model.fps  # the camera rate it expects
     frames = lat.collect_frames(opts.source, opts.frames, fps)
     ask = TextMessage("user", "What should I do next?", t=(len(frames) // 3) / fps)
-    # each bundle gets its own threshold (run_streams): quantization moves P(not talk)
+    # each bundle gets its own threshold (run_stream): quantization moves P(not talk)
     work = lat.Workload(frames, fps, math.nan, opts.reply_tokens, (ask,), opts.warmup)
     sink, tts_tmp = make_sink(opts.tts, notes)
+    bundles: dict[str, Any] = {}
     try:
-        opened, bundles = run_streams(opts, work, sink, notes)
+        ck, ref_threshold = None, math.nan
+        if "torch-reference" in opts.compare:
+            progress("loading the checkpoint for the PyTorch reference loop and calibrating it")
+            ck = reference_checkpoint(opts, opts.bundles[0], notes)
+        for path in opts.bundles:
+            name = path.name if path.name not in bundles else str(path)
+            b = open_bundle(path, opts.decoder, threads=opts.threads)
+            if ck is not None and math.isnan(ref_threshold):
+                ref_threshold = lat.calibrate_reference(
+                    ck, b, work.frames, work.messages, work.fps, opts.talk_fraction)
+            bundles[name] = run_stream(b, opts, work, sink, ck, ref_threshold)
+            bench_decoder(b, bundles[name], opts, work, band, notes)
+            del b  # its sessions go before the next bundle's open
     finally:
         sink.close()
         if tts_tmp is not None:
             shutil.rmtree(tts_tmp, ignore_errors=True)
-    t_streams = time.time() - t0
-    for name, b in opened.items():
-        bench_decoder(b, bundles[name], opts, work, band, notes)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     proj = projection.project()
     result: dict[str, Any] = {
@@ -352,8 +345,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "fps": fps, "warmup": work.warmup, "talk_fraction_target": opts.talk_fraction,
             "reply_tokens": opts.reply_tokens,
             "messages": [{"role": ask.role, "content": ask.content, "t": ask.t}],
-            "speech": getattr(sink, "name", "none"),
-            "reference_threshold_from": next(iter(bundles)),
+            "speech": getattr(sink, "name", "none"), "reference_threshold": ref_threshold,
         },
         "bandwidth": band.to_dict(),
         "bundles": bundles,
@@ -364,7 +356,6 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "projection_markdown": projection.markdown(proj),
         "process_peak_rss_mb": lat.process_peak_rss_mb(),
         "notes": notes,
-        "streams_s": round(t_streams, 1),
     }
     result["elapsed_s"] = round(time.time() - t0, 1)
     return result

@@ -115,6 +115,20 @@ def calibrate_threshold(
     return float(np.quantile(ps, talk_fraction))
 
 
+def calibrate_reference(
+    ckpt: Any, bundle: Bundle, frames: np.ndarray, messages: Sequence[TextMessage], fps: float,
+    talk_fraction: float,
+) -> float:
+    """The same calibration for the PyTorch reference loop, from its own P(not talk): a
+    quantized bundle's threshold would make the fp32 reference talk on other frames, or never."""
+    from proassist_edge.export.reference import ReferenceLoop
+
+    settings = settings_for(bundle, -1.0, 1)
+    loop = ReferenceLoop(ckpt.model, ckpt.tokenizer, ckpt.chat, settings, bundle.manifest.model.system_prompt)
+    ps = [r.p_not_talk for r in loop.run(frames, messages, fps)]
+    return float(np.quantile(ps, talk_fraction))
+
+
 # --- timing wrappers (outside the stages) ----------------------------------------------------
 class _Clock:
     """Timestamps (time.monotonic) of the current step, filled by the wrappers."""
