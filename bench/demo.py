@@ -28,14 +28,15 @@ def cached_bundles(model: str, precision: str, short: bool) -> Path:
     ckpt = shipped_checkpoint(model)
     if ckpt is None:
         raise ProAssistEdgeError(f"no shipped model named {model!r}: use taskworld-tiny or taskworld-lite")
-    root = cache_dir() / "bundles" / model
+    # keyed by the asset version (the materialised folder's digest): a retrained model re-exports
+    root = cache_dir() / "bundles" / ckpt.parent.name
     fp32 = root / "fp32"
     if not (fp32 / "manifest.json").is_file():
         print(f"exporting {model} once into {fp32} ...", flush=True)
         export_bundle(ckpt, fp32, options=ExportOptions(verify_frames=40 if short else 120))
     if precision == "fp32":
         return fp32
-    out = root / precision
+    out = root / (precision + ("-quick" if short else ""))  # the quick mode's recipe differs
     if not (out / "manifest.json").is_file():
         from proassist_edge.quant import quantize_bundle
 
