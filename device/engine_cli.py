@@ -8,10 +8,9 @@ runtime on another device or TensorRT version can refuse it (`check_engine_compa
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from proassist_edge.manifest import MANIFEST, load_manifest
+from proassist_edge.manifest import load_manifest, write_manifest
 
 
 def add_build_engine_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,16 +34,11 @@ def run_build_engine(args: argparse.Namespace) -> int:
     decoder = "decoder_qdq" if args.int8 and "decoder_qdq" in manifest.graphs else "decoder"
     profiles = optimization_profiles(m.tokens_per_frame, m.max_seq_len, m.num_layers, m.num_kv_heads,
                                      m.head_dim, m.hidden_size)
-    cache = args.bundle / "timing.cache"
-    engines = {}
-    for name in (decoder,):
-        src = args.bundle / manifest.graphs[name].file
-        out = args.bundle / f"{name}.engine"
-        meta = build_engine(src, out, profiles, fp16=not args.int8, int8=args.int8,
-                            workspace_mb=args.workspace, timing_cache=cache)
-        engines[name] = {"file": out.name, **meta}
-        print(f"built {out} for {meta.get('device')} (TensorRT {meta.get('tensorrt')})")
-    data = json.loads((args.bundle / MANIFEST).read_text())
-    data["engines"] = engines  # extra key: readers ignore it, the engine's compat check uses it
-    (args.bundle / MANIFEST).write_text(json.dumps(data, indent=2))
+    out = args.bundle / f"{decoder}.engine"
+    meta = build_engine(args.bundle / manifest.graphs[decoder].file, out, profiles, fp16=not args.int8,
+                        int8=args.int8, workspace_mb=args.workspace,
+                        timing_cache=args.bundle / "timing.cache")
+    print(f"built {out} for {meta.get('device')} (TensorRT {meta.get('tensorrt')})")
+    manifest.engines = {decoder: {"file": out.name, **meta}}  # the runtime checks it against the device
+    write_manifest(args.bundle, manifest)
     return 0

@@ -19,6 +19,7 @@ import numpy as np
 
 from proassist_edge.errors import BundleError, MissingDependencyError
 from proassist_edge.manifest import Manifest
+from proassist_edge.runtime.backend import StepOut
 
 from .tensorrt import INPUTS_EMBEDS, _import_tensorrt, check_engine_compat, past_key_value_names
 
@@ -110,15 +111,13 @@ class TensorRTDecoder:
     def reset(self) -> None:
         self.kv_len = 0
 
-    def _buffer(self, name: str, nbytes: int, current: tuple[int, int]) -> tuple[int, int]:
+    def _buffer(self, nbytes: int, current: tuple[int, int]) -> tuple[int, int]:
         if nbytes <= current[1]:
             return current
         self.cuda.check(self.cuda.rt.cudaFree(current[0]))
         return self.cuda.malloc(nbytes), nbytes
 
-    def append(self, embeds: np.ndarray) -> Any:
-        from proassist_edge.runtime.backend import StepOut
-
+    def append(self, embeds: np.ndarray) -> StepOut:
         new, past = embeds.shape[1], self.kv_len
         if past + new > self.capacity:
             raise BundleError(f"KV memory full ({past + new} > {self.capacity}): a context strategy "
@@ -128,7 +127,7 @@ class TensorRTDecoder:
             self.ctx.set_optimization_profile_async(profile, self.cuda.stream)
             self.profile = profile
         x = np.ascontiguousarray(embeds, dtype=self.dtype[INPUTS_EMBEDS])
-        self.embeds = self._buffer(INPUTS_EMBEDS, x.nbytes, self.embeds)
+        self.embeds = self._buffer(x.nbytes, self.embeds)
         self.cuda.to_device(self.embeds[0], x)
         self.ctx.set_input_shape(INPUTS_EMBEDS, x.shape)
         self.ctx.set_tensor_address(INPUTS_EMBEDS, self.embeds[0])
@@ -138,7 +137,7 @@ class TensorRTDecoder:
             self.ctx.set_tensor_address(name.replace("past_key_values", "present"), self.kv[i][1 - self.side])
         for name in ("logits", "p_not_talk", "hidden_states"):
             nbytes = int(np.prod(self.ctx.get_tensor_shape(name))) * self.dtype[name].itemsize
-            self.out[name] = self._buffer(name, nbytes, self.out.get(name, (0, 0)))
+            self.out[name] = self._buffer(nbytes, self.out.get(name, (0, 0)))
             self.ctx.set_tensor_address(name, self.out[name][0])
         if not self.ctx.execute_async_v3(self.cuda.stream):
             raise BundleError("TensorRT failed to run the decoder step; see its log")
@@ -166,12 +165,10 @@ class TensorRTDecoder:
         self.kv_len = prefix_len + end - start
 
 
-def engine_decoder_factory(
-    root: Path, manifest: Manifest, engines: Mapping[str, Any]
-) -> Callable[[int], Any]:
+def engine_decoder_factory(root: Path, manifest: Manifest) -> Callable[[int], TensorRTDecoder]:
     """A `capacity -> Decoder` factory for the bundle's engine. Raises EngineMismatchError for an
     engine built elsewhere and MissingDependencyError without tensorrt / cuda-python."""
-    name, meta = next(iter(engines.items()))
+    meta = next(iter(manifest.engines.values()))
     check_engine_compat(meta)
     trt = _import_tensorrt()
     _cudart()

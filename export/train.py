@@ -314,15 +314,13 @@ def sequence_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """LM loss at the labelled positions only (the vocabulary head is the costly part), plus
     BCE on the decision head in head mode, over a batch of (sequence, episode index) padded on
-    the right: for the tiny model a step is mostly per-op overhead, so four sequences cost
-    little more than one."""
+    the right. (Measured on the tiny preset: four sequences per step ran 1.17 s/step, about the
+    sequences per second of one per step, so batch 1 stays the default.)"""
     model = trainee.model
     embeds = [model.joint_embed(trainee.model_ids(seq.ids)[None], trainee.frame_tokens(index, seq.frames),
                                 trainee.model_img_id)[0] for seq, index in batch]
     x = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, S, H)
-    mask = torch.zeros(x.shape[:2], dtype=torch.long)
-    for b, e in enumerate(embeds):
-        mask[b, : len(e)] = 1
+    mask = (torch.arange(x.shape[1])[None] < torch.tensor([len(e) for e in embeds])[:, None]).long()
     h = model.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
     h = h.reshape(-1, h.shape[-1])  # (B * S, H)
     width = x.shape[1]

@@ -228,9 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # its own parser (needs torch); argparse's REMAINDER drops leading options
-        from proassist_edge.export.train import main as train_main
-
-        return train_main(argv[1:])
+        return run_train(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

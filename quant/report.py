@@ -131,8 +131,6 @@ def paper_metrics(parent: Path, child: Path, data: Path | None) -> dict[str, Any
 
 
 # --- the table at the end ---------------------------------------------------------------------
-
-
 def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Side by side: sizes of parent and child per graph, and each decoder's figures."""
     headers = ["graph", "precision", "fp32 parent", "child", "agreement", "P MAE", "logit cos", "tokens"]

@@ -89,7 +89,7 @@ def tensorrt_engine(root: Path, manifest: Manifest) -> tuple[Callable[[int], Dec
     from proassist_edge.device.trt_decoder import engine_decoder_factory
 
     try:
-        return engine_decoder_factory(root, manifest, manifest.engines), ""
+        return engine_decoder_factory(root, manifest), ""
     except (EngineMismatchError, MissingDependencyError, BundleError) as e:
         why = f"TensorRT engine not used, running on onnxruntime: {e}"
         log.warning(why)
