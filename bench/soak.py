@@ -53,11 +53,25 @@ class SoakReport:
         return self.checkpoints[-1]["rss_mb"] / self.checkpoints[1]["rss_mb"] - 1.0
 
 
-def frame_source(size: int, seed: int) -> Callable[[int], np.ndarray]:
-    """Cheap varying frames: a few precomputed images cycled with a moving offset."""
-    rng = np.random.default_rng(seed)
-    bank = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
-    return lambda i: np.roll(bank[i % 16], i % size, axis=1)[None]
+SOURCES = ("taskworld", "noise")
+
+
+def frame_source(size: int, seed: int, source: str = "taskworld") -> Callable[[int], np.ndarray]:
+    """Frames to stream, held in memory and cycled.
+
+    taskworld: test-split episodes back to back, so the model speaks at the rate it was trained
+    to (on noise a trained model talks at nearly every frame and the soak measures decoding);
+    noise: a few random images.
+    """
+    if source == "taskworld":
+        from proassist_edge.bench.taskworld.splits import iter_episodes
+
+        bank = np.concatenate([e.frames for e in iter_episodes("test", 6, seed, size)])
+    else:
+        rng = np.random.default_rng(seed)
+        bank = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    n = len(bank)
+    return lambda i: bank[i % n][None]
 
 
 def soak(
@@ -68,20 +82,24 @@ def soak(
     threshold: float | None = None,
     max_seq_len: int | None = None,
     seed: int = 0,
-    size: int = 64,
+    source: str = "taskworld",
+    reply_tokens: int | None = 16,
+    threads: int = 0,
+    progress: bool = False,
 ) -> SoakReport:
-    bundle = open_bundle(bundle_path)
+    bundle = open_bundle(bundle_path, threads=threads)
     s = settings_from_manifest(
         bundle,
         context_strategy=strategy,
         threshold=threshold,
         max_seq_len=max_seq_len,
+        max_reply_tokens=reply_tokens,
         drop_middle_tail=min(512, (max_seq_len or 4096) // 4),
     )
     core = StreamCore(bundle, s)
     fps = bundle.manifest.model.fps
     rep = SoakReport(strategy, frames, frames / fps, capacity=s.max_seq_len)
-    get = frame_source(size, seed)
+    get = frame_source(bundle.manifest.model.image_size, seed, source)
     t0 = time.perf_counter()
     for i in range(frames):
         r = core.step(get(i), i, i / fps)
@@ -89,6 +107,9 @@ def soak(
         rep.utterances += bool(r.talk and r.text)
         rep.max_context = max(rep.max_context, r.context_len)
         if (i + 1) % every == 0 or i + 1 == frames:
+            if progress:
+                mb = rss_bytes() / 2**20
+                print(f"  {strategy}: {(i + 1) / fps / 60:.0f} simulated min, rss {mb:.1f} MB", flush=True)
             rep.checkpoints.append(
                 {
                     "simulated_min": (i + 1) / fps / 60,
@@ -106,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle", type=Path)
     p.add_argument("--hours", type=float, default=2.0, help="simulated hours at the bundle's fps")
     p.add_argument("--strategies", nargs="+", default=list(CONTEXT_STRATEGIES), choices=CONTEXT_STRATEGIES)
+    p.add_argument("--source", default="taskworld", choices=SOURCES)
     p.add_argument("--threshold", type=float)
     p.add_argument("--max-seq-len", type=int)
+    # replies capped: the soak is about memory and the context strategies, not decode speed
+    # (uncapped, a model that babbles on frames it never saw spends hours decoding)
+    p.add_argument("--reply-tokens", type=int, default=16, help="reply cap (16)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (1)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     reports = []
@@ -119,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             int(args.hours * 3600 * fps),
             threshold=args.threshold,
             max_seq_len=args.max_seq_len,
+            source=args.source,
+            reply_tokens=args.reply_tokens,
+            threads=args.threads,
+            progress=True,
         )
         reports.append(rep)
         print(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
@@ -18,8 +19,9 @@ from onnxruntime.quantization import CalibrationDataReader
 from proassist_edge.errors import DataError
 from proassist_edge.runtime.backend import Decoder, PortableDecoder, StepOut
 from proassist_edge.runtime.bundle import Bundle
-from proassist_edge.runtime.core import StreamCore, settings_from_manifest
+from proassist_edge.runtime.core import StreamCore, decision_probability, settings_from_manifest
 from proassist_edge.runtime.messages import FrameResult, TextMessage
+from proassist_edge.runtime.prompt import StreamSettings, decide_talk
 
 QUESTIONS = ("What should I do next?", "Did I do that step right?", "What is left to do?")
 
@@ -73,6 +75,37 @@ def stream_messages(frames: int, fps: float, k: int = 0) -> list[TextMessage]:
     return [TextMessage("user", QUESTIONS[k % len(QUESTIONS)], t=min(5.0, frames / (4 * fps)))]
 
 
+class Stream(NamedTuple):
+    """What a comparison replays: frames, the chat turns between them, and the system prompt
+    (None: the bundle's own)."""
+
+    frames: np.ndarray
+    messages: list[TextMessage]
+    system: str | None = None
+
+
+def plain_streams(frames: list[np.ndarray], fps: float) -> list[Stream]:
+    """Frame streams with one user question each (calibration and synthetic comparisons)."""
+    return [Stream(f, stream_messages(len(f), fps, k)) for k, f in enumerate(frames)]
+
+
+def episode_streams(data: str | Path, n: int | None, frames: int | None = None) -> list[Stream]:
+    """The first n episodes of an evaluation split (all when None) with their own conversation
+    (system prompt, task knowledge, user turns): the comparison on the data the model is
+    graded on."""
+    from proassist_edge.bench.evaluate import iter_data  # bench reads the dataset formats
+    from proassist_edge.runtime.conversation import parse_conversation
+
+    out = []
+    for ep in iter_data(data, n):
+        conv = parse_conversation(ep.conversation, ep.fps)
+        msgs = [m for m in conv.messages if frames is None or m.t * ep.fps < frames]
+        out.append(Stream(np.ascontiguousarray(ep.frames[:frames]), msgs, conv.system))
+    if not out:
+        raise DataError(f"{data} holds no episodes to compare on")
+    return out
+
+
 # --- a tap on the core's decoder ------------------------------------------------------------
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
@@ -81,10 +114,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class TapDecoder:
-    """Wraps the bundle's decoder. With a recorder, samples the feeds; with a shadow decoder,
-    repeats every call on it (same embeddings, same resets) and compares the logits at each
-    decision position: the decoder's own error on identical contexts, free of any divergence
-    in replies."""
+    """Wraps the bundle's decoder. With a recorder, samples the feeds; with a shadow bundle,
+    repeats every call on the shadow's decoder with the shadow's own inputs for the same history
+    (its vision graph's frame tokens, its embedding table's rows for the same token ids) and,
+    at each decision position, compares the logits and the talk decision. The history is the
+    parent's (its decisions and replies), so one flipped decision is counted once instead of
+    cascading through a reply that differs."""
 
     def __init__(self, inner: Decoder, owner: TapBundle, shadow: Decoder | None) -> None:
         self.inner = inner
@@ -92,6 +127,9 @@ class TapDecoder:
         self.shadow = shadow
         self.cosines: list[float] = []
         self.top1: list[bool] = []
+        self.p: list[tuple[float, float]] = []  # (owner, shadow) P(not talk) per decision
+        self.talk: list[tuple[bool, bool]] = []  # (owner, shadow) decision
+        self.prev: tuple[float | None, float | None] = (None, None)
 
     @property
     def kv_len(self) -> int:
@@ -115,11 +153,22 @@ class TapDecoder:
             self.owner.recorder.see(embeds, self.inner, decision)
         out = self.inner.append(embeds)
         if self.shadow is not None:
-            mirror = self.shadow.append(embeds)
+            mirror = self.shadow.append(self.owner.shadow_inputs(embeds, decision))
             if decision:
-                self.cosines.append(cosine(out.logits, mirror.logits))
-                self.top1.append(int(np.argmax(out.logits)) == int(np.argmax(mirror.logits)))
+                self.compare(out, mirror)
         return out
+
+    def compare(self, out: StepOut, mirror: StepOut) -> None:
+        owner, shadow = self.owner, self.owner.shadow_of
+        assert shadow is not None and owner.settings is not None
+        head = owner.manifest.model.w2t_mode == "head"
+        p = (decision_probability(owner, out, head), decision_probability(shadow, mirror, head))
+        self.talk.append((decide_talk(p[0], self.prev[0], owner.settings),
+                          decide_talk(p[1], self.prev[1], owner.settings)))
+        self.p.append(p)
+        self.prev = p
+        self.cosines.append(cosine(out.logits, mirror.logits))
+        self.top1.append(int(np.argmax(out.logits)) == int(np.argmax(mirror.logits)))
 
     def reset(self) -> None:
         self.inner.reset()
@@ -138,8 +187,11 @@ class TapBundle(Bundle):
 
     recorder: FeedRecorder | None = None
     shadow_of: Bundle | None = None
+    settings: StreamSettings | None = None  # the decision rule the shadow decides with
     frame_step: bool = False
     last: TapDecoder | None = None
+    shadow_rows: np.ndarray | None = None  # the shadow table's rows for the last embed()
+    shadow_tokens: np.ndarray | None = None  # the shadow vision's tokens for the last frames
 
     @classmethod
     def of(
@@ -159,7 +211,32 @@ class TapBundle(Bundle):
         self.frame_step = True
         if self.recorder is not None:
             self.recorder.last_frame_tokens = tokens
+        if self.shadow_of is not None:
+            self.shadow_tokens = self.shadow_of.encode_frames(frames)
         return tokens
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        rows = super().embed(ids)
+        if self.shadow_of is not None:
+            self.shadow_rows = self.shadow_of.embed(ids)
+        return rows
+
+    def shadow_inputs(self, embeds: np.ndarray, decision: bool) -> np.ndarray:
+        """The shadow's version of EMBEDS. The core builds a decision step's input as
+        [embed(text) | frame tokens] and a reply step's as embed([token]) (core._inputs,
+        core._greedy), so the parts are the last embed() and encode_frames() calls."""
+        if self.shadow_of is None:
+            return embeds
+        if not decision:
+            assert self.shadow_rows is not None and self.shadow_rows.shape == embeds.shape
+            return self.shadow_rows
+        assert self.shadow_tokens is not None
+        tokens = self.shadow_tokens.reshape(1, -1, embeds.shape[-1])
+        if tokens.shape[1] == embeds.shape[1]:
+            return tokens
+        assert self.shadow_rows is not None
+        assert self.shadow_rows.shape[1] + tokens.shape[1] == embeds.shape[1]
+        return np.concatenate([self.shadow_rows, tokens], axis=1)
 
 
 # --- recording feeds ------------------------------------------------------------------------
@@ -265,15 +342,16 @@ def vision_feeds(streams: list[np.ndarray], per_stream: int = 16) -> list[dict[s
 
 
 def replay_pair(
-    a: Bundle, b: Bundle, frames: np.ndarray, messages: list[TextMessage], reply_tokens: int,
-    fps: float,
+    a: Bundle, b: Bundle, stream: Stream, reply_tokens: int, fps: float,
 ) -> tuple[list[tuple[FrameResult, FrameResult]], TapDecoder]:
     """Both bundles' StreamCore over one stream in lockstep (end to end: B's own vision, table
     and replies), and B's decoder shadowing A's calls (decoder alone, identical contexts).
     Returns the per-frame result pairs and A's tap, which holds the shadow's figures."""
     tap = TapBundle.of(a, shadow_of=b)
-    core_a = StreamCore(tap, settings_from_manifest(a, max_reply_tokens=reply_tokens))
-    core_b = StreamCore(b, settings_from_manifest(b, max_reply_tokens=reply_tokens))
+    frames, messages, system = stream
+    tap.settings = settings_from_manifest(a, max_reply_tokens=reply_tokens)
+    core_a = StreamCore(tap, tap.settings, system=system)
+    core_b = StreamCore(b, settings_from_manifest(b, max_reply_tokens=reply_tokens), system=system)
     pairs = list(zip(core_a.replay(frames, messages, fps), core_b.replay(frames, messages, fps), strict=True))
     assert tap.last is not None
     return pairs, tap.last

@@ -30,6 +30,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-fp32", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="node-name or module-path patterns kept fp32, e.g. lm_head 'layers.3.' "
                    "(prefix 'vision:' or 'decoder:' to scope one)")
+    p.add_argument("--keep-8bit", nargs="+", action="extend", default=[], metavar="PATTERN",
+                   help="int4: give these nodes 8-bit weight blocks instead of 4, e.g. lm_head")
     p.add_argument("--eval", type=Path, metavar="DATA", help="task-world split: paper metrics for both")
     p.add_argument("--streams", type=int, default=3, help="streams to calibrate on and compare (3)")
     p.add_argument("--frames", type=int, default=120, help="frames per stream (120)")
@@ -54,7 +56,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         block_size=args.block_size, accuracy_level=args.accuracy_level, skip=set(args.skip),
         keep_fp32=args.keep_fp32, eval_data=args.eval, streams=args.streams, frames=args.frames,
         embeddings=args.embeddings, reply_tokens=args.reply_tokens, per_channel=not args.per_tensor,
-        sensitivity_on_miss=not args.no_sensitivity, threads=args.threads,
+        sensitivity_on_miss=not args.no_sensitivity, threads=args.threads, keep_8bit=args.keep_8bit,
     )
     print(render(report))
     if isinstance(report.get("vision"), dict):
@@ -64,8 +66,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     if not report["targets_met"]:
         for name, misses in report["misses"].items():
             print(f"target missed by {name}: {'; '.join(misses)}", file=sys.stderr)
-        if report.get("suggested_keep_fp32"):
-            pats = " ".join(report["suggested_keep_fp32"])
-            print(f"costliest blocks: {pats}; rerun with --keep-fp32 {pats}", file=sys.stderr)
+        parts = report.get("components")
+        if parts:
+            costs = ", ".join(f"{k} alone {parts[k]['decision_agreement']:.3f}" for k in parts["ranked"])
+            print(f"decision agreement with one part quantized ({parts['graph']}): {costs}",
+                  file=sys.stderr)
+        if report.get("suggested_options"):
+            print(f"rerun with: {' '.join(report['suggested_options'])}", file=sys.stderr)
     print(f"bundle: {report['bundle']} (report: quant_report.json)")
     return 3 if args.strict and not report["targets_met"] else 0

@@ -40,6 +40,9 @@ class QuantizeError(ProAssistEdgeError):
     """A bundle could not be quantized (output exists, bad option, a quantizer failed)."""
 
 
+VISION_OPS = ("MatMul", "Gemm", "Conv")  # the vision graph's weight ops (patch conv, projector)
+
+
 @dataclass(frozen=True)
 class WeightNode:
     """A node with a constant weight: what every quantizer here may touch."""
@@ -207,6 +210,7 @@ class Recipe:
     block_size: int = 32
     accuracy_level: int | None = None
     per_channel: bool = True
+    keep_8bit: tuple[str, ...] = ()  # int4: patterns of nodes given 8-bit weight blocks instead
 
 
 def apply(
@@ -220,7 +224,8 @@ def apply(
     if recipe.precision == "int8-qdq":
         return quantize_qdq_int8(src, dst, reader, nodes, external, ops, recipe.per_channel)
     if recipe.precision == "int4":
-        return quantize_int4(src, dst, nodes, recipe.block_size, recipe.accuracy_level, external)
+        return quantize_int4(src, dst, nodes, recipe.block_size, recipe.accuracy_level, external,
+                             recipe.keep_8bit)
     if recipe.precision == "fp16":
         return convert_fp16(src, dst, fp32_nodes, external)
     raise QuantizeError(f"unknown precision {recipe.precision!r}: use int8, int8-qdq, int4 or fp16")
@@ -278,25 +283,35 @@ def quantize_qdq_int8(
 
 def quantize_int4(
     src: Path, dst: Path, nodes: list[str], block_size: int, accuracy_level: int | None,
-    external: bool,
+    external: bool, keep_8bit: Sequence[str] = (),
 ) -> list[str]:
-    """Weight-only 4-bit blocks (MatMulNBits); activations stay float."""
+    """Weight-only 4-bit blocks (MatMulNBits); activations stay float. Nodes matching a
+    `keep_8bit` pattern get 8-bit blocks (MatMulNBits bits=8), the way llama.cpp's Q4 mixes keep
+    the output head at 6 bits."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if not nodes:  # MatMulNBitsQuantizer treats "no include list" as "every MatMul"
         return save(load(src), dst, external)
     model = load(src)
-    # nodes_to_include adds to op_types_to_quantize: exclude every other MatMul explicitly
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
-    with quiet():
-        q = MatMulNBitsQuantizer(
-            model, bits=4, block_size=block_size, is_symmetric=True,
-            accuracy_level=accuracy_level, nodes_to_include=nodes, nodes_to_exclude=others,
-            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
-        )
-        q.process()
-        q.model.save_model_to_file(str(dst), use_external_data_format=external)
+    wanted = set(nodes)
+    eight = {n.name for n in model.graph.node if n.name in wanted and matches(n, keep_8bit)}
+    q = None
+    for bits, chosen in ((8, [n for n in nodes if n in eight]), (4, [n for n in nodes if n not in eight])):
+        if not chosen:
+            continue
+        # nodes_to_include adds to op_types_to_quantize: exclude every other MatMul explicitly
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(chosen)]
+        with quiet():
+            q = MatMulNBitsQuantizer(
+                model, bits=bits, block_size=block_size, is_symmetric=True,
+                accuracy_level=accuracy_level, nodes_to_include=chosen, nodes_to_exclude=others,
+                quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
+            )
+            q.process()
+        model = q.model.model
+    assert q is not None
+    q.model.save_model_to_file(str(dst), use_external_data_format=external)
     return data_file(dst)
 
 

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,20 @@ from proassist_edge.manifest import (
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 
 from . import graphs as G
-from .calibration import FeedReader, FeedRecorder, frame_streams, record_feeds, vision_feeds
+from .calibration import (
+    FeedReader,
+    FeedRecorder,
+    Stream,
+    episode_streams,
+    frame_streams,
+    plain_streams,
+    record_feeds,
+    vision_feeds,
+)
 from .embeddings import EMBEDDING_DTYPES, convert_embeddings
 from .graphs import QuantizeError, Recipe
 from .report import (
+    TARGETS,
     Targets,
     bundle_size,
     compare_decoders,
@@ -42,12 +52,11 @@ from .report import (
     graph_sizes,
     paper_metrics,
 )
-from .sensitivity import damage, layer_sensitivity
+from .sensitivity import explain_misses
 
 PRECISIONS = ("int8", "int4", "fp16")
 SKIPPABLE = ("vision", "decoder")
 REPORT = "quant_report.json"
-VISION_OPS = ("MatMul", "Gemm", "Conv")
 
 
 @dataclass(frozen=True)
@@ -110,29 +119,36 @@ def quantize_bundle(
     block_size: int = 32, accuracy_level: int | None = None, skip: Collection[str] = (),
     keep_fp32: Sequence[str] = (), eval_data: str | Path | None = None, streams: int = 3,
     frames: int = 120, *, embeddings: str | None = None, reply_tokens: int = 16,
-    per_channel: bool = True, max_calibration_samples: int = 128, targets: Targets | None = None,
+    per_channel: bool = True, keep_8bit: Sequence[str] = (), max_calibration_samples: int = 128,
+    targets: Targets | None = None,
     sensitivity_on_miss: bool = True, threads: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
     """Write the quantized child of the fp32 bundle PARENT into OUT (which must not exist).
 
     Returns the report also written as OUT/quant_report.json. `calibration`: None/"synthetic" or
     a task-world split folder (episodes/*/frames.npy). `keep_fp32`: node-name or module-path
-    patterns ("lm_head", "layers.3.", "decoder:layers.0.*", "vision:projector")."""
+    patterns ("lm_head", "layers.3.", "decoder:layers.0.*", "vision:projector"). `keep_8bit`:
+    patterns whose nodes an int4 decoder keeps in 8-bit blocks ("lm_head")."""
     t0 = time.time()
     parent, out = Path(parent), Path(out)
     check_options(precision, skip, block_size, accuracy_level, streams, frames, embeddings)
+    if keep_8bit and precision != "int4":
+        raise QuantizeError("keep_8bit applies to int4 only: use keep_fp32 for int8 and fp16")
     if out.exists():
         raise QuantizeError(f"{out} already exists: choose a new folder or remove it first")
     if eval_data is not None and not Path(eval_data).is_dir():
         raise DataError(f"eval data {eval_data} is not a folder: pass a task-world split folder")
     pm = load_manifest(parent, verify=True)  # BundleError on sha256 or schema before any write
     check_parent(pm, parent, out)
-    recipe = Recipe(precision, block_size, accuracy_level, per_channel)
+    recipe = Recipe(precision, block_size, accuracy_level, per_channel, tuple(keep_8bit))
     jobs = plan(pm, precision, skip, recipe)
     synthetic = calibration is None or str(calibration) == "synthetic"
     # calibration and report use different streams: the report never grades its own calibration
     cal = frame_streams(calibration, streams, frames, offset=100 if synthetic else 0)
-    test = frame_streams(calibration, streams, frames, offset=0 if synthetic else streams)
+    # with labelled data the comparison runs on its episodes (the data the model is graded
+    # on, each with its own system prompt and turns), else on held-out calibration streams
+    test = episode_streams(eval_data, None) if eval_data is not None else plain_streams(
+        frame_streams(calibration, streams, frames, offset=0 if synthetic else streams), pm.model.fps)
     compared = [j for j in jobs if pm.graphs[j.source].variant in ("portable", "optimized")]
     bar = tqdm(total=3 + len(jobs) + len(compared), desc=f"quantize {precision}", unit="step",
                disable=not progress)
@@ -151,15 +167,22 @@ def quantize_bundle(
         manifest, emb_figures = assemble(pm, parent, tmp, entries, notes, precision, emb_dtype)
         bar.update()
         child = open_bundle(tmp, verify=True, threads=threads)
+        # every episode for the default decoder (what the bundle runs); `streams` of them for
+        # the other variants (the QDQ graph, TensorRT's form, runs ~5x slower on CPU)
         report = build_report(pm, manifest, parent, tmp, base, child, jobs, compared, test,
-                              reply_tokens, bar)
+                              reply_tokens, bar, streams)
         report.update(
-            precision=precision, calibration=str(calibration or "synthetic"), streams=streams,
-            frames=frames, reply_tokens=reply_tokens, embeddings=emb_figures,
+            precision=precision, calibration=str(calibration or "synthetic"), streams=len(test),
+            frames=sum(len(t.frames) for t in test), reply_tokens=reply_tokens, embeddings=emb_figures,
+            compared_on=str(eval_data) if eval_data else "held-out calibration streams",
             calibration_samples=sample_counts(recorder),
         )
-        apply_targets(report, targets or Targets(), jobs, parent, sensitivity_on_miss,
-                      streams, frames, reply_tokens, calibration, keep_fp32, threads)
+        explain_misses(
+            report, targets or TARGETS[precision], parent, base, child,
+            {j.name: j.source for j in compared}, test, sensitivity_on_miss,
+            recipes={j.name: j.recipe for j in jobs}, calibration=calibration,
+            reply_tokens=reply_tokens, keep_fp32=keep_fp32, threads=threads,
+        )
         bar.set_postfix_str("paper metrics" if eval_data else "writing")
         report["eval"] = paper_metrics(parent, tmp, Path(eval_data) if eval_data else None)
         report["elapsed_s"] = round(time.time() - t0, 1)
@@ -267,7 +290,7 @@ def run_job(
     file = src.file if job.name == job.source else f"{job.name}.onnx"
     model = G.load_structure(prepared)
     patterns = G.scoped(keep_fp32, job.name)
-    ops = VISION_OPS if job.name == "vision" else ("MatMul",)
+    ops = G.VISION_OPS if job.name == "vision" else ("MatMul",)
     nodes, kept = G.select(G.weight_nodes(model, ops), patterns)
     fp32_nodes = G.nodes_matching(model, patterns)
     external = external_data(src, parent)
@@ -304,7 +327,8 @@ def describe(job: Job, n: int, kept: list[str], fp32_nodes: list[str], rec: Feed
             f"int8 static QDQ (quantize_static, MinMax), symmetric activations, {chan} 7-bit "
             "weights; for TensorRT (also runs on CPU)"
         ),
-        "int4": f"int4 weight-only MatMulNBits, block {r.block_size}, accuracy level {r.accuracy_level}",
+        "int4": f"int4 weight-only MatMulNBits, block {r.block_size}, accuracy level {r.accuracy_level}"
+        + (f", 8-bit blocks for {' '.join(r.keep_8bit)}" if r.keep_8bit else ""),
         "fp16": "fp16 (onnxruntime float16, keep_io_types), norms/softmax/sigmoid/RoPE path in fp32",
     }[r.precision]
     if r.precision == "int8-qdq":
@@ -319,7 +343,8 @@ def describe(job: Job, n: int, kept: list[str], fp32_nodes: list[str], rec: Feed
 
 def build_report(
     pm: Manifest, cm: Manifest, parent: Path, child_root: Path, base: Bundle, child: Bundle,
-    jobs: list[Job], compared: list[Job], streams: list[np.ndarray], reply_tokens: int, bar: tqdm,
+    jobs: list[Job], compared: list[Job], streams: list[Stream], reply_tokens: int, bar: tqdm,
+    others: int,
 ) -> dict[str, Any]:
     psizes, csizes = graph_sizes(parent, pm), graph_sizes(child_root, cm)
     graphs = {
@@ -331,8 +356,9 @@ def build_report(
     decoders = {}
     for j in compared:
         bar.set_postfix_str(f"comparing {j.name} with {j.source}")
+        on = streams if j.name == cm.default_decoder else streams[:others]
         figures = compare_decoders(replace(base, decoder_name=j.source), replace(child, decoder_name=j.name),
-                                   streams, reply_tokens, pm.model.fps)
+                                   on, reply_tokens, pm.model.fps)
         decoders[j.name] = {"parent_graph": j.source, "variant": cm.graphs[j.name].variant,
                             "precision": cm.graphs[j.name].precision, **figures}
         bar.update()
@@ -350,28 +376,3 @@ def build_report(
         "size_bytes": bundle_size(child_root, cm), "parent_size_bytes": bundle_size(parent, pm),
         "graphs": graphs, "decoders": decoders, "vision": vision, "parent": str(parent.resolve()),
     }
-
-
-def apply_targets(
-    report: dict[str, Any], targets: Targets, jobs: list[Job], parent: Path, scan: bool,
-    streams: int, frames: int, reply_tokens: int, calibration: str | None, keep_fp32: Sequence[str],
-    threads: int,
-) -> None:
-    """Name the misses; with `scan`, find the costliest layers of each decoder that missed."""
-    misses = {n: m for n, d in report["decoders"].items() if (m := targets.misses(d))}
-    report.update(targets=asdict(targets), targets_met=not misses, misses=misses)
-    if not misses or not scan:
-        return
-    # one scan, of the decoder that missed worst: the same blocks drive every variant's error
-    worst = max(misses, key=lambda n: damage(report["decoders"][n]))
-    job = next(j for j in jobs if j.name == worst)
-    if job.recipe is None:
-        return
-    result = layer_sensitivity(
-        parent, job.recipe.precision, decoder=job.source, streams=min(streams, 2),
-        frames=min(frames, 60), reply_tokens=min(reply_tokens, 8), calibration=calibration,
-        block_size=job.recipe.block_size, accuracy_level=job.recipe.accuracy_level,
-        per_channel=job.recipe.per_channel, keep_fp32=keep_fp32, progress=False, threads=threads,
-    )
-    report["sensitivity"] = result
-    report["suggested_keep_fp32"] = result["costliest"]

@@ -19,7 +19,7 @@ from proassist_edge.cli import human_bytes
 from proassist_edge.manifest import Manifest
 from proassist_edge.runtime.bundle import Bundle
 
-from .calibration import cosine, replay_pair, stream_messages
+from .calibration import Stream, cosine, replay_pair
 
 
 @dataclass(frozen=True)
@@ -41,49 +41,62 @@ class Targets:
         return out
 
 
-def compare_decoders(
-    parent: Bundle, child: Bundle, streams: Sequence[np.ndarray], reply_tokens: int, fps: float,
-) -> dict[str, Any]:
-    """Both bundles' StreamCore over every stream; figures pooled over all frames.
+# the accuracy each precision must keep (decision agreement: int8 0.99, int4 0.97)
+TARGETS = {
+    "int8": Targets(decision_agreement=0.99),
+    "int4": Targets(decision_agreement=0.97),
+    "fp16": Targets(decision_agreement=0.99),
+}
 
-    Decisions, P(not talk) and reply tokens are end to end (each bundle with its own vision,
-    table and replies). The logit figures are the child decoder's on the parent's exact inputs,
-    at each decision position, so a reply that drifted does not count as logit error."""
-    p_a, p_b, talk_a, talk_b, same_tokens, cos, top1 = [], [], [], [], [], [], []
-    for k, frames in enumerate(streams):
-        msgs = stream_messages(len(frames), fps, k)
-        pairs, tap = replay_pair(parent, child, frames, msgs, reply_tokens, fps)
+
+def compare_decoders(
+    parent: Bundle, child: Bundle, streams: Sequence[Stream], reply_tokens: int, fps: float,
+) -> dict[str, Any]:
+    """Both bundles over every stream; figures pooled over all frames.
+
+    `decision_agreement`, `p_not_talk_mae` and the logit figures are the child's (its vision,
+    table and decoder) on the parent's history: at every decision both see the same frames,
+    turns and earlier replies, so each figure is the quantization's own error, and one flipped
+    decision counts once. The `_free_running` figures and `token_match_rate` are end to end:
+    each bundle with its own replies, where one flip changes the context after it."""
+    shadow_p, shadow_talk, cos, top1 = [], [], [], []
+    free_p, free_talk, same_tokens = [], [], []
+    for stream in streams:
+        pairs, tap = replay_pair(parent, child, stream, reply_tokens, fps)
         for ra, rb in pairs:
-            p_a.append(ra.p_not_talk)
-            p_b.append(rb.p_not_talk)
-            talk_a.append(ra.talk)
-            talk_b.append(rb.talk)
+            free_p.append((ra.p_not_talk, rb.p_not_talk))
+            free_talk.append((ra.talk, rb.talk))
             same_tokens.append(ra.token_ids == rb.token_ids)
+        shadow_p += tap.p
+        shadow_talk += tap.talk
         cos += tap.cosines
         top1 += tap.top1
-    pa, pb = np.asarray(p_a), np.asarray(p_b)
-    agree = np.asarray(talk_a) == np.asarray(talk_b)
+    p, fp = np.asarray(shadow_p), np.asarray(free_p)
+    agree, free_agree = np.equal(*np.asarray(shadow_talk).T), np.equal(*np.asarray(free_talk).T)
     return {
         "decision_agreement": float(agree.mean()),
         "decision_flips": int((~agree).sum()),
-        "p_not_talk_mae": float(np.abs(pa - pb).mean()),
-        "p_not_talk_max_abs": float(np.abs(pa - pb).max()),
+        "p_not_talk_mae": float(np.abs(p[:, 0] - p[:, 1]).mean()),
+        "p_not_talk_max_abs": float(np.abs(p[:, 0] - p[:, 1]).max()),
+        "decision_agreement_free_running": float(free_agree.mean()),
+        "p_not_talk_mae_free_running": float(np.abs(fp[:, 0] - fp[:, 1]).mean()),
         "logit_cosine": float(np.mean(cos)),
         "logit_cosine_min": float(np.min(cos)),
         "top1_match_rate": float(np.mean(top1)),
         "token_match_rate": float(np.mean(same_tokens)),
-        "talk_frames_parent": int(np.sum(talk_a)),
-        "talk_frames_child": int(np.sum(talk_b)),
-        "frames": len(pa),
+        "talk_frames_parent": int(sum(t[0] for t in free_talk)),
+        "talk_frames_child": int(sum(t[1] for t in free_talk)),
+        "frames": len(free_p),
+        "decisions": len(shadow_p),
     }
 
 
 def compare_vision(
-    parent: Bundle, child: Bundle, streams: Sequence[np.ndarray], per_stream: int = 16
+    parent: Bundle, child: Bundle, streams: Sequence[Stream], per_stream: int = 16
 ) -> dict[str, float]:
     """Frame tokens of both vision graphs on frames spread over the streams."""
     cos, worst, rel = [], 0.0, []
-    for s in streams:
+    for s in (st.frames for st in streams):
         for i in np.linspace(0, len(s) - 1, min(per_stream, len(s))).astype(int):
             a = parent.encode_frames(np.ascontiguousarray(s[i : i + 1]))
             b = child.encode_frames(np.ascontiguousarray(s[i : i + 1]))
@@ -118,6 +131,44 @@ def with_graph(bundle: Bundle, name: str, path: Path) -> Bundle:
     return replace(bundle, manifest=manifest, decoder_name=name)
 
 
+COMPONENTS = ("vision", "embeddings", "decoder")
+
+
+def with_component(parent: Bundle, child: Bundle, part: str) -> Bundle:
+    """The parent with one part of the child swapped in: its vision graph, its embedding table,
+    or its current decoder graph. Each part's own cost, measured alone."""
+    if part == "vision":
+        return replace(parent, vision=child.vision)
+    if part == "embeddings":
+        emb = dict(child.manifest.embeddings)
+        if emb.get("scale"):  # per-row scales beside the child's table
+            emb["scale"] = str((child.root / emb["scale"]).resolve())
+        manifest = replace(parent.manifest, embeddings=emb)
+        return replace(parent, embeddings=child.embeddings, manifest=manifest)
+    if part == "decoder":
+        g = child.manifest.graphs[child.decoder_name]
+        return with_graph(parent, parent.decoder_name, child.root / g.file)
+    raise ValueError(f"part {part!r}: choose one of {COMPONENTS}")
+
+
+def component_costs(
+    parent: Bundle, child: Bundle, streams: Sequence[Stream], reply_tokens: int, fps: float,
+) -> dict[str, dict[str, Any]]:
+    """Figures of the parent with each quantized part of the child alone (parts the child kept
+    fp32 are left out): which of vision, embedding table and decoder flips the decisions."""
+    out = {}
+    for part in COMPONENTS:
+        if part == "vision" and child.manifest.graphs["vision"].precision == "fp32":
+            continue
+        if part == "embeddings" and child.manifest.embeddings.get("dtype") == "float32":
+            continue
+        if part == "decoder" and child.manifest.graphs[child.decoder_name].precision == "fp32":
+            continue
+        out[part] = compare_decoders(parent, with_component(parent, child, part), streams,
+                                     reply_tokens, fps)
+    return out
+
+
 def paper_metrics(parent: Path, child: Path, data: Path | None) -> dict[str, Any] | str:
     """The paper's metrics for both bundles through bench's pluggable evaluator, if present:
     `proassist_edge.bench.evaluate.evaluate(bundle_path, data_dir) -> dict`."""
@@ -133,26 +184,28 @@ def paper_metrics(parent: Path, child: Path, data: Path | None) -> dict[str, Any
 # --- the table at the end ---------------------------------------------------------------------
 def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Side by side: sizes of parent and child per graph, and each decoder's figures."""
-    headers = ["graph", "precision", "fp32 parent", "child", "agreement", "P MAE", "logit cos", "tokens"]
+    headers = ["graph", "precision", "fp32 parent", "child", "agreement", "free-running", "P MAE",
+               "logit cos", "tokens"]
     rows = []
     for name, g in report["graphs"].items():
         d = report["decoders"].get(name)
         v = report.get("vision") if name == "vision" else None
-        figures = ["", "", "", ""]
+        figures = ["", "", "", "", ""]
         if d is not None:
             figures = [
-                f"{d['decision_agreement']:.3f}", f"{d['p_not_talk_mae']:.2e}",
+                f"{d['decision_agreement']:.3f}", f"{d['decision_agreement_free_running']:.3f}",
+                f"{d['p_not_talk_mae']:.2e}",
                 f"{d['logit_cosine']:.4f}", f"{d['token_match_rate']:.3f}",
             ]
         elif isinstance(v, dict):  # vision: frame-token cosine in the cosine column
-            figures = ["", "", f"{v['frame_token_cosine']:.4f}", ""]
+            figures = ["", "", "", f"{v['frame_token_cosine']:.4f}", ""]
         sizes = [human_bytes(g["parent_size_bytes"]), human_bytes(g["size_bytes"])]
         rows.append([name, g["precision"], *sizes, *figures])
     e = report["embeddings"]
     sizes = [human_bytes(e["parent_size_bytes"]), human_bytes(e["size_bytes"])]
-    rows.append(["embeddings", e["dtype"], *sizes, "", "", "", ""])
+    rows.append(["embeddings", e["dtype"], *sizes, "", "", "", "", ""])
     sizes = [human_bytes(report["parent_size_bytes"]), human_bytes(report["size_bytes"])]
-    rows.append(["bundle", report["precision"], *sizes, "", "", "", ""])
+    rows.append(["bundle", report["precision"], *sizes, "", "", "", "", ""])
     return headers, rows
 
 
@@ -168,7 +221,7 @@ def render(report: dict[str, Any]) -> str:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
-    title = f"{report['precision']} vs fp32 parent ({report['streams']} streams x {report['frames']} frames)"
+    title = f"{report['precision']} vs fp32 parent ({report['streams']} streams, {report['frames']} frames)"
     table = Table(title=title)
     for h in headers:
         table.add_column(h)

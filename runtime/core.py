@@ -14,6 +14,7 @@ import numpy as np
 
 from proassist_edge.errors import ProAssistEdgeError
 
+from .backend import StepOut
 from .bundle import Bundle
 from .messages import FrameResult, TextMessage
 from .prompt import PromptBuilder, StreamSettings, decide_talk, drop_middle_keep, needs_reset
@@ -88,13 +89,7 @@ class StreamCore:
     # --- one forward ----------------------------------------------------------------------
     def _append(self, embeds: np.ndarray) -> tuple[np.ndarray, float]:
         out = self.dec.append(embeds)
-        if out.p_not_talk is not None:
-            return out.logits, out.p_not_talk
-        if self.head_mode:
-            assert self.b.head is not None, "bundle lacks the decision head graph"
-            p = self.b.head.run(None, {"hidden_states": out.hidden[None, None]})[0]
-            return out.logits, float(p.reshape(-1)[-1])
-        return out.logits, not_talk_probability(out.logits, self.not_talk)
+        return out.logits, decision_probability(self.b, out, self.head_mode)
 
     def _greedy(self, logits: np.ndarray, cap: int) -> Iterator[int]:
         """Greedy tokens, the first forced away from not-talk; each is in the cache once yielded
@@ -222,6 +217,18 @@ def _require_finite(x: np.ndarray | float, what: str) -> None:
     # max() propagates NaN and shows +inf; a -inf logit alone is harmless to argmax and softmax
     if not math.isfinite(float(np.max(x))):
         raise _NonFinite(what)
+
+
+def decision_probability(bundle: Bundle, out: StepOut, head_mode: bool) -> float:
+    """P(not talk) of a decision step: from the graph when it computes it, else the head graph
+    on the last hidden state (w2t "head"), else the softmax of the not-talk logit."""
+    if out.p_not_talk is not None:
+        return out.p_not_talk
+    if head_mode:
+        assert bundle.head is not None, "bundle lacks the decision head graph"
+        p = bundle.head.run(None, {"hidden_states": out.hidden[None, None]})[0]
+        return float(p.reshape(-1)[-1])
+    return not_talk_probability(out.logits, bundle.manifest.model.not_talk_id)
 
 
 def not_talk_probability(logits: np.ndarray, not_talk: int) -> float:

@@ -15,10 +15,11 @@ import pytest
 
 from proassist_edge.errors import BundleError, DataError
 from proassist_edge.manifest import load_manifest
-from proassist_edge.quant.calibration import frame_streams, record_feeds
+from proassist_edge.quant.calibration import episode_streams, frame_streams, plain_streams, record_feeds
 from proassist_edge.quant.graphs import QuantizeError
 from proassist_edge.quant.quantize import quantize_bundle
-from proassist_edge.quant.report import Targets, paper_metrics, render
+from proassist_edge.quant.report import Targets, compare_decoders, paper_metrics, render, with_component
+from proassist_edge.quant.sensitivity import layer_sensitivity
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.core import StreamCore, settings_from_manifest
 from proassist_edge.runtime.messages import TextMessage
@@ -234,11 +235,62 @@ def test_missed_target_names_costly_blocks(parent: Path, children: dict[str, Pat
     assert any("lm_head" in str(n.metadata_props) for n in ops)  # the head stayed a float MatMul
     plain = report_of(children["int4"])["graphs"]["decoder"]
     assert r["graphs"]["decoder"]["size_bytes"] > plain["size_bytes"]
-    scan = r["sensitivity"]
+    parts = r["components"]  # vision was skipped: the table and the decoder, each alone
+    assert sorted(parts["ranked"]) == ["decoder", "embeddings"]
+    assert all(parts[k]["misses"] for k in parts["ranked"])  # no cosine reaches 1.01
+    assert parts["decoder"]["logit_cosine"] < parts["embeddings"]["logit_cosine"] <= 1.0 + 1e-9
+    scan = r["sensitivity"]["decoder"]
+    assert scan["graph"] == parts["graph"]  # the decoder that missed worst
     assert {g["group"] for g in scan["groups"]} == {"layers.0.", "layers.1."}  # lm_head kept fp32
     costs = [g["cost"] for g in scan["groups"]]
     assert costs == sorted(costs, reverse=True)
     assert r["suggested_keep_fp32"] == scan["costliest"]
+    keep = "--keep-fp32 " + " ".join(scan["costliest"])
+    assert r["suggested_options"] == ["--embeddings float16", keep]
+
+
+def test_vision_scan_names_scoped_blocks(parent: Path) -> None:
+    """The vision graph's blocks ranked like the decoder's, as patterns that reach vision only."""
+    scan = layer_sensitivity(parent, "int8-qdq", decoder="vision", streams=1, frames=6, reply_tokens=2,
+                             per_channel=False, threads=1, progress=False)
+    assert scan["graph"] == "vision"
+    groups = [g["group"] for g in scan["groups"]]
+    assert groups and all(g.startswith("vision:") for g in groups)
+    assert "vision:projector" in groups
+    assert set(scan["costliest"]) <= set(groups)
+
+
+def test_same_history_comparison(parent: Path, children: dict[str, Path]) -> None:
+    """The child decides on the parent's history with its own parts: the parent against itself
+    agrees exactly, and each part of the int8 child swapped in alone shows only that part's error."""
+    b = open_bundle(parent, decoder="decoder", threads=1)
+    child = open_bundle(children["int8"], decoder="decoder", threads=1)
+    streams = plain_streams(frame_streams(None, 1, 6, offset=3), 2.0)
+    same = compare_decoders(b, b, streams, 2, 2.0)
+    assert same["decision_agreement"] == 1.0 and same["p_not_talk_mae"] == 0.0
+    assert same["decisions"] == same["frames"] == 6 and same["logit_cosine"] == pytest.approx(1.0)
+    for part in ("vision", "embeddings", "decoder"):
+        mixed = with_component(b, child, part)
+        f = compare_decoders(b, mixed, streams, 2, 2.0)
+        assert 0.0 < f["p_not_talk_mae"] < 0.05, part  # quantized: close, not equal
+        assert mixed.decoder_name == "decoder"
+    table = with_component(b, child, "embeddings")
+    ids = [128000, 42]
+    np.testing.assert_array_equal(table.embed(ids), child.embed(ids))  # scales from the child
+    np.testing.assert_array_equal(with_component(b, child, "vision").embed(ids), b.embed(ids))
+
+
+def test_comparison_on_labelled_episodes(parent: Path, tmp_path: Path) -> None:
+    """With --eval the comparison replays the split's episodes with their own system prompt."""
+    from proassist_edge.bench.taskworld import generate_split
+
+    split = generate_split("test", tmp_path / "test", episodes=2)
+    streams = episode_streams(split, None, frames=12)
+    assert len(streams) == 2 and all(len(s.frames) == 12 for s in streams)
+    assert all(s.system is not None and "Steps:" in s.system for s in streams)  # task knowledge
+    assert all(m.t * 2.0 < 12 for s in streams for m in s.messages)
+    with pytest.raises(DataError):
+        episode_streams(tmp_path, None)
 
 
 def test_paper_metrics_for_parent_and_child(parent: Path, children: dict[str, Path], tmp_path: Path) -> None:
@@ -256,3 +308,21 @@ def test_cli_options_reach_the_child(children: dict[str, Path]) -> None:
     assert r["precision"] == "int4"
     notes = " ".join(load_manifest(children["int4"]).notes)
     assert "block 64, accuracy level 4" in notes
+
+
+def test_int4_keeps_named_nodes_in_8bit_blocks(parent: Path, children: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "int4-8"
+    r = quantize_bundle(parent, out, "int4", skip={"vision"}, keep_8bit=["lm_head"],
+                        sensitivity_on_miss=False, **FAST)
+    bits = {}
+    gqa = r["graphs"]["decoder_gqa"]  # onnxruntime-genai's node names carry the module path
+    for n in onnx.load(str(out / gqa["file"]), load_external_data=False).graph.node:
+        if n.op_type == "MatMulNBits":
+            bits[n.name] = next(a.i for a in n.attribute if a.name == "bits")
+    assert [b for name, b in bits.items() if "lm_head" in name] == [8]
+    assert {b for name, b in bits.items() if "lm_head" not in name} == {4}
+    plain = report_of(children["int4"])["graphs"]["decoder_gqa"]["size_bytes"]
+    assert plain < gqa["size_bytes"] < 2 * plain
+    assert r["decoders"]["decoder_gqa"]["p_not_talk_mae"] < 0.05  # it runs, close to the parent
+    with pytest.raises(QuantizeError, match="int4 only"):
+        quantize_bundle(parent, tmp_path / "no", "int8", keep_8bit=["lm_head"], **FAST)
