@@ -310,7 +310,9 @@ def test_cli_options_reach_the_child(children: dict[str, Path]) -> None:
     assert "block 64, accuracy level 4" in notes
 
 
-def test_int4_keeps_named_nodes_in_8bit_blocks(parent: Path, children: dict[str, Path], tmp_path: Path) -> None:
+def test_int4_keeps_named_nodes_in_8bit_blocks(
+    parent: Path, children: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "int4-8"
     r = quantize_bundle(parent, out, "int4", skip={"vision"}, keep_8bit=["lm_head"],
                         sensitivity_on_miss=False, **FAST)
