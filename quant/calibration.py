@@ -130,6 +130,7 @@ class TapDecoder:
         self.p: list[tuple[float, float]] = []  # (owner, shadow) P(not talk) per decision
         self.talk: list[tuple[bool, bool]] = []  # (owner, shadow) decision
         self.prev: tuple[float | None, float | None] = (None, None)
+        self.head_mode = owner.manifest.model.w2t_mode == "head"
 
     @property
     def kv_len(self) -> int:
@@ -161,8 +162,8 @@ class TapDecoder:
     def compare(self, out: StepOut, mirror: StepOut) -> None:
         owner, shadow = self.owner, self.owner.shadow_of
         assert shadow is not None and owner.settings is not None
-        head = owner.manifest.model.w2t_mode == "head"
-        p = (decision_probability(owner, out, head), decision_probability(shadow, mirror, head))
+        p = (decision_probability(owner, out, self.head_mode),
+             decision_probability(shadow, mirror, self.head_mode))
         self.talk.append((decide_talk(p[0], self.prev[0], owner.settings),
                           decide_talk(p[1], self.prev[1], owner.settings)))
         self.p.append(p)

@@ -156,17 +156,13 @@ def component_costs(
 ) -> dict[str, dict[str, Any]]:
     """Figures of the parent with each quantized part of the child alone (parts the child kept
     fp32 are left out): which of vision, embedding table and decoder flips the decisions."""
-    out = {}
-    for part in COMPONENTS:
-        if part == "vision" and child.manifest.graphs["vision"].precision == "fp32":
-            continue
-        if part == "embeddings" and child.manifest.embeddings.get("dtype") == "float32":
-            continue
-        if part == "decoder" and child.manifest.graphs[child.decoder_name].precision == "fp32":
-            continue
-        out[part] = compare_decoders(parent, with_component(parent, child, part), streams,
-                                     reply_tokens, fps)
-    return out
+    m = child.manifest
+    precision = {"vision": m.graphs["vision"].precision, "embeddings": m.embeddings.get("dtype"),
+                 "decoder": m.graphs[child.decoder_name].precision}
+    return {
+        part: compare_decoders(parent, with_component(parent, child, part), streams, reply_tokens, fps)
+        for part in COMPONENTS if precision[part] not in ("fp32", "float32")
+    }
 
 
 def paper_metrics(parent: Path, child: Path, data: Path | None) -> dict[str, Any] | str:

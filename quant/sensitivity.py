@@ -49,7 +49,7 @@ def layer_sensitivity(
     streams: int = 2, frames: int = 60, reply_tokens: int = 8, calibration: str | None = None,
     block_size: int = 32, accuracy_level: int | None = None, per_channel: bool = True,
     keep_fp32: Sequence[str] = (), top: int = 3, threads: int = 0, progress: bool = True,
-    test: list[Stream] | None = None,
+    test: list[Stream] | None = None, keep_8bit: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Quantize one block of a graph at a time (mode "only") or all but one ("exclude") with
     PRECISION ("int8", "int8-qdq", "int4", "fp16") and rank blocks by what they cost.
@@ -92,7 +92,7 @@ def layer_sensitivity(
             raise QuantizeError(f"static QDQ needs the portable decoder, {name!r} is {entry.variant}")
         else:
             feeds = [s.feeds for s in record_feeds(base, cal, reply_tokens, pm.model.fps, 48, 16).samples()]
-    recipe = Recipe(precision, block_size, accuracy_level, per_channel)
+    recipe = Recipe(precision, block_size, accuracy_level, per_channel, tuple(keep_8bit))
     fps = pm.model.fps
     bar = tqdm(total=len(groups) + (mode == "exclude"), desc=f"sensitivity {name} {precision}",
                disable=not progress)
@@ -130,13 +130,6 @@ def layer_sensitivity(
     }
 
 
-def suggest(result: dict[str, Any]) -> str:
-    """A command-line hint from a scan."""
-    pats = " ".join(result["costliest"])
-    return f"--keep-fp32 {pats}" if pats else "no block stands out: try a higher precision"
-
-
-
 def explain_misses(
     report: dict[str, Any], targets: Targets, parent: Path, base: Bundle, child: Bundle,
     sources: dict[str, str], test: list[Stream], scan: bool, *, recipes: dict[str, Recipe | None],
@@ -166,16 +159,18 @@ def explain_misses(
     costly = [k for k in ranked if targets.misses(parts[k])] or ranked[:1]
     options, keep, scans = [], [], {}
     for part in costly:
+        if part == "embeddings":
+            options.append("--embeddings float16")
+            continue
         recipe = recipes.get("vision" if part == "vision" else worst)
-        if part == "embeddings" or recipe is None:
-            options += ["--embeddings float16"] if part == "embeddings" else []
+        if recipe is None:
             continue
         graph = "vision" if part == "vision" else sources[worst]
         scans[part] = result = layer_sensitivity(
             parent, recipe.precision, decoder=graph, calibration=calibration,
             block_size=recipe.block_size, accuracy_level=recipe.accuracy_level,
-            per_channel=recipe.per_channel, keep_fp32=keep_fp32, progress=False,
-            threads=threads, test=test[:4], reply_tokens=reply_tokens,
+            per_channel=recipe.per_channel, keep_fp32=keep_fp32, keep_8bit=recipe.keep_8bit,
+            progress=False, threads=threads, test=test[:4], reply_tokens=reply_tokens,
         )
         keep += result["costliest"]
         if part == "vision" and not result["costliest"]:

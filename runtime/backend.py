@@ -87,9 +87,6 @@ class GqaDecoder:
         # onnxruntime-genai preallocates too. Its rows are valid until the next append.
         vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
         self.step_logits = np.empty((1, 1, vocab), np.float32) if isinstance(vocab, int) else None
-        self.step_logits_ort = (
-            ort.OrtValue.ortvalue_from_numpy(self.step_logits) if self.step_logits is not None else None
-        )
         self.binding = session.io_binding()
         for i, v in enumerate(self.kv_ort):
             layer, kind = divmod(i, 2)
@@ -108,9 +105,9 @@ class GqaDecoder:
         b = self.binding
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
         b.bind_cpu_input("attention_mask", self.mask[:, :total])
-        in_place = self.step_logits if s == 1 and self.step_logits_ort is not None else None
+        in_place = self.step_logits if s == 1 else None
         if in_place is not None:
-            b.bind_ortvalue_output("logits", self.step_logits_ort)
+            b.bind_output("logits", "cpu", 0, np.float32, in_place.shape, in_place.ctypes.data)
         else:
             b.bind_output("logits")
         if self.with_hidden:
