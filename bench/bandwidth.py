@@ -22,7 +22,13 @@ import numpy as np
 import onnxruntime as ort
 
 from proassist_edge.manifest import Manifest, ModelFacts
-from proassist_edge.runtime.backend import Decoder, GqaDecoder, PortableDecoder, StepOut
+from proassist_edge.runtime.backend import (
+    Decoder,
+    GqaDecoder,
+    PortableDecoder,
+    StepOut,
+    physical_cores,
+)
 from proassist_edge.runtime.bundle import Bundle
 from proassist_edge.runtime.core import not_talk_probability
 
@@ -399,16 +405,6 @@ class _OursGreedy:
 
     def next(self) -> None:
         self.tokens.append(int(np.argmax(self.dec.append(self.b.embed(self.tokens[-1:])).logits)))
-
-
-def physical_cores() -> int:
-    """What onnxruntime's CPU provider uses by default for intra-op threads."""
-    try:
-        import psutil
-
-        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 class _GenaiGreedy:

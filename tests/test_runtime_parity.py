@@ -122,3 +122,19 @@ def test_frame_of_wrong_shape_is_a_typed_error(tiny_bundle) -> None:
         core.step(np.zeros((1, 3, 64, 64), np.uint8), 0, 0.0)
     with pytest.raises(FrameError, match="uint8"):
         core.step(np.zeros((1, 64, 64, 3), np.float32), 0, 0.0)
+
+
+def test_sessions_set_their_thread_count_and_decode_into_aligned_logits(tiny_bundle) -> None:
+    from proassist_edge.runtime.backend import GqaDecoder, physical_cores
+
+    b = open_bundle(tiny_bundle(5, "lm", 2)[0], decoder="decoder_gqa")
+    # 0 resolves to one thread per core, set explicitly (onnxruntime pins its workers otherwise)
+    assert b.vision.get_session_options().intra_op_num_threads == physical_cores()
+    dec = b.new_decoder(64)
+    assert isinstance(dec, GqaDecoder) and dec.step_logits is not None
+    assert dec.step_logits.ctypes.data % 64 == 0
+    first = dec.append(b.embed([1, 2, 3]))
+    step = dec.append(b.embed([4]))
+    assert step.logits.shape == first.logits.shape and np.isfinite(step.logits).all()
+    assert np.shares_memory(step.logits, dec.step_logits)
+    assert open_bundle(b.root, threads=1).vision.get_session_options().intra_op_num_threads == 1
