@@ -408,9 +408,9 @@ class _OursGreedy:
 
 
 class _GenaiGreedy:
-    """onnxruntime-genai's Generator, greedy, exactly n new tokens. Its threads are set to ours
-    (given, or onnxruntime's default of one per physical core): left to itself, genai picks
-    its own count, and a comparison at different thread counts says nothing about the code."""
+    """onnxruntime-genai's Generator, greedy, exactly n new tokens. Its thread count is set to
+    ours (given, or one per physical core as the runtime uses): left to itself, genai picks its
+    own, and a comparison at different thread counts says nothing about the code."""
 
     def __init__(self, folder: Path, prompt: list[int], n: int, threads: int) -> None:
         import onnxruntime_genai as og

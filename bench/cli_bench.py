@@ -375,7 +375,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, help="PNG of latency vs context")
     p.add_argument("--markdown", type=Path, help="write the Jetson projection table here")
     p.add_argument("--tts", default="wav", help="wav, wav:DIR, espeak, pyttsx3, piper, or none")
-    p.add_argument("--threads", type=int, default=0, help="threads per session (0: runtime default)")
+    p.add_argument("--threads", type=int, default=0, help="threads per session (0: one per physical core)")
     p.add_argument("--source", default="synthetic", help="frame source (synthetic, file:PATH, ...)")
     p.add_argument("--decoder", help="decoder graph of the bundles (default: each manifest's)")
     p.add_argument("--reps", type=int, help="reps per timed step (default 6, 3x for overhead; quick 3)")

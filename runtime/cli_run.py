@@ -24,7 +24,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, help="memory length in tokens (<= the bundle's)")
     p.add_argument("--max-reply-tokens", type=int, help="cap on one reply (default: bundle's)")
     p.add_argument("--decoder", help="decoder graph of the bundle (default: the bundle's choice)")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per physical core)")
     p.add_argument("--quiet", action="store_true", help="no live console lines")
 
 
