@@ -78,6 +78,7 @@ class Preset:
     lora_r: int = 8
     lora_alpha: int = 16
     embed_init: float = 0.02  # tiny: std of the used embedding rows at the start (0: all zero)
+    prompt_loss: int = 0  # 1: LM loss on the system prompt's tokens too (trainseq)
 
 
 PRESETS = {
@@ -390,7 +391,7 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     builder = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id,
                               trainee.tokens_per_frame, trainee.not_talk_id)
     opts = SeqOptions(preset.neg_rate, preset.eos_drop, "lm" if preset.w2t == "lm" else "head",
-                      preset.keep_after)
+                      preset.keep_after, bool(preset.prompt_loss))
     val = [make_episode("val", i, data_seed) for i in range(preset.val_episodes)]
     params = [p for p in trainee.model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=preset.lr, betas=(0.9, 0.98),

@@ -17,7 +17,10 @@ where a reply is ids(assistant_prefix + text) + eos. Labels follow the paper:
 * the streaming loop does not feed a reply's final eos back (the authors' behaviour), so with
   probability `eos_drop` the eos is left out of the INPUT while its label stays;
 * with a binary decision head, the frame labels are BCE targets on the last placeholder instead
-  (1 = not talk, the authors' convention); talk frames keep their LM label for the reply's start.
+  (1 = not talk, the authors' convention); talk frames keep their LM label for the reply's start;
+* `prompt_loss` (ours, not the paper's, for models trained from scratch): the opening's tokens
+  predict each other too. The task knowledge repeats its own items ("2. Put the red block to
+  the right of the purple block."), dense practice at the copying the replies need.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class SeqOptions:
     eos_drop: float = 0.5  # probability of leaving a reply's eos out of the input
     w2t: str = "lm"  # "lm": not-talk token via the LM head; "head": BCE on a decision head
     keep_after: int = 0  # silent frames right after a reply that always keep their label
+    prompt_loss: bool = False  # the opening's tokens are supervised too (module docstring)
 
 
 @dataclass
@@ -91,8 +95,8 @@ class SequenceBuilder:
             if start <= f < end:
                 due.setdefault(f, []).extend(self.pb.message(m.role, m.content))
         ids = list(self.pb.opening(conv.system, ""))
-        lm_pos: list[int] = []
-        lm_tgt: list[int] = []
+        lm_pos: list[int] = list(range(len(ids) - 1)) if opts.prompt_loss else []
+        lm_tgt: list[int] = ids[1:] if opts.prompt_loss else []
         w2t_pos: list[int] = []
         w2t_tgt: list[float] = []
         frame_last: list[int] = []

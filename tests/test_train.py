@@ -92,6 +92,18 @@ def test_eos_dropout_and_negative_sampling(pb: PromptBuilder) -> None:
     assert [head_labels.get(p) for p in head.frame_last.tolist()] == frame_labels
 
 
+def test_prompt_loss_supervises_the_system_prompt(pb: PromptBuilder) -> None:
+    b, img, eot, _ = make_builder(pb)
+    conv = parse_conversation(TURNS)
+    plain = b.build(conv, 8, SeqOptions(1.0, 0.0), np.random.default_rng(0))
+    seq = b.build(conv, 8, SeqOptions(1.0, 0.0, prompt_loss=True), np.random.default_rng(0))
+    assert seq.ids.tolist() == plain.ids.tolist()  # the same input, more labels
+    n = len(pb.opening("You guide the user."))
+    assert seq.lm_pos.tolist() == list(range(n - 1)) + plain.lm_pos.tolist()
+    assert seq.lm_tgt[: n - 1].tolist() == seq.ids[1:n].tolist()  # each prompt token the next
+    assert seq.lm_tgt[n - 1 :].tolist() == plain.lm_tgt.tolist()
+
+
 def test_sequence_equals_what_the_reference_loop_feeds(pb: PromptBuilder, tiny_ckpt) -> None:
     """Replay a task-world episode's first frames through ReferenceLoop (kept silent) and record
     the ids it feeds: the training sequence of the same frames (no reply due) is identical."""
