@@ -17,6 +17,13 @@ from typing import Any
 
 from proassist_edge.errors import ProAssistEdgeError
 
+# The quantization recipes that met their targets on the test episodes (README): int8 keeps the
+# vision projector fp32 (its outputs reach the hundreds), int4 keeps vision fp32 and the head 8-bit.
+RECIPES: dict[str, dict[str, Any]] = {
+    "int8": {"keep_fp32": ["vision:projector"]},
+    "int4": {"skip": ["vision"], "keep_8bit": ["lm_head"]},
+}
+
 
 def cached_bundles(model: str, precision: str, short: bool) -> Path:
     """Export (and quantize) the shipped model once; later runs reuse the cached bundles."""
@@ -42,15 +49,10 @@ def cached_bundles(model: str, precision: str, short: bool) -> Path:
         from proassist_edge.quant import quantize_bundle
 
         print(f"quantizing to {precision} once into {out} ...", flush=True)
-        # per-tensor scales in the quick mode: per-channel int8 of a 128k-row lm_head takes minutes.
-        # The recipes that met their targets on the test episodes (README): int8 keeps the vision
-        # projector fp32 (its outputs reach the hundreds), int4 keeps vision fp32 and the head 8-bit.
-        recipe: dict[str, Any] = (
-            {"keep_fp32": ["vision:projector"]} if precision == "int8"
-            else {"skip": ["vision"], "keep_8bit": ["lm_head"]} if precision == "int4" else {}
-        )
+        # per-tensor scales in the quick mode: per-channel int8 of a 128k-row lm_head takes minutes
         quantize_bundle(fp32, out, precision=precision, streams=1, frames=40 if short else 120,
-                        per_channel=not short, sensitivity_on_miss=not short, **recipe)
+                        per_channel=not short, sensitivity_on_miss=not short,
+                        **RECIPES.get(precision, {}))
     return out
 
 
