@@ -31,6 +31,7 @@ from proassist_edge.runtime.messages import TextMessage
 from . import bandwidth as bw
 from . import latency as lat
 from . import projection, report
+from .busy import OtherLoad, busy_note
 
 COMPARISONS = ("torch-reference", "ort-genai")
 # bundle precision -> onnxruntime-genai builder precision ("the same precision" on both sides)
@@ -274,6 +275,7 @@ def bench_decoder(
     progress(f"{name}: greedy decoding of {opts.decode_tokens} tokens"
              + (", in turns with onnxruntime-genai" if folder else ""))
     prompt = bw.decode_prompt(b)
+    load = OtherLoad()
     try:
         dec = bw.decode_compare(b, prompt, opts.decode_tokens, max(2, opts.reps // 3), folder,
                                 opts.threads)
@@ -281,6 +283,9 @@ def bench_decoder(
         notes.append(f"ort-genai failed for {name}: {type(e).__name__}: {e}")
         dec = bw.decode_compare(b, prompt, opts.decode_tokens, max(2, opts.reps // 3))
     dec["prompt_tokens"] = len(prompt)
+    dec["other_processes_cores"] = load.cores()
+    if note := busy_note(f"{name}'s decode comparison", dec["other_processes_cores"]):
+        notes.append(note)
     if "ort_genai" in dec:
         dec["ort_genai"]["builder_precision"] = builder_precision
     section["decode"] = dec
@@ -304,6 +309,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     t0 = time.time()
     notes: list[str] = []
     machine = machine_labels()
+    load = OtherLoad()
     progress(f"memory bandwidth ({opts.bandwidth_mib} MiB array)")
     band = bw.measure_bandwidth(opts.bandwidth_mib << 20, 3 if opts.quick else 5,
                                 opts.threads or os.cpu_count())
@@ -333,6 +339,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         if tts_tmp is not None:
             shutil.rmtree(tts_tmp, ignore_errors=True)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["other_processes_cores"] = load.cores()
     proj = projection.project()
     result: dict[str, Any] = {
         "schema": "proassist-edge-bench/1",

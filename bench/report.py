@@ -155,6 +155,7 @@ def print_report(result: dict[str, Any], console: Any = None) -> None:
         f"[bold]{m.get('cpu_model')}[/], {m.get('cpu_cores')} cores"
         + (f", {m.get('model')} power mode {m.get('power_mode')}" if m.get("jetson") else "")
         + f"; load average {m.get('load_average_start')} at start"
+        + f"; other processes {_f(m.get('other_processes_cores'), 2)} cores during the run"
     )
     for name, b in result["bundles"].items():
         t = Table(title=f"{name} ({b['precision']}, {b['decoder']}): stage latency ms")

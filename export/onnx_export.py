@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from transformers import LlamaForCausalLM
 
 from proassist_edge.errors import ExportError
 
+from .fuse import fuse_gate_up
 from .graphs import PortableDecoder, VisionGraph
 from .model import ProAssistModel
 
@@ -169,12 +171,14 @@ def build_optimized_decoder(
             )
         cfg = json.loads((build / "genai_config.json").read_text())["model"]["decoder"]
         layers = int(cfg["num_hidden_layers"])
-        shutil.move(str(build / "model.onnx"), out_dir / "decoder_gqa.onnx")
-        data = []
-        if (build / "model.onnx.data").is_file():
-            # the graph names its external data file; keep that name
-            shutil.move(str(build / "model.onnx.data"), out_dir / "model.onnx.data")
-            data.append("model.onnx.data")
+        graph = onnx.load(str(build / "model.onnx"))  # external data too: fusing reads weights
+        fuse_gate_up(graph)
+        external = (build / "model.onnx.data").is_file()
+        (out_dir / "model.onnx.data").unlink(missing_ok=True)  # onnx appends to an existing file
+        # the same data file name as the builder's (the manifest lists it)
+        onnx.save(graph, str(out_dir / "decoder_gqa.onnx"), save_as_external_data=external,
+                  location="model.onnx.data")
+        data = ["model.onnx.data"] if external else []
     spec = GraphSpec(
         ["inputs_embeds", "attention_mask", *kv_names("past_key_values", layers)],
         ["logits", "hidden_states", *kv_names("present", layers)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,7 @@ def test_bench_quick_json_has_finite_headline_and_a_png(tiny, tmp_path: Path) ->
     assert set(b["context_sweep"]["points"]) == {"64", "200", "512", "3500"}
     assert r["bandwidth"]["bytes_per_s"] > 0
     assert r["machine"]["cpu_cores"] and "load_average_start" in r["machine"]
+    assert r["machine"]["other_processes_cores"] >= 0 and b["decode"]["other_processes_cores"] >= 0
     assert "| Jetson AGX Orin 64GB |" in r["projection_markdown"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -204,3 +206,41 @@ def test_headline_of_a_section_without_alternatives() -> None:
     assert h["context_ratio"] == pytest.approx(2.0) and h["context_ratio_contexts"] == [256, 3500]
     assert h["overhead_ms_ctx200"] == pytest.approx(0.7) and h["overhead_ms_ctx3500"] is None
     assert h["ttfa_ms_p50"] == 120.0 and h["deadline_misses"] == 2
+
+
+def test_other_load_counts_other_processes_and_not_our_own_threads() -> None:
+    """A child burning a core shows up as about one core of other load; our own busy loop does
+    not (the child is measured before it is reaped: reaped children count as ours)."""
+    import subprocess
+    import sys
+    import time
+
+    from proassist_edge.bench.busy import BUSY_CORES, OtherLoad, busy_note
+
+    def over(seconds: float, work) -> float:  # type: ignore[no-untyped-def]
+        load = OtherLoad()
+        work(seconds)
+        cores = load.cores()
+        assert cores is not None  # Linux: /proc/stat is there
+        return cores
+
+    def spin(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+
+    assert busy_note("x", BUSY_CORES) is None and busy_note("x", None) is None
+    assert "1.50 cores" in (busy_note("the decode", 1.5) or "")
+    base = over(0.5, time.sleep)
+    own = over(1.0, spin)
+    assert own - base < 0.4, (base, own)
+    if base > (os.cpu_count() or 1) - 1.5:
+        pytest.skip(f"other processes already use {base:.1f} cores: no room for the burner")
+    burn = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+    burner = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        time.sleep(0.5)  # past the interpreter's start
+        child = over(1.5, time.sleep)
+    finally:
+        burner.wait()
+    assert child - base > 0.5, (base, child)
