@@ -164,6 +164,7 @@ def export_bundle(
             write_manifest(tmp, manifest)
         steps.update()
         steps.close()
+        tmp.chmod(0o755)  # mkdtemp made it 0700: the bundle is read by whoever runs it
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

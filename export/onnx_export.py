@@ -179,6 +179,8 @@ def build_optimized_decoder(
         onnx.save(graph, str(out_dir / "decoder_gqa.onnx"), save_as_external_data=external,
                   location="model.onnx.data")
         data = ["model.onnx.data"] if external else []
+        if external:  # onnx writes its data file 0600: a bundle must be readable like its graphs
+            (out_dir / "model.onnx.data").chmod(0o644)
     spec = GraphSpec(
         ["inputs_embeds", "attention_mask", *kv_names("past_key_values", layers)],
         ["logits", "hidden_states", *kv_names("present", layers)],

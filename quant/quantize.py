@@ -192,6 +192,7 @@ def quantize_bundle(
         write_manifest(tmp, manifest)
         bar.update()
         bar.close()
+        tmp.chmod(0o755)  # mkdtemp made it 0700: the bundle is read by whoever runs it
         tmp.rename(out)
     except BaseException:
         bar.close()

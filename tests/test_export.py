@@ -52,6 +52,8 @@ def test_fixture_exports_and_verifies_both_decoders(
     ops = [n.name for n in onnx.load(str(bundle / m.graphs["decoder_gqa"].file)).graph.node]
     assert sum("/gate_up_proj/MatMul" in n for n in ops) == m.model.num_layers  # fused, verified
     assert not any("/gate_proj/" in n or "/up_proj/" in n for n in ops)
+    for path in (bundle, *bundle.iterdir()):  # readable by the user the runtime runs as
+        assert path.stat().st_mode & 0o044 == 0o044, path
 
 
 @pytest.mark.parametrize("up_first", [False, True])
