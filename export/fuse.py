@@ -16,10 +16,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-def _weight(model: onnx.ModelProto, name: str) -> onnx.TensorProto | None:
-    return next((t for t in model.graph.initializer if t.name == name), None)
-
-
 def fuse_gate_up(model: onnx.ModelProto) -> int:
     """Fuse every (gate_proj, up_proj) MatMul pair that shares its input; returns the pairs
     fused. Weights must be loaded (not external references)."""
@@ -28,13 +24,14 @@ def fuse_gate_up(model: onnx.ModelProto) -> int:
     fused: dict[str, list[onnx.NodeProto]] = {}  # first of the pair -> its replacement
     drop: set[str] = set()  # the second of the pair
     order = {n.name: i for i, n in enumerate(nodes)}
+    weights = {t.name: t for t in model.graph.initializer}
     for gate in nodes:
         if gate.op_type != "MatMul" or "/gate_proj/" not in gate.name:
             continue
         up = by_name.get(gate.name.replace("/gate_proj/", "/up_proj/"))
         if up is None or up.op_type != "MatMul" or up.input[0] != gate.input[0]:
             continue
-        wg, wu = _weight(model, gate.input[1]), _weight(model, up.input[1])
+        wg, wu = weights.get(gate.input[1]), weights.get(up.input[1])
         if wg is None or wu is None or len(wg.dims) != 2 or list(wg.dims) != list(wu.dims):
             continue
         n = int(wg.dims[1])

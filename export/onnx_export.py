@@ -178,9 +178,10 @@ def build_optimized_decoder(
         # the same data file name as the builder's (the manifest lists it)
         onnx.save(graph, str(out_dir / "decoder_gqa.onnx"), save_as_external_data=external,
                   location="model.onnx.data")
-        data = ["model.onnx.data"] if external else []
+        data = []
         if external:  # onnx writes its data file 0600: a bundle must be readable like its graphs
             (out_dir / "model.onnx.data").chmod(0o644)
+            data.append("model.onnx.data")
     spec = GraphSpec(
         ["inputs_embeds", "attention_mask", *kv_names("past_key_values", layers)],
         ["logits", "hidden_states", *kv_names("present", layers)],
