@@ -75,8 +75,10 @@ def materialise(weights: Path, meta_path: Path) -> Path:
 # --- the compact vocabulary rows ----------------------------------------------------------
 def split_rows(weight: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """A (U+1, H) compact table (row U = the common row) as rows, ids and common."""
-    return {"rows": weight[:-1].contiguous(), "ids": ids.to(torch.int64).clone(),
-            "common": weight[-1].contiguous()}
+    # copies: a tied LM head shares its table with the embedding, and safetensors refuses
+    # two names for one memory
+    return {"rows": weight[:-1].clone(), "ids": ids.to(torch.int64).clone(),
+            "common": weight[-1].clone()}
 
 
 def full_table(rows: torch.Tensor, ids: torch.Tensor, common: torch.Tensor, vocab: int) -> torch.Tensor:

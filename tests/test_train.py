@@ -104,6 +104,26 @@ def test_prompt_loss_supervises_the_system_prompt(pb: PromptBuilder) -> None:
     assert seq.lm_tgt[n - 1 :].tolist() == plain.lm_tgt.tolist()
 
 
+
+def test_text_only_sequence_is_the_dialogue_without_frames(pb: PromptBuilder) -> None:
+    b, img, eot, _ = make_builder(pb)
+    conv = parse_conversation(TURNS)
+    full = b.build(conv, 8, SeqOptions(1.0, 0.0), np.random.default_rng(0))
+    seq = b.build(conv, 8, SeqOptions(1.0, 0.0, text_only=1.0), np.random.default_rng(0))
+    ids = seq.ids.tolist()
+    assert ids == [t for t in full.ids.tolist() if t != img]  # the same dialogue, no placeholders
+    assert len(seq.frames) == 0 and len(seq.frame_last) == 0
+    labels = dict(zip(seq.lm_pos.tolist(), seq.lm_tgt.tolist(), strict=True))
+    replies = [b.reply_ids(t) for t in ("Hi there.", "Next, the red block.")]
+    for r in replies:  # the token before a reply predicts its first token, its last one eos
+        s = next(i for i in range(len(ids)) if ids[i : i + len(r)] == r)
+        assert [labels[p] for p in range(s - 1, s + len(r))] == r + [eot]
+    assert len(labels) == sum(len(r) + 1 for r in replies)  # nothing else: no frame labels
+    rng = np.random.default_rng(1)
+    half = [len(b.build(conv, 8, SeqOptions(1.0, 0.0, text_only=0.5), rng).frames) == 0
+            for _ in range(200)]
+    assert 0.35 < np.mean(half) < 0.65
+
 def test_sequence_equals_what_the_reference_loop_feeds(pb: PromptBuilder, tiny_ckpt) -> None:
     """Replay a task-world episode's first frames through ReferenceLoop (kept silent) and record
     the ids it feeds: the training sequence of the same frames (no reply due) is identical."""
@@ -147,7 +167,8 @@ def micro():
     from proassist_edge.export.train import PRESETS, TinyTrainee
 
     torch.manual_seed(0)
-    preset = replace(PRESETS["tiny"], hidden=32, layers=1, vision_width=16, vision_layers=1)
+    preset = replace(PRESETS["tiny"], hidden=32, layers=1, vision_width=16, vision_layers=1, tie=0,
+                     text_only=0.0)
     eps = [make_episode("train", i) for i in range(2)]
     convs = [parse_conversation(build_episode("train", i).conversation) for i in range(2)]
     return TinyTrainee(preset, convs, lambda i: eps[i].frames[:24]), convs
@@ -228,6 +249,41 @@ def test_compact_checkpoint_materialises_exactly(micro, tmp_path: Path) -> None:
     torch.testing.assert_close(compact.exp(), outs[1].p_not_talk[0], atol=1e-6, rtol=1e-4)
 
 
+
+def test_tied_head_trains_on_text_only_sequences_and_ships_exactly(micro, tmp_path: Path) -> None:
+    """tie=1: the LM head is the embedding table (one parameter), a dialogue-only sequence
+    trains it without touching the vision tower, and the packed file rebuilds the same model."""
+    from proassist_edge.bench.models import materialise_tiny
+    from proassist_edge.export.checkpoint import load_checkpoint
+    from proassist_edge.export.train import PRESETS, TinyTrainee, sequence_loss
+
+    _, convs = micro
+    torch.manual_seed(0)
+    preset = replace(PRESETS["tiny"], hidden=32, layers=1, vision_width=16, vision_layers=1, tie=1)
+    eps = [make_episode("train", i) for i in range(2)]
+    trainee = TinyTrainee(preset, convs, lambda i: eps[i].frames[:24])
+    llm = trainee.model.llm
+    assert llm.lm_head.weight is llm.get_input_embeddings().weight
+    b = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id, TPF,
+                        trainee.not_talk_id)
+    seq = b.build(convs[0], 24, SeqOptions(1.0, 0.0, text_only=1.0), np.random.default_rng(0))
+    loss, _ = sequence_loss(trainee, [(seq, 0)])
+    loss.backward()
+    assert llm.get_input_embeddings().weight.grad is not None
+    assert all(p.grad is None for p in trainee.vision.parameters())  # no frame was encoded
+    trainee.pack(tmp_path / "m", {"seed": 0})
+    materialise_tiny(tmp_path / "m.safetensors", json.loads((tmp_path / "m.json").read_text()),
+                     tmp_path / "root")
+    ck = load_checkpoint(tmp_path / "root" / "checkpoint")
+    full = ck.model.llm
+    torch.testing.assert_close(full.lm_head.weight, full.get_input_embeddings().weight)
+    before, tok, _ = trainee.eval_model()
+    ids = torch.tensor([seq.ids.tolist()[:40]])
+    with torch.no_grad():
+        a, c = (m(m.embed_ids(ids), all_positions=True).logits for m in (before, ck.model))
+    torch.testing.assert_close(a, c)
+
+
 def test_shipped_tiny_checkpoint_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from proassist_edge.bench.models import asset_paths, shipped_checkpoint
     from proassist_edge.export.checkpoint import load_checkpoint
@@ -244,6 +300,25 @@ def test_shipped_tiny_checkpoint_loads(tmp_path: Path, monkeypatch: pytest.Monke
     meta = json.loads(meta_path.read_text())
     assert meta["training"]["seed"] is not None and "command" in meta["training"]
     assert shipped_checkpoint("no-such-model") is None
+    # It reads the task knowledge: the greeting names step 1's item, whichever item that is.
+    from proassist_edge.bench.taskworld.dialogue import SYSTEM_PROMPT
+
+    pb, colours = PromptBuilder(ck.tokenizer, ck.chat), ["white", "purple", "blue", "green"]
+    right = 0
+    for k, first in enumerate(colours):
+        order = colours[k:] + colours[:k]
+        steps = [f"1. Put the {first} block at the left end of the plate."] + [
+            f"{i + 2}. Put the {b} block to the right of the {a} block." for i, (a, b) in
+            enumerate(zip(order, order[1:], strict=False))]
+        task = "Task: Build a wall of 4 blocks on the plate.\nSteps:\n" + "\n".join(steps)
+        system = f"{SYSTEM_PROMPT}\n\n{task}"
+        ids = torch.tensor([pb.opening(system) + pb.ids(
+            ck.chat.assistant_prefix + "Hi, I can help you build the wall. Begin with the")])
+        with torch.no_grad():
+            logits = ck.model(ck.model.embed_ids(ids)).logits[0, -1]
+        scores = [float(logits[pb.ids(" " + c)[0]]) for c in colours]
+        right += colours[int(np.argmax(scores))] == first
+    assert right == len(colours)
 
 
 @pytest.mark.slow
