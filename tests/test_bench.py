@@ -232,6 +232,8 @@ def test_other_load_counts_other_processes_and_not_our_own_threads() -> None:
     assert busy_note("x", BUSY_CORES) is None and busy_note("x", None) is None
     assert "1.50 cores" in (busy_note("the decode", 1.5) or "")
     base = over(0.5, time.sleep)
+    if base > BUSY_CORES:  # their load then moves between the windows by more than we measure
+        pytest.skip(f"other processes already use {base:.2f} cores: the machine is not quiet")
     own = over(1.0, spin)
     assert own - base < 0.4, (base, own)
     if base > (os.cpu_count() or 1) - 1.5:
