@@ -18,10 +18,11 @@ from typing import Any
 from proassist_edge.errors import ProAssistEdgeError
 
 # The quantization recipes that met their targets on the test episodes (README): int8 keeps the
-# vision projector fp32 (its outputs reach the hundreds), int4 keeps vision fp32 and the head 8-bit.
+# vision projector fp32 (its outputs reach the hundreds), int4 keeps vision fp32 and the head and
+# the attention projections 8-bit (the tiny model's copying from the task knowledge needs them).
 RECIPES: dict[str, dict[str, Any]] = {
     "int8": {"keep_fp32": ["vision:projector"]},
-    "int4": {"skip": ["vision"], "keep_8bit": ["lm_head"]},
+    "int4": {"skip": ["vision"], "keep_8bit": ["lm_head", "attn"]},
 }
 
 
