@@ -22,9 +22,7 @@ from proassist_edge.errors import ProAssistEdgeError
 # the attention projections 8-bit (the tiny model's copying from the task knowledge needs them).
 RECIPES: dict[str, dict[str, Any]] = {
     "int8": {"keep_fp32": ["vision:projector"]},
-    # accuracy level 4 (int8 compute), the CLI's default: the library's None leaves
-    # MatMulNBits at level 0, where the 8-bit head alone took ~95 ms per token (measured)
-    "int4": {"skip": ["vision"], "keep_8bit": ["lm_head", "attn"], "accuracy_level": 4},
+    "int4": {"skip": ["vision"], "keep_8bit": ["lm_head", "attn"]},
 }
 
 
@@ -47,7 +45,7 @@ def cached_bundles(model: str, precision: str, short: bool) -> Path:
     if precision == "fp32":
         return fp32
     # the quick mode's recipe differs; "r3": the recipes above (fp32 projector; 8-bit head and
-    # attention at accuracy level 4)
+    # attention), at quantize_bundle's accuracy level 4 (level 0 before: ~95 ms per int4 token)
     out = root / (precision + ("-quick" if short else "") + "-r3")
     if not (out / "manifest.json").is_file():
         from proassist_edge.quant import quantize_bundle

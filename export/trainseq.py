@@ -115,7 +115,7 @@ class SequenceBuilder:
             if text:  # the dialogue alone: no placeholders, no frame labels
                 if reply:
                     r = self.reply_ids(reply)
-                    lm_pos += range(len(ids) - 1, len(ids) - 1 + len(r) + 1)
+                    lm_pos += range(len(ids) - 1, len(ids) + len(r))
                     lm_tgt += r + [self.eos_id]
                     ids += r + [self.eos_id]
                 continue

@@ -116,7 +116,7 @@ def check_parent(pm: Manifest, parent: Path, out: Path) -> None:
 
 def quantize_bundle(
     parent: str | Path, out: str | Path, precision: str = "int8", calibration: str | None = None,
-    block_size: int = 32, accuracy_level: int | None = None, skip: Collection[str] = (),
+    block_size: int = 32, accuracy_level: int | None = 4, skip: Collection[str] = (),
     keep_fp32: Sequence[str] = (), eval_data: str | Path | None = None, streams: int = 3,
     frames: int = 120, *, embeddings: str | None = None, reply_tokens: int = 16,
     per_channel: bool = True, keep_8bit: Sequence[str] = (), max_calibration_samples: int = 128,

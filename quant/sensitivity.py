@@ -47,7 +47,7 @@ def groups_of(nodes: list[WeightNode]) -> dict[str, list[WeightNode]]:
 def layer_sensitivity(
     parent: str | Path, precision: str, decoder: str | None = None, mode: str = "only",
     streams: int = 2, frames: int = 60, reply_tokens: int = 8, calibration: str | None = None,
-    block_size: int = 32, accuracy_level: int | None = None, per_channel: bool = True,
+    block_size: int = 32, accuracy_level: int | None = 4, per_channel: bool = True,
     keep_fp32: Sequence[str] = (), top: int = 3, threads: int = 0, progress: bool = True,
     test: list[Stream] | None = None, keep_8bit: Sequence[str] = (),
 ) -> dict[str, Any]:
