@@ -97,17 +97,20 @@ class GqaDecoder:
         self.kv_ort = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
         self.mask = np.ones((1, capacity), np.int64)
         self.with_hidden = with_hidden
-        # One logits buffer for every one-token step, written in place. A fresh (1, 1, V) output
-        # per token cost 12% of SmolLM2's int4 decode time here (page faults on new memory);
-        # onnxruntime-genai preallocates too. Its rows are valid until the next append.
-        vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
-        self.step_logits = _aligned_empty((1, 1, vocab)) if isinstance(vocab, int) else None
         self.binding = session.io_binding()
         for i, v in enumerate(self.kv_ort):
             layer, kind = divmod(i, 2)
             name = "key" if kind == 0 else "value"
             self.binding.bind_ortvalue_input(f"past_key_values.{layer}.{name}", v)
             self.binding.bind_ortvalue_output(f"present.{layer}.{name}", v)
+        outs = {o.name: o.shape for o in session.get_outputs()}
+        ins = {i.name: i.shape for i in session.get_inputs()}
+        vocab, hidden = outs.get("logits", [None])[-1], ins.get("inputs_embeds", [None])[-1]
+        self.io_dims = (hidden, vocab) if isinstance(vocab, int) and isinstance(hidden, int) else None
+        self.buffers: dict[int, _StepBuffers] = {}
+        self.bound = -1  # the append length whose buffers are bound (0: onnxruntime allocates)
+        one = self._buffers(1)
+        self.step_logits = None if one is None else one.logits
         self.kv_len = 0
 
     def append(self, embeds: np.ndarray) -> StepOut:
@@ -118,23 +121,51 @@ class GqaDecoder:
                 f"KV buffer full ({total} > {self.capacity}): a context strategy must run first"
             )
         b = self.binding
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
-        b.bind_cpu_input("attention_mask", self.mask[:, :total])
-        in_place = self.step_logits if s == 1 else None
-        if in_place is not None:
-            b.bind_output("logits", "cpu", 0, np.float32, in_place.shape, in_place.ctypes.data)
-        else:
+        buf = self._buffers(s)
+        if buf is None:
+            # outputs allocated by onnxruntime for this run (a binding keeps the last run's
+            # outputs bound, so they are unbound again every time)
+            self.bound = 0
             b.bind_output("logits")
-        if self.with_hidden:
-            b.bind_output("hidden_states")
+            if self.with_hidden:
+                b.bind_output("hidden_states")
+            b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        else:
+            if self.bound != s:
+                self.bound = s
+                buf.bind(b)
+            buf.x[...] = embeds
+        b.bind_cpu_input("attention_mask", self.mask[:, :total])
         self.sess.run_with_iobinding(b)
-        outs = b.get_outputs()
-        # outputs come in bind order: the shared KV buffers, then logits (and hidden states)
-        n = len(self.kv)
-        logits = in_place[0, -1] if in_place is not None else outs[n].numpy()[0, -1]
-        hidden = outs[n + 1].numpy()[0, -1] if self.with_hidden else np.empty(0, np.float32)
         self.kv_len = total
-        return StepOut(logits.astype(np.float32, copy=False), hidden, None)
+        if buf is not None:
+            logits, hidden = buf.logits, buf.hidden
+        else:
+            # outputs come in bind order: the shared KV buffers, then logits (and hidden states)
+            outs = b.get_outputs()
+            logits = outs[len(self.kv)].numpy()
+            hidden = outs[len(self.kv) + 1].numpy() if self.with_hidden else None
+        return StepOut(
+            logits[0, -1].astype(np.float32, copy=False),
+            np.empty(0, np.float32) if hidden is None else hidden[0, -1],
+            None,
+        )
+
+    def _buffers(self, s: int) -> _StepBuffers | None:
+        """The bound buffers of an append of s tokens: one-token steps and short appends (a
+        frame's I tokens) write into arrays kept for their length, so a step neither allocates
+        outputs nor asks for them back. Measured on SmolLM2 int4 decode (2 cores, lockstep):
+        reading the outputs back per step (`get_outputs`, an OrtValue per KV buffer too) cost
+        ~8% of the step; a fresh (1, 1, V) logits array per token had cost 12% (page faults).
+        Longer appends (prompts) let onnxruntime allocate, as their run dwarfs both."""
+        if self.io_dims is None or s > IN_PLACE_MAX:
+            return None
+        if s not in self.buffers:
+            for old in [n for n in self.buffers if n != 1]:  # keep one-token and one other length
+                del self.buffers[old]
+            hidden, vocab = self.io_dims
+            self.buffers[s] = _StepBuffers.new(s, hidden, vocab, self.with_hidden)
+        return self.buffers[s]
 
     def reset(self) -> None:
         self.kv_len = 0  # the buffer's stale tail is masked out by attention_mask
@@ -187,6 +218,33 @@ class PortableDecoder:
             np.concatenate([a[:, :, :prefix_len], a[:, :, start:end]], axis=2) for a in self.past
         ]
         self.kv_len = prefix_len + end - start
+
+
+IN_PLACE_MAX = 16  # appends up to this many tokens write into buffers kept per length
+
+
+@dataclass
+class _StepBuffers:
+    """An append length's input and outputs, in cache-line aligned arrays shared with the
+    OrtValues bound to the graph (rows valid until the decoder's next append)."""
+
+    x: np.ndarray  # (1, s, H) inputs_embeds, copied into
+    logits: np.ndarray  # (1, s, V)
+    hidden: np.ndarray | None  # (1, s, H) when the graph outputs hidden states
+    values: tuple[ort.OrtValue, ...]
+
+    @classmethod
+    def new(cls, s: int, hidden: int, vocab: int, with_hidden: bool) -> _StepBuffers:
+        x, logits = _aligned_empty((1, s, hidden)), _aligned_empty((1, s, vocab))
+        h = _aligned_empty((1, s, hidden)) if with_hidden else None
+        values = tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in (x, logits, h) if a is not None)
+        return cls(x, logits, h, values)
+
+    def bind(self, b: ort.IOBinding) -> None:
+        b.bind_ortvalue_input("inputs_embeds", self.values[0])
+        b.bind_ortvalue_output("logits", self.values[1])
+        if self.hidden is not None:
+            b.bind_ortvalue_output("hidden_states", self.values[2])
 
 
 def _aligned_empty(shape: tuple[int, ...], align: int = 64) -> np.ndarray:

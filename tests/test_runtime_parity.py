@@ -138,3 +138,25 @@ def test_sessions_set_their_thread_count_and_decode_into_aligned_logits(tiny_bun
     assert step.logits.shape == first.logits.shape and np.isfinite(step.logits).all()
     assert np.shares_memory(step.logits, dec.step_logits)
     assert open_bundle(b.root, threads=1).vision.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.mark.parametrize("w2t", ["lm", "head-mlp"])
+def test_short_appends_write_into_kept_buffers_with_the_allocated_outputs(tiny_bundle, w2t) -> None:
+    """One-token steps and frame-length appends reuse bound buffers; prompts let onnxruntime
+    allocate. Every length, in any order, gives the outputs of a decoder that always allocates."""
+    from proassist_edge.runtime.backend import IN_PLACE_MAX, GqaDecoder
+
+    b = open_bundle(tiny_bundle(5, w2t, 1)[0], decoder="decoder_gqa")
+    kept, fresh = b.new_decoder(128), b.new_decoder(128)
+    assert isinstance(kept, GqaDecoder) and isinstance(fresh, GqaDecoder)
+    fresh.io_dims = None  # no kept buffers: every run's outputs come back from onnxruntime
+    rng = np.random.default_rng(3)
+    for s in (3, 1, 5, 1, 1, IN_PLACE_MAX + 4, 5, 2, 1, 5):
+        x = b.embed(rng.integers(10, 60, s).tolist())
+        a, ref = kept.append(x), fresh.append(x)
+        np.testing.assert_array_equal(a.logits, ref.logits)
+        np.testing.assert_array_equal(a.hidden, ref.hidden)
+        assert (a.hidden.size > 0) == (w2t != "lm")
+        assert (s in kept.buffers) == (s <= IN_PLACE_MAX)
+        assert 1 in kept.buffers and len(kept.buffers) <= 2  # one token and one other length
+    assert kept.kv_len == fresh.kv_len == 44
