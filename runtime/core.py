@@ -104,7 +104,7 @@ class StreamCore:
             if done and not (t == self.eos and self.s.feed_eos and not full):
                 yield t
                 return
-            # a reply token needs no decision: skip P(not talk) (a float64 softmax over the
+            # a reply token needs no decision: skip P(not talk) (a softmax over the
             # vocabulary, or the head graph), which _append would compute and drop
             logits = self.dec.append(self.b.embed([t])).logits
             _require_finite(logits, "decoded-token logits")
@@ -232,10 +232,12 @@ def decision_probability(bundle: Bundle, out: StepOut, head_mode: bool) -> float
 
 
 def not_talk_probability(logits: np.ndarray, not_talk: int) -> float:
-    """softmax(logits)[not_talk], computed stably in float64."""
-    x = logits.astype(np.float64)
-    m = x.max()
-    return float(np.exp(x[not_talk] - m) / np.exp(x - m).sum())
+    """softmax(logits)[not_talk], stably: exp in float32, summed in float64 (relative error
+    ~1e-6). numpy's float64 exp over SmolLM2's 49k logits took 0.77 ms of every frame step here,
+    its float32 exp 0.17 ms."""
+    x = np.asarray(logits, np.float32)
+    m = float(x.max())
+    return float(np.exp(float(x[not_talk]) - m) / np.exp(x - m).sum(dtype=np.float64))
 
 
 def greedy_generate(
