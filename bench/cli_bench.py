@@ -29,8 +29,8 @@ from proassist_edge.runtime.bundle import Bundle, open_bundle
 from proassist_edge.runtime.messages import TextMessage
 
 from . import bandwidth as bw
+from . import kernels, projection, report
 from . import latency as lat
-from . import projection, report
 from .busy import OtherLoad, busy_note
 
 COMPARISONS = ("torch-reference", "ort-genai")
@@ -296,6 +296,15 @@ def bench_decoder(
     weights = bw.decoder_weights(b.root, b.manifest, b.decoder_name)
     section["limit"] = bw.bandwidth_figures(weights, best, dec["ours"]["decode_ms_per_token"] / 1e3)
     section["limit"]["bandwidth_near_decode_gb_per_s"] = near.bytes_per_s / 1e9
+    progress(f"{name}: the decoder's weight matmuls alone, in turns with decode steps")
+    context = len(prompt) + opts.decode_tokens // 2  # the decode comparison's mean context
+    k = kernels.time_weight_matmuls(
+        b.root / b.manifest.graphs[b.decoder_name].file, kernels.decode_step_at(b, context),
+        opts.threads, reps=3 if opts.quick else 8, runs=4 if opts.quick else 12)
+    section["limit"].update(k, decode_step_context=context)
+    if k["weight_matmuls_ms"] is not None:
+        section["limit"]["weight_matmuls_over_bandwidth_floor"] = (
+            k["weight_matmuls_ms"] / section["limit"]["decode_floor_ms"])
     done = sorted(c for c in sweep["points"] if c in opts.sweep)
     if len(done) >= 2:
         section["context_ratio_flops_predicted"] = bw.context_ratio_predicted(

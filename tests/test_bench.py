@@ -246,3 +246,33 @@ def test_other_load_counts_other_processes_and_not_our_own_threads() -> None:
     finally:
         burner.wait()
     assert child - base > 0.5, (base, child)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_weight_matmuls_cut_out_hold_every_weight_read_per_token(tiny, tmp_path, precision) -> None:
+    """The cut-out graph has every weight matmul of the decoder (4 per layer and the LM head,
+    whatever the format), reads the same weight bytes but the norms', and runs."""
+    import onnx
+
+    from proassist_edge.bench import kernels
+    from proassist_edge.quant import graphs as qg
+
+    bundle, _ = tiny
+    src = bundle / "decoder_gqa.onnx"
+    if precision != "fp32":
+        dst = tmp_path / "decoder_gqa.onnx"
+        qg.apply(qg.Recipe(precision), src, dst, [w.name for w in qg.weight_nodes(qg.load(src))])
+        src = dst
+    cut = kernels.weight_only_model(src)
+    assert cut is not None
+    model, ops, count = cut
+    b = open_bundle(bundle)
+    assert count == 4 * b.manifest.model.num_layers + 1
+    expected = {"fp32": "MatMul", "int8": "MatMulInteger", "int4": "MatMulNBits"}[precision]
+    assert ops[expected] == count
+    onnx.save(model, str(tmp_path / "cut.onnx"))
+    cut_bytes, all_bytes = (bw.graph_weights(p).bytes for p in (tmp_path / "cut.onnx", src))
+    norms = (2 * b.manifest.model.num_layers + 1) * b.manifest.model.hidden_size * 4
+    assert cut_bytes <= all_bytes <= cut_bytes + norms + 64
+    t = kernels.time_weight_matmuls(src, lambda: None, threads=1, reps=1, runs=2)
+    assert t["weight_matmuls"] == count and t["weight_matmuls_ms"] > 0
