@@ -277,11 +277,11 @@ def bench_decoder(
     prompt = bw.decode_prompt(b)
     load = OtherLoad()
     try:
-        dec = bw.decode_compare(b, prompt, opts.decode_tokens, max(2, opts.reps // 3), folder,
+        dec = bw.decode_compare(b, prompt, opts.decode_tokens, max(3, opts.reps), folder,
                                 opts.threads)
     except (ImportError, RuntimeError) as e:  # onnxruntime-genai raises RuntimeError on load
         notes.append(f"ort-genai failed for {name}: {type(e).__name__}: {e}")
-        dec = bw.decode_compare(b, prompt, opts.decode_tokens, max(2, opts.reps // 3))
+        dec = bw.decode_compare(b, prompt, opts.decode_tokens, max(3, opts.reps))
     dec["prompt_tokens"] = len(prompt)
     dec["other_processes_cores"] = load.cores()
     if note := busy_note(f"{name}'s decode comparison", dec["other_processes_cores"]):
@@ -302,9 +302,9 @@ def bench_decoder(
         b.root / b.manifest.graphs[b.decoder_name].file, kernels.decode_step_at(b, context),
         opts.threads, reps=3 if opts.quick else 8, runs=4 if opts.quick else 12)
     section["limit"].update(k, decode_step_context=context)
-    if k["weight_matmuls_ms"] is not None:
+    if k["weight_matmuls_ms"] is not None:  # the share is paired in turns: robust to drift
         section["limit"]["weight_matmuls_over_bandwidth_floor"] = (
-            k["weight_matmuls_ms"] / section["limit"]["decode_floor_ms"])
+            k["weight_matmuls_share"] * section["limit"]["decode_over_bandwidth_floor"])
     done = sorted(c for c in sweep["points"] if c in opts.sweep)
     if len(done) >= 2:
         section["context_ratio_flops_predicted"] = bw.context_ratio_predicted(

@@ -31,8 +31,9 @@ DEFINITIONS = {
     "decode_over_bandwidth_floor": "our decode time per token / (decoder weight bytes / measured "
     "memory read bandwidth) (1.0 = at the physical limit)",
     "weight_matmuls_over_bandwidth_floor": "the decoder's weight matmuls alone (cut out into a "
-    "graph of their own, same kernels) / the same floor: how far the kernels themselves are "
-    "from the memory bandwidth; decode_over_bandwidth_floor can be no lower",
+    "graph of their own, same kernels), as a share of a decode step timed in turns with it, "
+    "times decode_over_bandwidth_floor: how far the kernels themselves are from the memory "
+    "bandwidth (the rest of the step is attention, norms, activations and the loop)",
     "context_ratio": "decode step latency at the largest / the smallest context of the sweep",
     "context_ratio_flops_predicted": "the same ratio if time followed FLOPs: (2*params + "
     "4*layers*heads*head_dim*C) per token",
