@@ -8,7 +8,8 @@ beside decode steps says where the distance to the floor is: when the matmul ker
 far from it, they are compute-bound on this CPU, and no change to the graph or the loop can
 bring the step under them.
 
-A weight matmul is a MatMulNBits node, a MatMul with a 2-D initializer as B, or an int8
+A weight matmul is a MatMulNBits node, a MatMul with a 2-D initializer (or its Transpose, as
+torch's exporter writes the portable graph) as B, or an int8
 MatMulInteger with its DynamicQuantizeLinear of the activation, the scale Mul and the
 Cast/Mul that turn its int32 output back to float (the chain onnxruntime fuses at load).
 """
@@ -39,13 +40,19 @@ def _chain(node: Any, inits: dict[str, Any], producer: dict[str, Any],
     if node.op_type == "MatMulNBits":
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         return [node], node.input[0], int(attrs["K"]), node.output[0]
-    if node.op_type not in ("MatMul", "MatMulInteger") or node.input[1] not in inits:
+    if node.op_type == "MatMul":  # B a 2-D initializer, or one transposed (torch's export)
+        b, t = node.input[1], producer.get(node.input[1])
+        if b in inits and len(inits[b].dims) == 2:
+            return [node], node.input[0], int(inits[b].dims[0]), node.output[0]
+        w = inits.get(t.input[0]) if t is not None and t.op_type == "Transpose" else None
+        if w is not None and len(w.dims) == 2:
+            return [t, node], node.input[0], int(w.dims[1]), node.output[0]
+        return None
+    if node.op_type != "MatMulInteger" or node.input[1] not in inits:
         return None
     dims = list(inits[node.input[1]].dims)
     if len(dims) != 2:
         return None
-    if node.op_type == "MatMul":
-        return [node], node.input[0], int(dims[0]), node.output[0]
     quant = producer.get(node.input[0])
     if quant is None or quant.op_type != "DynamicQuantizeLinear":
         return None
@@ -83,13 +90,15 @@ def weight_only_model(path: Path) -> tuple[Any, Counter[str], int] | None:
     used: set[str] = set()
     taken: set[int] = set()
     for node in g.node:
-        if id(node) in taken or (c := _chain(node, inits, producer, consumers)) is None:
+        if (c := _chain(node, inits, producer, consumers)) is None:
             continue
         chain, x, k, out = c
-        taken.update(id(n) for n in chain)
         name = f"x{k}"
         inputs.setdefault(k, helper.make_tensor_value_info(name, elem, [1, 1, k]))
         for n in chain:
+            if id(n) in taken:  # a weight's Transpose shared by two matmuls: copied once
+                continue
+            taken.add(id(n))
             copy = onnx.NodeProto()
             copy.CopyFrom(n)
             copy.input[:] = [name if i == x else i for i in n.input]

@@ -33,7 +33,8 @@ DEFINITIONS = {
     "weight_matmuls_over_bandwidth_floor": "the decoder's weight matmuls alone (cut out into a "
     "graph of their own, same kernels), as a share of a decode step timed in turns with it, "
     "times decode_over_bandwidth_floor: how far the kernels themselves are from the memory "
-    "bandwidth (the rest of the step is attention, norms, activations and the loop)",
+    "bandwidth (the rest of the step is attention, norms, activations and the loop); the share "
+    "moves between processes (SmolLM2 int4 here: 0.72-1.09), so read it as approximate",
     "context_ratio": "decode step latency at the largest / the smallest context of the sweep",
     "context_ratio_flops_predicted": "the same ratio if time followed FLOPs: (2*params + "
     "4*layers*heads*head_dim*C) per token",

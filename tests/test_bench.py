@@ -248,18 +248,19 @@ def test_other_load_counts_other_processes_and_not_our_own_threads() -> None:
     assert child - base > 0.5, (base, child)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["portable", "fp32", "int8", "int4"])
 def test_weight_matmuls_cut_out_hold_every_weight_read_per_token(tiny, tmp_path, precision) -> None:
-    """The cut-out graph has every weight matmul of the decoder (4 per layer and the LM head,
-    whatever the format), reads the same weight bytes but the norms', and runs."""
+    """The cut-out graph has every weight matmul of the decoder (4 per layer and the LM head in
+    the GQA graph, whatever the format; q/k/v and gate/up apart in the portable one), reads the
+    same weight bytes but the norms', and runs."""
     import onnx
 
     from proassist_edge.bench import kernels
     from proassist_edge.quant import graphs as qg
 
     bundle, _ = tiny
-    src = bundle / "decoder_gqa.onnx"
-    if precision != "fp32":
+    src = bundle / ("decoder.onnx" if precision == "portable" else "decoder_gqa.onnx")
+    if precision in ("int8", "int4"):
         dst = tmp_path / "decoder_gqa.onnx"
         qg.apply(qg.Recipe(precision), src, dst, [w.name for w in qg.weight_nodes(qg.load(src))])
         src = dst
@@ -267,8 +268,9 @@ def test_weight_matmuls_cut_out_hold_every_weight_read_per_token(tiny, tmp_path,
     assert cut is not None
     model, ops, count = cut
     b = open_bundle(bundle)
-    assert count == 4 * b.manifest.model.num_layers + 1
-    expected = {"fp32": "MatMul", "int8": "MatMulInteger", "int4": "MatMulNBits"}[precision]
+    per_layer = 7 if precision == "portable" else 4
+    assert count == per_layer * b.manifest.model.num_layers + 1
+    expected = {"int8": "MatMulInteger", "int4": "MatMulNBits"}.get(precision, "MatMul")
     assert ops[expected] == count
     onnx.save(model, str(tmp_path / "cut.onnx"))
     cut_bytes, all_bytes = (bw.graph_weights(p).bytes for p in (tmp_path / "cut.onnx", src))
