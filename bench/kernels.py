@@ -17,7 +17,6 @@ Cast/Mul that turn its int32 output back to float (the chain onnxruntime fuses a
 from __future__ import annotations
 
 import tempfile
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ import onnxruntime as ort
 from proassist_edge.runtime.backend import make_session
 from proassist_edge.runtime.bundle import Bundle
 
-from .bandwidth import CoreStep, _back, _mark, fill
+from .bandwidth import CoreStep, _back, _mark, _ms, fill
 
 
 def _chain(node: Any, inits: dict[str, Any], producer: dict[str, Any],
@@ -134,12 +133,13 @@ def time_weight_matmuls(
         dtype = np.float16 if "float16" in sess.get_inputs()[0].type else np.float32
         # inputs and outputs bound once, as the decoder's are: a fresh output per run (the LM
         # head's is a vocabulary of floats) would add page faults the decode step never pays
+        feeds = {i.name: np.full(i.shape, 0.5, dtype) for i in sess.get_inputs()}
         binding = sess.io_binding()
-        for i in sess.get_inputs():
-            binding.bind_cpu_input(i.name, np.full(i.shape, 0.5, dtype))
+        for name, x in feeds.items():
+            binding.bind_cpu_input(name, x)
         names = [o.name for o in sess.get_outputs()]
-        first = sess.run(names, {i.name: np.full(i.shape, 0.5, dtype) for i in sess.get_inputs()})
-        keep = [ort.OrtValue.ortvalue_from_numpy(np.empty_like(y)) for y in first]  # alive
+        keep = [ort.OrtValue.ortvalue_from_numpy(np.empty_like(y))  # referenced: kept alive
+                for y in sess.run(names, feeds)]
         for name, value in zip(names, keep, strict=True):
             binding.bind_ortvalue_output(name, value)
         kern, steps = _in_turns(lambda: sess.run_with_iobinding(binding), step, reps, runs)
@@ -179,8 +179,3 @@ def decode_step_at(b: Bundle, context: int) -> Callable[[], object]:
 
     return run
 
-
-def _ms(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - t0)
