@@ -192,8 +192,38 @@ def _torch() -> Check:
     return Check("torch", True, f"{version} ({note})" if version else f"not installed ({note})")
 
 
-def doctor_report() -> list[Check]:
-    """Check everything the runtime and its optional devices need, on this machine."""
+def _bundle(path: Path) -> list[Check]:
+    """The bundle opens here (every sha256), its decoder runs one step, and which decoder that
+    is and why (the manifest's notes: the default's reason, any decoder left out at export)."""
+    mod, why = _try_import("proassist_edge.runtime.bundle")  # needs onnxruntime, tokenizers
+    if mod is None:
+        return [Check("bundle", False, f"runtime not importable ({why})",
+                      "pip install onnxruntime tokenizers", required=True)]
+    from proassist_edge.errors import ProAssistEdgeError
+    from proassist_edge.runtime.bundle import open_bundle
+    from proassist_edge.runtime.cli_run import decoder_line
+
+    try:
+        bundle = open_bundle(path)
+    except ProAssistEdgeError as e:
+        return [Check("bundle", False, f"{path}: {e}", "re-export or re-copy the bundle",
+                      required=True)]
+    line = decoder_line(bundle)
+    try:
+        bundle.new_decoder(16).append(bundle.embed([bundle.manifest.model.eos_id]))
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors derive from Exception directly
+        others = [k for k in bundle.manifest.graphs if k.startswith("decoder")]
+        return [Check("bundle", True, f"{path}: opens, every sha256 matches", required=True),
+                Check("bundle decoder", False, f"{line}; one step failed here "
+                      f"({type(e).__name__}: {e})", f"run with --decoder (one of {others})",
+                      required=True)]
+    return [Check("bundle", True, f"{path}: opens, every sha256 matches", required=True),
+            Check("bundle decoder", True, f"runs one step; {line}", required=True)]
+
+
+def doctor_report(bundle: Path | None = None) -> list[Check]:
+    """Check everything the runtime and its optional devices need, on this machine; with a
+    bundle, also that it opens and its decoder runs here, and which decoder that is and why."""
     sections: list[Callable[[], Check | list[Check]]] = [
         _onnxruntime,
         _tensorrt,
@@ -206,6 +236,8 @@ def doctor_report() -> list[Check]:
         _platform,
         _torch,
     ]
+    if bundle is not None:
+        sections.insert(1, lambda: _bundle(bundle))
     checks: list[Check] = []
     for section in sections:
         result = section()
@@ -231,8 +263,10 @@ def format_report(checks: list[Check]) -> str:
 def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `doctor` on an argparse subparsers object; sets `func=run_doctor`."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "doctor", help="check this machine: runtimes, cameras, audio, speech, Jetson"
+        "doctor", help="check this machine (runtimes, cameras, audio, speech, Jetson) [and a bundle]"
     )
+    parser.add_argument("bundle", nargs="?", type=Path,
+                        help="also check this bundle: it opens, its decoder runs, which one and why")
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.set_defaults(func=run_doctor)
     return parser
@@ -240,7 +274,7 @@ def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_doctor(args: argparse.Namespace) -> int:
     """Print the report; exit status 1 when a required check fails."""
-    checks = doctor_report()
+    checks = doctor_report(getattr(args, "bundle", None))
     if getattr(args, "json", False):
         print(json.dumps([asdict(c) for c in checks], indent=2))
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from proassist_edge.errors import ExportError
+from proassist_edge.errors import ExportError, ToleranceError
 from proassist_edge.manifest import GraphEntry, Manifest, ModelFacts, sha256_file, write_manifest
+from proassist_edge.runtime.backend import Decoder
 from proassist_edge.runtime.prompt import StreamSettings
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint
@@ -57,7 +59,7 @@ def model_facts(
         hidden_size=c.hidden_size,
         num_layers=c.num_hidden_layers,
         num_kv_heads=c.num_key_value_heads,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        head_dim=_head_dim(ck),
         vocab_size=c.vocab_size,
         max_seq_len=max_seq_len,
         image_size=ck.model.vision.image_size,
@@ -124,7 +126,7 @@ def export_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        graphs = _export_graphs(ck, tmp, opts, steps)
+        graphs, left_out = _export_graphs(ck, tmp, opts, steps)
         table = ck.model.llm.get_input_embeddings().weight.detach().float().numpy()  # type: ignore[operator]
         np.save(tmp / "embeddings.npy", table)
         shutil.copy(ck.tokenizer_path, tmp / "tokenizer.json")
@@ -143,11 +145,9 @@ def export_bundle(
                 "llm": str(ck.llm_dir),
                 "vision": str(ck.vision_dir),
             },
+            notes=[n for _, n in left_out],
         )
-        decoders = [k for k in graphs if k.startswith("decoder")]
-        manifest.default_decoder, note = choose_default(tmp, manifest, decoders, steps)
-        manifest.notes.append(note)
-        write_manifest(tmp, manifest)
+        left_out += check_decoders_run(tmp, manifest)
         if opts.verify:
             steps.set_postfix_str("verifying against PyTorch")
             settings = StreamSettings(
@@ -156,12 +156,15 @@ def export_bundle(
                 max_reply_tokens=opts.max_reply_tokens,
                 threshold=facts.default_threshold,
             )
-            report = verify_bundle(
-                ck, tmp, decoders, settings, opts.verify_frames, system, tol=opts.tolerance
-            )
+            report, dropped = verify_decoders(ck, tmp, manifest, settings, opts, system)
+            left_out += dropped
             (tmp / "verify.json").write_text(json.dumps(report, indent=2))
             manifest.verify = {k: v for k, v in report.items() if k != "decoders"}
-            write_manifest(tmp, manifest)
+        manifest.default_decoder, note = choose_default(
+            tmp, manifest, decoder_names(manifest), steps, [name for name, _ in left_out]
+        )
+        manifest.notes.append(note)
+        write_manifest(tmp, manifest)
         steps.update()
         steps.close()
         tmp.chmod(0o755)  # mkdtemp made it 0700: the bundle is read by whoever runs it
@@ -175,8 +178,10 @@ def export_bundle(
 
 def _export_graphs(
     ck: LoadedCheckpoint, root: Path, opts: ExportOptions, steps: tqdm
-) -> dict[str, GraphEntry]:
+) -> tuple[dict[str, GraphEntry], list[tuple[str, str]]]:
+    """The graphs, and (name, note) for each optional decoder that could not be built."""
     graphs: dict[str, GraphEntry] = {}
+    left_out: list[tuple[str, str]] = []
     steps.set_postfix_str("vision graph")
     graphs["vision"] = _entry(
         root, "vision.onnx", export_vision(ck.model, root / "vision.onnx", opts.opset)
@@ -194,11 +199,153 @@ def _export_graphs(
         steps.update()
     if "optimized" in opts.variants:
         steps.set_postfix_str("optimized decoder (onnxruntime-genai builder)")
-        file, data, spec = build_optimized_decoder(ck.model, ck.tokenizer_path, root)
-        entry = _entry(root, file, spec, "optimized", data)
-        graphs["decoder_gqa"] = entry
+        try:
+            file, data, spec = build_optimized_decoder(ck.model, ck.tokenizer_path, root)
+        except ExportError as e:
+            if "decoder" not in graphs:  # nothing else carries the export
+                raise
+            why = left_out_note("decoder_gqa", "onnxruntime-genai's builder could not build it", e,
+                                _head_dim(ck), "decoder")
+            _say(why)
+            left_out.append(("decoder_gqa", why))
+        else:
+            graphs["decoder_gqa"] = _entry(root, file, spec, "optimized", data)
         steps.update()
-    return graphs
+    return graphs, left_out
+
+
+def _head_dim(ck: LoadedCheckpoint) -> int:
+    c: Any = ck.model.llm.config
+    return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+
+def decoder_names(manifest: Manifest) -> list[str]:
+    return [k for k in manifest.graphs if k.startswith("decoder")]
+
+
+def _portable(manifest: Manifest) -> list[str]:
+    return [k for k in decoder_names(manifest) if manifest.graphs[k].variant == "portable"]
+
+
+def _say(note: str) -> None:
+    tqdm.write(f"note: {note}", file=sys.stderr)
+
+
+def left_out_note(name: str, stage: str, error: BaseException, head_dim: int, runs: str) -> str:
+    """One sentence for the manifest: which decoder, what failed, what it means."""
+    text = " ".join(str(error).split())
+    text = text.split(" (figures: ")[0]  # a ToleranceError's figures are in verify.json
+    if len(text) > 400:  # a builder's stderr: its first line and its last words
+        text = f"{text[:150]} ... {text[-250:]}"
+    meaning = "the optimized graph cannot serve this model here"
+    if head_dim % 16 and ("GroupQueryAttention" in text or "head_size" in text):
+        meaning = (
+            f"onnxruntime's GroupQueryAttention rejects this model's head_dim {head_dim} "
+            "(it needs a multiple of 16)"
+        )
+    return (
+        f"{name} left out: {stage} ({type(error).__name__}: {text}); {meaning}, so the portable "
+        f"decoder '{runs}' (standard ops, the same model) carries the bundle"
+    )
+
+
+def leave_out(root: Path, manifest: Manifest, name: str, why: str) -> None:
+    """Drop an optional decoder from the bundle: its files go, the reason stays in the notes."""
+    graph = manifest.graphs.pop(name)
+    for f in (graph.file, *graph.data_files):
+        (root / f).unlink(missing_ok=True)
+        manifest.files.pop(f, None)
+    manifest.notes.append(why)
+    _say(why)
+
+
+def check_decoders_run(root: Path, manifest: Manifest) -> list[tuple[str, str]]:
+    """Load every decoder and run it once. onnxruntime accepts some graphs at load and rejects
+    them at their first run (GroupQueryAttention with head_dim 8): an optional decoder that
+    fails is left out; a portable one that fails fails the export."""
+    from proassist_edge.runtime.bundle import open_bundle
+
+    dropped: list[tuple[str, str]] = []
+    write_manifest(root, manifest)
+    portable = _portable(manifest)
+    hd = manifest.model.head_dim
+    for name in decoder_names(manifest):
+        stage = f"onnxruntime {ort_version()} cannot load it"
+        try:
+            dec = open_bundle(root, decoder=name, verify=False).new_decoder(64)
+            stage = f"onnxruntime {ort_version()} loads it but cannot run it"
+            run_once(dec, manifest.model.tokens_per_frame, manifest.model.hidden_size)
+        except Exception as e:  # onnxruntime's errors derive from Exception directly (Fail, ...)
+            if name in portable or not portable:
+                raise ExportError(
+                    f"{name} ({manifest.graphs[name].variant}) does not run: {stage} "
+                    f"({type(e).__name__}: {e}); nothing else can carry the bundle. Check the "
+                    "onnxruntime install (proassist-edge doctor), or report the model's config"
+                ) from e
+            why = left_out_note(name, stage, e, hd, portable[0])
+            leave_out(root, manifest, name, why)
+            dropped.append((name, why))
+    write_manifest(root, manifest)
+    return dropped
+
+
+def run_once(dec: Decoder, tokens_per_frame: int, hidden: int) -> None:
+    """A prompt-sized append, then a one-token step: the two paths the runtime takes."""
+    x = np.random.default_rng(0).standard_normal((1, tokens_per_frame + 3, hidden))
+    x = (x * 0.05).astype(np.float32)
+    dec.append(x)
+    dec.append(x[:, :1])
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+def verify_decoders(
+    ck: LoadedCheckpoint,
+    root: Path,
+    manifest: Manifest,
+    settings: StreamSettings,
+    opts: ExportOptions,
+    system: str,
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """verify_bundle over the decoders in the bundle. When that fails and the portable decoders
+    pass alone, the optional ones are left out with the reason (one more reference run, on the
+    failing path only); a portable mismatch fails the export."""
+    decoders = decoder_names(manifest)
+    manifest.default_decoder = decoders[0]  # provisional: vision_diff opens the default
+    write_manifest(root, manifest)
+
+    def verify(names: list[str]) -> dict[str, Any]:
+        return verify_bundle(
+            ck, root, names, settings, opts.verify_frames, system, tol=opts.tolerance
+        )
+
+    try:
+        return verify(decoders), []
+    except Exception as e:  # a mismatch (ToleranceError) or an optional graph failing mid-stream
+        portable = _portable(manifest)
+        optional = [d for d in decoders if d not in portable]
+        if not portable or not optional:
+            raise
+        first = e
+    manifest.default_decoder = portable[0]
+    write_manifest(root, manifest)
+    report = verify(portable)  # raises when the portable decoder itself does not match
+    dropped = []
+    for name in optional:  # one optional variant today: the failure was its own
+        stage = (
+            "it does not match the PyTorch model"
+            if isinstance(first, ToleranceError)
+            else "it failed while being verified"
+        )
+        why = left_out_note(name, stage, first, manifest.model.head_dim, portable[0])
+        leave_out(root, manifest, name, why)
+        dropped.append((name, why))
+    write_manifest(root, manifest)
+    return report, dropped
 
 
 def data_files(graphs: dict[str, GraphEntry]) -> list[str]:
@@ -206,10 +353,13 @@ def data_files(graphs: dict[str, GraphEntry]) -> list[str]:
 
 
 def choose_default(
-    root: Path, manifest: Manifest, decoders: list[str], steps: tqdm
+    root: Path, manifest: Manifest, decoders: list[str], steps: tqdm, left_out: list[str] | None = None
 ) -> tuple[str, str]:
     if len(decoders) == 1:
-        return decoders[0], f"default decoder {decoders[0]}: the only one exported"
+        why = "the only one exported"
+        if left_out:
+            why = f"the only one left ({', '.join(left_out)} left out: see its note)"
+        return decoders[0], f"default decoder {decoders[0]}: {why}"
     write_manifest(root, manifest)
     steps.set_postfix_str("timing decoders")
     timings = {d: time_decoder(root, d, manifest.model.tokens_per_frame) for d in decoders}
@@ -225,4 +375,5 @@ def summarize(out: Path, manifest: Manifest) -> dict[str, Any]:
         "files": files,
         "verify": manifest.verify,
         "default_decoder": manifest.default_decoder,
+        "notes": manifest.notes,  # why the default, and any decoder left out
     }

@@ -42,15 +42,22 @@ def llama3_tokenizer_json() -> Path:
     return path
 
 
-def tiny_llama_config(vocab: int = 128256, hidden: int = 64, layers: int = 2) -> LlamaConfig:
+def tiny_llama_config(
+    vocab: int = 128256, hidden: int = 64, layers: int = 2, head_dim: int | None = None
+) -> LlamaConfig:
+    """4 attention heads over 2 KV heads; with `head_dim`, hidden // head_dim heads over half as
+    many KV heads (head_dim 8 is what onnxruntime's GroupQueryAttention rejects)."""
+    heads = 4 if head_dim is None else hidden // head_dim
+    if heads < 2 or hidden % heads:
+        raise ValueError(f"hidden {hidden} does not split into heads of {head_dim}")
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=hidden // heads,
         max_position_embeddings=131072,
         rope_parameters={
             "rope_type": "llama3",
@@ -117,11 +124,13 @@ def write_tiny_checkpoint(
     seed: int = 0,
     hidden: int = 64,
     llm_dir: Path | None = None,
+    head_dim: int | None = None,
 ) -> Path:
     """Write base_llm/, base_vision/ and checkpoint/ under OUT; return the checkpoint folder.
 
     With train_mode="lora", `lora_rounds` earlier rounds (adapter_0 ...) plus the top adapter.
     With `llm_dir`, that existing LLM folder (e.g. real SmolLM2 weights) is the base LLM.
+    `head_dim` (e.g. 8) sets the attention head width of the tiny LLM (default hidden // 4).
     """
     if tokens_per_frame not in PATCH_SIZE_FOR_TOKENS:
         raise ValueError(f"tokens_per_frame must be 1, 5 or 10, not {tokens_per_frame}")
@@ -134,7 +143,7 @@ def write_tiny_checkpoint(
     vis_dir, ckpt = out / "base_vision", out / "checkpoint"
     if llm_dir is None:
         llm_dir = out / "base_llm"
-        llm = LlamaForCausalLM(tiny_llama_config(hidden=hidden)).eval()
+        llm = LlamaForCausalLM(tiny_llama_config(hidden=hidden, head_dim=head_dim)).eval()
         save_base_llm(llm, llm_dir, llama3_tokenizer_json())
     else:
         llm = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32).eval()

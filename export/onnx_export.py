@@ -135,13 +135,35 @@ def save_plain_llm(model: ProAssistModel, tokenizer_json: Path, out: Path) -> No
     shutil.copy(tokenizer_json, out / "tokenizer.json")
 
 
+OPTIMIZED_FILES = ("decoder_gqa.onnx", "model.onnx.data")
+
+
 def build_optimized_decoder(
     model: ProAssistModel, tokenizer_json: Path, out_dir: Path, precision: str = "fp32"
 ) -> tuple[str, list[str], GraphSpec]:
     """Run onnxruntime-genai's builder (GroupQueryAttention, shared KV buffer) on the merged LLM.
 
-    Returns (graph file, extra data files, spec) relative to out_dir.
+    Returns (graph file, extra data files, spec) relative to out_dir. Any failure is an
+    ExportError and leaves none of its files in out_dir, so a caller can go on without it.
     """
+    try:
+        return _build_optimized(model, tokenizer_json, out_dir, precision)
+    except ExportError:
+        _remove_optimized(out_dir)
+        raise
+    except Exception as e:  # saving, loading, fusing raise many types (OSError, onnx's own, ...)
+        _remove_optimized(out_dir)
+        raise ExportError(f"building the optimized decoder failed: {type(e).__name__}: {e}") from e
+
+
+def _remove_optimized(out_dir: Path) -> None:
+    for name in OPTIMIZED_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _build_optimized(
+    model: ProAssistModel, tokenizer_json: Path, out_dir: Path, precision: str
+) -> tuple[str, list[str], GraphSpec]:
     with tempfile.TemporaryDirectory() as tmp:
         llm_dir, build = Path(tmp) / "llm", Path(tmp) / "build"
         save_plain_llm(model, tokenizer_json, llm_dir)

@@ -41,6 +41,8 @@ def add_fixture_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--train-mode", default="lora", choices=["lora", "frozen", "full"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--head-dim", type=int,
+                   help="tiny only: attention head width (default 16; 8 is one GroupQueryAttention rejects)")
     p.set_defaults(func=run_fixture)
 
 
@@ -53,7 +55,8 @@ def run_fixture(args: argparse.Namespace) -> int:
         from proassist_edge.export.fixture import write_tiny_checkpoint
 
         ckpt = write_tiny_checkpoint(
-            args.out, args.tokens_per_frame, args.w2t, args.lora_rounds, args.train_mode, args.seed
+            args.out, args.tokens_per_frame, args.w2t, args.lora_rounds, args.train_mode, args.seed,
+            head_dim=args.head_dim,
         )
     print(f"checkpoint written: {ckpt}")
     return 0

@@ -10,9 +10,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proassist_edge.runtime.prompt import CONTEXT_STRATEGIES
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -123,6 +126,23 @@ def install_stop_handlers(stop: Callable[[], None]) -> Callable[[], None]:
     return restore
 
 
+def decoder_line(bundle: Bundle, requested: str | None = None) -> str:
+    """Which decoder runs and why: the manifest's notes on the choice (the default, and any
+    decoder left out at export), --decoder, or a TensorRT engine built for this device."""
+    m = bundle.manifest
+    if bundle.engine is not None:
+        name = next(iter(m.engines), bundle.decoder_name)
+        return f"decoder: TensorRT engine {name} (built on this device by build-engine)"
+    g = m.graphs[bundle.decoder_name]
+    line = f"decoder: {bundle.decoder_name} ({g.variant or 'decoder'}, {g.precision})"
+    if requested:
+        why = ["chosen with --decoder"]
+    else:  # the two kinds of note export writes (export/bundle.py): the choice, then what is not there
+        why = [n for n in m.notes if n.startswith("default decoder")]
+        why += [n for n in m.notes if " left out: " in n]
+    return "; ".join([line, *(why or ["the bundle's default"]), *bundle.notes])
+
+
 def run_run(args: argparse.Namespace) -> int:
     from proassist_edge.device.sources import open_source
     from proassist_edge.device.speech import open_sink
@@ -136,6 +156,7 @@ def run_run(args: argparse.Namespace) -> int:
     if args.knowledge_file is not None:
         knowledge = args.knowledge_file.read_text(encoding="utf-8").strip()
     bundle = open_bundle(args.bundle, args.decoder, threads=args.threads)
+    print(decoder_line(bundle, args.decoder), file=sys.stderr, flush=True)
     settings = settings_from_manifest(bundle, **_overrides(args))
     core = StreamCore(bundle, settings, args.system, knowledge)
     log = EventLog(args.events, console=not args.quiet)
