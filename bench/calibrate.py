@@ -25,7 +25,7 @@ GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 def best_threshold(sweep: dict[str, dict[str, Any]]) -> float:
     """The threshold with the highest F1; ties go to the one nearest 0.5."""
-    return max((float(t) for t in sweep), key=lambda t: (round(sweep[f"{t:g}"]["f1"], 6), -abs(t - 0.5)))
+    return max((float(t) for t in sweep), key=lambda t: (round(sweep[f"{t:g}"]["F1"], 6), -abs(t - 0.5)))
 
 
 def calibrate(
@@ -54,19 +54,20 @@ def calibrate(
             meta["calibration"] = {
                 "command": f"python -m proassist_edge.bench.calibrate {name} --episodes {episodes}",
                 "split": "val", "episodes": episodes, "seed": seed, "chosen": best,
-                "f1": {t: round(m["f1"], 4) for t, m in sweep.items()},
+                "F1": {t: round(m["F1"], 4) for t, m in sweep.items()},
             }
         if test_episodes:
             threshold = meta["proassist"].get("default_threshold", 0.5)
             generate_split("test", Path(tmp) / "test", test_episodes, seed)
             report = evaluate(bundle, Path(tmp) / "test", [threshold])
-            keep = ("precision", "recall", "f1", "semantic_score", "time_diff", "num_matched",
-                    "num_missed", "num_redundant", "num_good", "num_gen", "num_ref", "window")
+            keep = ("precision", "recall", "F1", "semantic_score", "time_diff", "num_matched",
+                    "num_mismatched", "num_missed", "num_redundant", "num_gen", "num_ref", "window",
+                    "embedder")
             meta.setdefault("metrics", {})[f"test-{test_episodes}-bundle"] = {
                 "command": f"python -m proassist_edge.bench.calibrate {name} --episodes 0 "
                            f"--test-episodes {test_episodes}",
                 "threshold": threshold, **{k: report[k] for k in keep},
-                "per_episode": [{"episode": e["episode"], "f1": round(e["f1"], 4)}
+                "per_episode": [{"episode": e["episode"], "F1": round(e["F1"], 4)}
                                 for e in report["per_episode"]],
             }
     meta_path.write_text(json.dumps(meta, indent=1))
@@ -84,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     meta = calibrate(args.name, args.episodes, tuple(args.thresholds), args.seed, args.test_episodes)
     cal = meta.get("calibration", {})
-    for t, f1 in cal.get("f1", {}).items() if args.episodes else ():
+    for t, f1 in cal.get("F1", {}).items() if args.episodes else ():
         print(f"val threshold {t:>4}: F1 {f1:.3f}" + ("  <- default" if float(t) == cal["chosen"] else ""))
     if args.test_episodes:
         m = meta["metrics"][f"test-{args.test_episodes}-bundle"]
-        print(f"test ({args.test_episodes} episodes) at threshold {m['threshold']}: F1 {m['f1']:.3f} "
+        print(f"test ({args.test_episodes} episodes) at threshold {m['threshold']}: F1 {m['F1']:.3f} "
               f"precision {m['precision']:.3f} recall {m['recall']:.3f} semantic {m['semantic_score']:.3f}")
     return 0
 

@@ -143,7 +143,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if "metrics" in result:
         m = result["metrics"]
         print(
-            f"episode F1 {m['f1']:.2f} (precision {m['precision']:.2f}, recall {m['recall']:.2f}); "
+            f"episode F1 {m['F1']:.2f} (precision {m['precision']:.2f}, recall {m['recall']:.2f}); "
             f"speech in {out / 'speech'}; events in {events_path}; {result['wall_s']:.0f} s in all"
         )
     return summary.exit_code

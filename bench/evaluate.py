@@ -23,7 +23,8 @@ from proassist_edge.runtime.conversation import parse_conversation
 from proassist_edge.runtime.core import StreamCore, settings_from_manifest
 
 from .metrics import DEFAULT_WINDOW, Metrics, PairSimilarity, aggregate, compute_metrics
-from .taskworld.episode import Episode
+from .score import add_embedder_argument, add_window_argument
+from .taskworld.episode import Episode, Turn
 
 
 def iter_data(data: str | Path, limit: int | None = None) -> Iterator[Episode]:
@@ -46,6 +47,25 @@ def iter_data(data: str | Path, limit: int | None = None) -> Iterator[Episode]:
         )
 
 
+def evaluator_reference(conversation: Sequence[Turn], num_frames: int) -> list[str]:
+    """Per frame the reference utterance ("" = silent), as the authors' evaluator reads it.
+
+    Their ``StreamProcessor.processed_conv_data_to_stream`` gives a frame a reference only when
+    it is the last frame of a frames turn *directly* followed by an assistant turn, and then the
+    content stripped. So an assistant turn after a user or system turn, a second assistant turn
+    in a row, one before any frame or after an empty frames turn is no reference (unlike
+    ``Episode.reference``, which keeps them all).
+    """
+    out = [""] * num_frames
+    for turn, nxt in zip(conversation, conversation[1:], strict=False):
+        if turn.get("role") != "frames" or nxt.get("role") != "assistant":
+            continue
+        start, end = int(turn["start"]), int(turn["end"])
+        if end > start and 0 < end <= num_frames:
+            out[end - 1] = str(nxt.get("content", "")).strip()
+    return out
+
+
 def run_episode(bundle: Bundle, ep: Episode, **overrides: Any) -> list[str]:
     """The text the assistant says after each frame ("" when silent)."""
     conv = parse_conversation(ep.conversation, ep.fps)
@@ -63,11 +83,15 @@ def evaluate(
     decoder: str | None = None,
     context: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics per threshold (aggregated over episodes) and per episode at the first threshold."""
-    if similarity is None:
-        from .textsim import SentenceSimilarity
+    """Metrics per threshold (episodes pooled) and per episode at the first threshold.
 
-        similarity = SentenceSimilarity()
+    ``similarity`` defaults to ``textsim.make_similarity()`` (the paper's all-mpnet-base-v2, or
+    MiniLM with a note); the report names it under ``embedder``.
+    """
+    from .textsim import describe_similarity, make_similarity
+
+    if similarity is None:
+        similarity = make_similarity()
     bundle = open_bundle(bundle_path, decoder=decoder)
     thresholds = list(thresholds or [bundle.manifest.model.default_threshold])
     episodes = list(iter_data(data_dir, limit))
@@ -80,7 +104,8 @@ def evaluate(
         scores: list[Metrics] = []
         for ep in episodes:
             gen = run_episode(bundle, ep, threshold=thr, context_strategy=context)
-            m = compute_metrics(gen, ep.reference(), similarity, fps=ep.fps, window=window)
+            ref = evaluator_reference(ep.conversation, ep.num_frames)
+            m = compute_metrics(gen, ref, similarity, fps=ep.fps, window=window)
             scores.append(m)
             if k == 0:
                 per_episode.append({"episode": ep.uid, "frames": ep.num_frames, **m.to_dict()})
@@ -94,6 +119,7 @@ def evaluate(
         "episodes": len(episodes),
         "threshold": thresholds[0],
         "window": list(window),
+        "embedder": describe_similarity(similarity),
         **head,
         "sweep": sweep,
         "per_episode": per_episode,
@@ -136,22 +162,21 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="first N episodes only")
     p.add_argument("--decoder", help="decoder graph (default: the manifest's)")
     p.add_argument("--context", choices=["drop_all", "drop_middle", "summarize_and_drop"])
-    p.add_argument(
-        "--window", default=",".join(map(str, DEFAULT_WINDOW)), help="L,R seconds (use --window=L,R)"
-    )
-    p.add_argument("--embedder", help="sentence-transformers folder, or 'exact'")
+    add_window_argument(p)
+    add_embedder_argument(p)
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .score import make_similarity, parse_window
+    from .score import parse_window
+    from .textsim import make_similarity
 
     report = evaluate(
         args.bundle,
         args.data,
         args.threshold,
         make_similarity(args.embedder),
-        parse_window(args.window),
+        DEFAULT_WINDOW if args.window is None else parse_window(args.window),
         args.limit,
         args.decoder,
         args.context,
@@ -159,16 +184,20 @@ def run_eval(args: argparse.Namespace) -> int:
     from proassist_edge.cli import table
 
     rows = [
-        (e["episode"], e["frames"], f"{e['f1']:.3f}", f"{e['precision']:.3f}", f"{e['recall']:.3f}")
+        (e["episode"], e["frames"], f"{e['F1']:.3f}", f"{e['precision']:.3f}", f"{e['recall']:.3f}")
         for e in report["per_episode"]
     ]
     print(table(rows, ["episode", "frames", "F1", "precision", "recall"]))
     sweep = [
-        (t, f"{m['f1']:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['semantic_score']:.3f}")
+        (t, f"{m['F1']:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['semantic_score']:.3f}")
         for t, m in report["sweep"].items()
     ]
     print(table(sweep, ["threshold", "F1", "precision", "recall", "semantic"]))
-    print(f"F1 {report['f1']:.3f} at threshold {report['threshold']:g} over {report['episodes']} episodes")
+    lo, hi = report["window"]
+    print(f"F1 {report['F1']:.3f} at threshold {report['threshold']:g} over {report['episodes']} episodes"
+          f" (embedder {report['embedder']['name']}, window {lo:g} {hi:g} s)")
+    if report["embedder"]["note"]:
+        print(f"note: {report['embedder']['note']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.plot:

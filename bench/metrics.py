@@ -1,17 +1,27 @@
-"""The ProAssist paper's automatic metrics: match generated and reference utterances, then score.
+"""The ProAssist paper's automatic metrics, counted as the authors' evaluator counts them.
 
-Per frame there is a generated text and a reference text ("" = silent). Every generated
-utterance is paired with one frame by a minimum-weight full bipartite matching:
+Reference: ``mmassist/eval/evaluators/pred_match.py`` (``find_match``) for the matching and
+``stream_evaluator.py`` (``StreamEvaluator.compute_metrics``) for the figures. Per frame there is
+a generated text and a reference text; a frame talks when its text is not ``""`` (nothing is
+stripped, as there). Every generated utterance is paired with one frame by a minimum-weight full
+bipartite matching:
 
-* paired with a frame that holds a reference utterance -> "matched" (good if the semantic
-  score is at least ``good_threshold``, else "mismatched");
-* paired with a silent frame -> "redundant";
-* a reference utterance that no generated utterance was paired with -> "missed".
+* the window, in frames, is ``(l, r) = (int(L * fps), int(R * fps))``: a generated utterance at
+  frame ``i`` may only be paired with frames ``j`` with ``l <= j - i <= r`` (a negative ``L`` lets
+  the assistant speak up to ``|L|`` seconds after the reference, ``R`` up to ``R`` seconds
+  before it);
+* a pair costs its text cost, ``1 - |cos|`` for a generated and a reference utterance and 1 for
+  a generated utterance on a silent frame, plus ``factor * (|i - j| / rg) ** power`` with
+  ``rg = max(|l|, r)``; costs are float32, as the authors' torch tensors are;
+* an edge whose cost is exactly 0 is no edge: the authors build the graph as
+  ``csr_matrix(dense)``, which drops zeros (see ``MatchConfig.drop_zero_cost_edges``).
 
-Window convention (as in the paper): a generated utterance at frame ``i`` may only be paired
-with frames ``j`` in ``[i + l, i + r]``, where ``(l, r) = (L * fps, R * fps)``. A negative
-``L`` lets the assistant speak up to ``|L|`` seconds *after* the reference, ``R`` lets it
-speak up to ``R`` seconds *before* it.
+Outcomes: a generated utterance paired with a reference frame is "matched before filter" (mbf);
+with a silent frame, "redundant"; a reference utterance nobody was paired with is "missed".
+``num_matched`` counts the mbf pairs whose semantic score is *above* the threshold (0.5),
+``semantic_score`` is the mean of the scores *at or above* it, ``time_diff`` the mean time
+difference of the ``num_matched`` pairs. Over a split the pairs of all episodes are pooled before
+any ratio is taken (``aggregate``).
 """
 
 from __future__ import annotations
@@ -29,23 +39,30 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from proassist_edge.errors import MetricsError
 
-# Match windows (L, R) in seconds, from the paper; "taskworld" is ours (synthetic task data).
+# Match windows (L, R) in seconds: the authors' get_match_time_window (eval_utils.py) per dataset;
+# "taskworld" is ours (synthetic task data). The authors' fallback for other data is (-2.5, 2.5).
 DATASET_WINDOWS: dict[str, tuple[float, float]] = {
     "narration": (-2.5, 2.5),
     "ego4d": (-4.0, 8.5),
     "epickitchens": (-1.5, 3.0),
+    "holoassist": (-1.5, 2.5),
+    "egoexolearn": (-2.0, 3.5),
+    "assembly101": (-2.0, 4.0),
+    "wtag": (-3.0, 6.0),
     "taskworld": (-1.0, 3.0),
 }
 DEFAULT_WINDOW: tuple[float, float] = DATASET_WINDOWS["taskworld"]
 DEFAULT_FPS = 2.0
 BLEU_ORDER = 4
+# Keys of Metrics.to_dict() that differ from the attribute: the authors write "F1".
+JSON_NAMES = {"f1": "F1"}
 
 
 class PairSimilarity(Protocol):
     """Scores text pairs: ``sim(a, b)[k]`` is the similarity of ``a[k]`` and ``b[k]``.
 
-    Must return an array of shape ``(len(a),)`` with values in [0, 1] (the paper uses the
-    absolute cosine of sentence embeddings). See ``proassist_edge.bench.textsim``.
+    Must return an array of shape ``(len(a),)``; the metrics take its absolute value (the paper
+    scores ``|cos|`` of sentence embeddings). See ``proassist_edge.bench.textsim``.
     """
 
     def __call__(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray: ...
@@ -53,12 +70,15 @@ class PairSimilarity(Protocol):
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """Costs of the matching (defaults: the paper's)."""
+    """Costs and threshold of the matching (defaults: the authors' StreamEvaluator)."""
 
-    silent_cost: float = 1.0  # generated talk paired with a silent frame
+    silent_cost: float = 1.0  # generated talk on a silent frame
     dist_factor: float = 0.3
     dist_power: float = 1.5
-    good_threshold: float = 0.5  # matched pairs scoring below this are "mismatched"
+    semantic_threshold: float = 0.5
+    # True mirrors the authors' csr_matrix(dense): a pair costing exactly 0 (the same text on the
+    # same frame, when float32 |cos| rounds to exactly 1) cannot be chosen. False keeps it.
+    drop_zero_cost_edges: bool = True
 
 
 DEFAULT_CONFIG = MatchConfig()
@@ -66,20 +86,19 @@ DEFAULT_CONFIG = MatchConfig()
 
 @dataclass(frozen=True)
 class MatchedPair:
-    """A generated utterance (frame ``gen_frame``) paired with a reference utterance."""
+    """A generated utterance (frame ``gen_frame``) paired with a reference one (``ref_frame``)."""
 
     gen_frame: int
     ref_frame: int
-    score: float
-    good: bool
+    score: float  # 1 - the pair's float32 text cost, as the authors record it
 
 
 @dataclass(frozen=True)
 class MatchResult:
     """The outcome of ``match_utterances``; frames are indices into the input lists."""
 
-    pairs: tuple[MatchedPair, ...]
-    redundant: tuple[int, ...]  # generated frames paired with silence (or left unpaired)
+    pairs: tuple[MatchedPair, ...]  # matched before filter, by generated frame
+    redundant: tuple[int, ...]  # generated frames paired with silence (or with no frame at all)
     missed: tuple[int, ...]  # reference frames nobody was paired with
 
 
@@ -104,10 +123,9 @@ class BleuStats:
         """Corpus BLEU-4 with Chen & Cherry (2014) "method 1" smoothing (epsilon counts)."""
         if self.hyp_len == 0:
             return 0.0
-        # Why we write BLEU ourselves: nltk/pycocoevalcap are not dependencies (the latter
-        # needs Java), and corpus BLEU is a few lines. Smoothing matters here because good
-        # matches are short spoken sentences that often share no 4-gram at all; without it a
-        # single missing order zeroes the whole score.
+        # Not the authors' Bleu_4 (COCO scorer, PTB tokenizer in Java, no smoothing), hence our own
+        # name "bleu4". Smoothing matters because matched utterances are short spoken sentences
+        # that often share no 4-gram at all; without it one missing order zeroes the score.
         log_p = 0.0
         for m, t in zip(self.matches, self.totals, strict=True):
             num = m if m > 0 else epsilon
@@ -138,11 +156,39 @@ def bleu_stats(hypotheses: Sequence[str], references: Sequence[str]) -> BleuStat
 
 
 @dataclass(frozen=True)
-class Metrics:
-    """Metrics of one episode, or of several summed by ``aggregate``.
+class Tally:
+    """What the figures are computed from. Tallies add up: a split pools its episodes' pairs."""
 
-    Rates with a zero denominator are 0.0; ``semantic_score`` and ``time_diff`` (seconds)
-    are means over good matches (0.0 when there are none).
+    scores: tuple[float, ...] = ()  # semantic score of each mbf pair
+    time_diffs: tuple[float, ...] = ()  # |gen - ref| in seconds of each mbf pair, same order
+    num_missed: int = 0
+    num_redundant: int = 0
+    threshold: float = DEFAULT_CONFIG.semantic_threshold
+    bleu: BleuStats = field(default_factory=BleuStats)  # of the num_matched pairs
+
+    def __add__(self, other: Tally) -> Tally:
+        if other.threshold != self.threshold:
+            raise MetricsError(
+                f"cannot pool episodes scored with semantic thresholds {self.threshold} and "
+                f"{other.threshold}: score them with one MatchConfig"
+            )
+        return Tally(
+            self.scores + other.scores,
+            self.time_diffs + other.time_diffs,
+            self.num_missed + other.num_missed,
+            self.num_redundant + other.num_redundant,
+            self.threshold,
+            self.bleu + other.bleu,
+        )
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Figures of one episode, or of a pooled split (``aggregate``).
+
+    The authors' figures keep their names (``to_dict`` writes ``f1`` as ``F1``); ``bleu4``,
+    ``num_gen`` (generated utterances) and ``num_ref`` (reference utterances) are ours. A ratio
+    whose denominator is 0 is 0.0 (the authors' evaluator divides by zero there).
     """
 
     precision: float
@@ -152,60 +198,73 @@ class Metrics:
     redundant_rate: float
     jaccard_index: float
     semantic_score: float
-    time_diff: float
-    bleu4: float
+    time_diff: float  # seconds
     num_matched: int
+    num_mismatched: int
     num_missed: int
     num_redundant: int
-    num_good: int
+    bleu4: float
     num_gen: int
     num_ref: int
-    bleu: BleuStats = field(default_factory=BleuStats, repr=False)
+    tally: Tally = field(default_factory=Tally, repr=False)
 
     def to_dict(self) -> dict[str, float | int]:
-        """All metrics as a flat JSON-ready dict (the BLEU statistics are left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "bleu"}
+        """All figures as a flat JSON-ready dict under the authors' names (no tally)."""
+        return {
+            JSON_NAMES.get(f.name, f.name): getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "tally"
+        }
 
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
 
 
-def _from_counts(
-    num_matched: int,
-    num_missed: int,
-    num_redundant: int,
-    num_good: int,
-    score_sum: float,
-    time_sum: float,
-    bleu: BleuStats,
-) -> Metrics:
-    num_gen, num_ref = num_matched + num_redundant, num_matched + num_missed
-    precision = _ratio(num_good, num_gen)
-    recall = _ratio(num_good, num_ref)
+def metrics_from_tally(tally: Tally) -> Metrics:
+    """The figures, as ``StreamEvaluator.compute_metrics`` computes them from pooled pairs."""
+    thr = tally.threshold
+    mbf = len(tally.scores)
+    above = [k for k, s in enumerate(tally.scores) if s > thr]  # strict, as the authors' filter
+    at_or_above = [s for s in tally.scores if s >= thr]  # as their semantic-score mean
+    num_matched, missed, redundant = len(above), tally.num_missed, tally.num_redundant
+    precision = _ratio(num_matched, mbf + redundant)
+    recall = _ratio(num_matched, mbf + missed)
     return Metrics(
         precision=precision,
         recall=recall,
         f1=_ratio(2 * precision * recall, precision + recall),
-        missing_rate=_ratio(num_missed, num_ref),
-        redundant_rate=_ratio(num_redundant, num_gen),
-        jaccard_index=_ratio(num_good, num_matched + num_missed + num_redundant),
-        semantic_score=_ratio(score_sum, num_good),
-        time_diff=_ratio(time_sum, num_good),
-        bleu4=bleu.score(),
+        missing_rate=_ratio(missed, mbf + missed),
+        redundant_rate=_ratio(redundant, mbf + redundant),
+        jaccard_index=_ratio(num_matched, mbf + missed + redundant),
+        semantic_score=float(np.mean(at_or_above)) if at_or_above else 0.0,
+        time_diff=float(np.mean([tally.time_diffs[k] for k in above])) if above else 0.0,
         num_matched=num_matched,
-        num_missed=num_missed,
-        num_redundant=num_redundant,
-        num_good=num_good,
-        num_gen=num_gen,
-        num_ref=num_ref,
-        bleu=bleu,
+        num_mismatched=mbf - num_matched,
+        num_missed=missed,
+        num_redundant=redundant,
+        bleu4=tally.bleu.score(),
+        num_gen=mbf + redundant,
+        num_ref=mbf + missed,
+        tally=tally,
     )
+
+
+def window_frames(window: tuple[float, float], fps: float) -> tuple[int, int]:
+    """The window ``(L, R)`` seconds in frames: ``(int(L * fps), int(R * fps))``, truncated
+    toward zero as the authors' ``StreamEvaluator.run_prediction`` does."""
+    lo, hi = int(window[0] * fps), int(window[1] * fps)
+    if max(abs(lo), hi) == 0:
+        raise MetricsError(
+            f"match window {window} s at {fps:g} fps is (0, 0) frames: the distance cost divides "
+            "by max(|l|, r), so widen the window to at least one frame on one side"
+        )
+    return lo, hi
 
 
 def _check_inputs(
     gen: Sequence[str], ref: Sequence[str], fps: float, window: tuple[float, float]
-) -> tuple[list[str], list[str]]:
+) -> None:
     if len(gen) != len(ref):
         raise MetricsError(
             f"generated and reference texts must have one entry per frame, got {len(gen)} and "
@@ -218,7 +277,6 @@ def _check_inputs(
         raise MetricsError(
             f"match window (L, R) = {window} seconds must be finite with L < R, e.g. (-1.0, 3.0)"
         )
-    out: list[list[str]] = []
     for name, texts in (("generated", gen), ("reference", ref)):
         bad = next((k for k, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
@@ -226,8 +284,24 @@ def _check_inputs(
                 f"{name} text at frame {bad} is {type(texts[bad]).__name__}, not str: "
                 "use '' for a silent frame"
             )
-        out.append([t.strip() for t in texts])
-    return out[0], out[1]
+
+
+def _semantic_costs(
+    pairs: list[tuple[str, str]], similarity: PairSimilarity
+) -> dict[tuple[str, str], np.float32]:
+    """float32 ``1 - |sim|`` per distinct text pair, scored in one call."""
+    distinct = list(dict.fromkeys(pairs))
+    if not distinct:
+        return {}
+    raw = np.asarray(similarity([a for a, _ in distinct], [b for _, b in distinct]), np.float64)
+    if raw.shape != (len(distinct),) or not np.all(np.isfinite(raw)):
+        raise MetricsError(
+            f"similarity returned shape {raw.shape} (or non-finite values) for {len(distinct)} "
+            "pairs: it must return one finite score per pair"
+        )
+    # No clipping: like the authors' 1 - |cos|, an |cos| of 1.0000001 gives a cost below 0.
+    costs = np.float32(1.0) - np.abs(raw).astype(np.float32)
+    return dict(zip(distinct, costs, strict=True))
 
 
 def match_utterances(
@@ -240,19 +314,18 @@ def match_utterances(
     config: MatchConfig = DEFAULT_CONFIG,
 ) -> MatchResult:
     """Pair every generated utterance with one frame (see the module docstring)."""
-    gen, ref = _check_inputs(gen, ref, fps, window)
+    _check_inputs(gen, ref, fps, window)
+    lo, hi = window_frames(window, fps)
     n = len(gen)
-    ref_talk = np.array([bool(t) for t in ref], dtype=bool)
-    gen_frames = np.array([i for i, t in enumerate(gen) if t], dtype=np.int64)
+    ref_talk = np.array([t != "" for t in ref], dtype=bool)
+    gen_frames = np.array([i for i, t in enumerate(gen) if t != ""], dtype=np.int64)
     n_gen = len(gen_frames)
     if n_gen == 0:
         return MatchResult((), (), tuple(int(j) for j in np.flatnonzero(ref_talk)))
 
-    l_frames, r_frames = window[0] * fps, window[1] * fps
-    width = r_frames - l_frames  # the distance cost's "range": the window width in frames
-    # 1e-9 so that a window edge landing exactly on a frame (e.g. -1.0 s * 2 fps) includes it.
-    lo, hi = math.ceil(l_frames - 1e-9), math.floor(r_frames + 1e-9)
-
+    # The edges inside the window, row by row with ascending columns: the order the authors'
+    # csr_matrix(dense) has, so that ties break the same way (outside edges are inf there,
+    # which scipy never uses).
     row_parts, col_parts = [], []
     for row, i in enumerate(gen_frames):
         js = np.arange(max(0, i + lo), min(n - 1, i + hi) + 1, dtype=np.int64)
@@ -260,58 +333,64 @@ def match_utterances(
         col_parts.append(js)
     rows, cols = np.concatenate(row_parts), np.concatenate(col_parts)
 
-    # Semantic scores only for (generated, reference) utterance pairs inside the window,
-    # each distinct text pair scored once, in one batch call.
+    text_cost = np.full(len(cols), np.float32(config.silent_cost), dtype=np.float32)
     talk = np.flatnonzero(ref_talk[cols])
     text_pairs = [(gen[gen_frames[rows[k]]], ref[cols[k]]) for k in talk]
-    distinct = list(dict.fromkeys(text_pairs))
-    edge_score = np.full(len(cols), np.nan)
-    if distinct:
-        raw = np.asarray(similarity([a for a, _ in distinct], [b for _, b in distinct]), float)
-        if raw.shape != (len(distinct),) or not np.all(np.isfinite(raw)):
-            raise MetricsError(
-                f"similarity returned shape {raw.shape} (or non-finite values) for "
-                f"{len(distinct)} pairs: it must return one finite score per pair"
-            )
-        # abs: the paper scores |cos|, and this also accepts a plain cosine callable;
-        # clip: float32 embeddings can give 1.0000001 for identical texts.
-        by_pair = dict(zip(distinct, np.clip(np.abs(raw), 0.0, 1.0).tolist(), strict=True))
-        edge_score[talk] = [by_pair[p] for p in text_pairs]
+    by_pair = _semantic_costs(text_pairs, similarity)
+    text_cost[talk] = [by_pair[p] for p in text_pairs]
 
-    base = np.where(ref_talk[cols], 1.0 - np.nan_to_num(edge_score), config.silent_cost)
-    dist = config.dist_factor * (np.abs(gen_frames[rows] - cols) / width) ** config.dist_power
-    cost = base + dist
+    rg = max(abs(lo), hi)
+    multiplier = np.float32(config.dist_factor / rg**config.dist_power)
+    gap = np.abs(gen_frames[rows] - cols).astype(np.float32)
+    cost = text_cost + (gap ** np.float32(config.dist_power)) * multiplier  # float32
 
-    # A full matching (every generated utterance gets its own frame) can be impossible: near
-    # the episode's ends, or with a window that excludes the utterance's own frame (L > 0 or
-    # R < 0), or when several utterances compete for too few frames. So each generated
-    # utterance also gets a private "unpaired" column, counted as redundant like a silent
-    # frame. Its cost D exceeds what any other full matching could save by avoiding it
-    # (at most n_gen * max real edge cost), so the matching uses it only when there is no
-    # way to give that utterance a real frame, and otherwise the optimum is unchanged.
-    dummy = n_gen * float(cost.max(initial=0.0)) + 1.0
-    data = np.concatenate([cost, np.full(n_gen, dummy)])
-    # +1 on every edge: scipy wants non-zero weights (an exact match on time costs 0), and
-    # every full matching has exactly n_gen edges, so a constant shift does not change it.
-    data += 1.0
-    all_rows = np.concatenate([rows, np.arange(n_gen)])
-    all_cols = np.concatenate([cols, n + np.arange(n_gen)])
-    graph = csr_matrix((data, (all_rows, all_cols)), shape=(n_gen, n + n_gen))
-    row_ind, col_ind = min_weight_full_bipartite_matching(graph)
-
+    row_ind, col_ind = _full_matching(cost, rows, cols, n_gen, n, config.drop_zero_cost_edges)
     edge_of = {(int(r), int(c)): k for k, (r, c) in enumerate(zip(rows, cols, strict=True))}
     pairs: list[MatchedPair] = []
     redundant: list[int] = []
-    for r, c in zip(row_ind.tolist(), col_ind.tolist(), strict=True):
+    for r, c in sorted(zip(row_ind.tolist(), col_ind.tolist(), strict=True)):
         i = int(gen_frames[r])
         if c < n and ref_talk[c]:
-            s = float(edge_score[edge_of[(r, c)]])
-            pairs.append(MatchedPair(i, c, s, s >= config.good_threshold))
+            pairs.append(MatchedPair(i, int(c), 1.0 - float(text_cost[edge_of[(r, c)]])))
         else:
             redundant.append(i)
     taken = {p.ref_frame for p in pairs}
     missed = tuple(int(j) for j in np.flatnonzero(ref_talk) if int(j) not in taken)
-    return MatchResult(tuple(sorted(pairs, key=lambda p: p.gen_frame)), tuple(redundant), missed)
+    return MatchResult(tuple(pairs), tuple(redundant), missed)
+
+
+def _full_matching(
+    cost: np.ndarray, rows: np.ndarray, cols: np.ndarray, n_gen: int, n: int, drop_zero: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """scipy's min-weight full matching of generated rows to frame columns.
+
+    Where no full matching exists (the authors' evaluator raises there: a window that excludes
+    the utterance's own frame, L > 0 or R < 0, near the episode's ends; or a dropped zero edge
+    that was the only one in reach), each row also gets a private column ``n + row``, counted as
+    redundant. Its cost exceeds what any full matching on real frames could save by avoiding it
+    (n_gen times the largest edge), so it is taken only by rows that cannot have a real frame.
+    """
+    keep = cost != 0 if drop_zero else np.ones(len(cost), dtype=bool)
+    rows, cols = rows[keep], cols[keep]
+    # Without dropping, shift every edge by 1: scipy removes explicit zeros itself, and every
+    # full matching has exactly n_gen edges, so a constant shift keeps the optimum.
+    data = cost[keep] if drop_zero else cost[keep].astype(np.float64) + 1.0
+    try:
+        return min_weight_full_bipartite_matching(csr_matrix((data, (rows, cols)), shape=(n_gen, n)))
+    except ValueError:
+        pass
+    # All real edges shifted to >= 1 (same count of real edges among matchings with the same
+    # count of private columns, so their order is kept); a private column outweighs them all.
+    real = data.astype(np.float64) - float(data.min(initial=0.0)) + 1.0
+    dummy = n_gen * float(real.max(initial=1.0)) + 1.0
+    graph = csr_matrix(
+        (
+            np.concatenate([real, np.full(n_gen, dummy)]),
+            (np.concatenate([rows, np.arange(n_gen)]), np.concatenate([cols, n + np.arange(n_gen)])),
+        ),
+        shape=(n_gen, n + n_gen),
+    )
+    return min_weight_full_bipartite_matching(graph)
 
 
 def compute_metrics(
@@ -323,42 +402,46 @@ def compute_metrics(
     window: tuple[float, float] = DEFAULT_WINDOW,
     config: MatchConfig = DEFAULT_CONFIG,
 ) -> Metrics:
-    """Match one episode's per-frame texts and compute the paper's metrics.
+    """Match one episode's per-frame texts and compute the paper's figures.
 
     ``gen`` and ``ref`` hold one text per frame at ``fps`` ("" = silent); ``window`` is
     ``(L, R)`` in seconds (see ``DATASET_WINDOWS``).
     """
-    result = match_utterances(gen, ref, similarity, fps=fps, window=window, config=config)
-    good = [p for p in result.pairs if p.good]
-    bleu = bleu_stats(
-        [gen[p.gen_frame].strip() for p in good], [ref[p.ref_frame].strip() for p in good]
+    return metrics_from_tally(
+        episode_tally(gen, ref, similarity, fps=fps, window=window, config=config)
     )
-    return _from_counts(
-        num_matched=len(result.pairs),
+
+
+def episode_tally(
+    gen: Sequence[str],
+    ref: Sequence[str],
+    similarity: PairSimilarity,
+    *,
+    fps: float = DEFAULT_FPS,
+    window: tuple[float, float] = DEFAULT_WINDOW,
+    config: MatchConfig = DEFAULT_CONFIG,
+) -> Tally:
+    """The matched pairs and counts of one episode, ready to be pooled."""
+    result = match_utterances(gen, ref, similarity, fps=fps, window=window, config=config)
+    thr = config.semantic_threshold
+    above = [p for p in result.pairs if p.score > thr]
+    return Tally(
+        scores=tuple(p.score for p in result.pairs),
+        time_diffs=tuple(abs(p.gen_frame - p.ref_frame) / fps for p in result.pairs),
         num_missed=len(result.missed),
         num_redundant=len(result.redundant),
-        num_good=len(good),
-        score_sum=sum(p.score for p in good),
-        time_sum=sum(abs(p.gen_frame - p.ref_frame) / fps for p in good),
-        bleu=bleu,
+        threshold=thr,
+        bleu=bleu_stats([gen[p.gen_frame] for p in above], [ref[p.ref_frame] for p in above]),
     )
 
 
 def aggregate(episodes: Iterable[Metrics]) -> Metrics:
-    """Metrics over several episodes: counts and BLEU statistics are summed, then rates
-    recomputed; semantic score and time difference are means weighted by good matches."""
+    """Figures over several episodes: their pairs and counts are pooled, then every figure is
+    computed once over the pool (as the authors' compute_metrics does over a split)."""
     items = list(episodes)
     if not items:
         raise MetricsError("aggregate needs at least one episode's Metrics, got none")
-    bleu = BleuStats()
-    for m in items:
-        bleu = bleu + m.bleu
-    return _from_counts(
-        num_matched=sum(m.num_matched for m in items),
-        num_missed=sum(m.num_missed for m in items),
-        num_redundant=sum(m.num_redundant for m in items),
-        num_good=sum(m.num_good for m in items),
-        score_sum=sum(m.semantic_score * m.num_good for m in items),
-        time_sum=sum(m.time_diff * m.num_good for m in items),
-        bleu=bleu,
-    )
+    pooled = items[0].tally
+    for m in items[1:]:
+        pooled = pooled + m.tally
+    return metrics_from_tally(pooled)

@@ -1,7 +1,15 @@
-"""Score a JSONL of per-frame generated/reference texts: ``proassist-edge score FILE``.
+"""Score per-frame generated/reference texts: ``proassist-edge score FILE``.
 
-Each line is one frame record ``{"t": seconds, "gen": text, "ref": text}``; "" or null is
-silent, frames without a record are silent, records may come in any order.
+FILE is one of:
+
+* our JSONL: one frame record ``{"t": seconds, "gen": text, "ref": text}`` per line; "" or null
+  is silent, frames without a record are silent, records may come in any order;
+* one of the authors' per-sample prediction files (``{"predictions": [{"gen": ..., "ref": ...},
+  ...]}``, written by their StreamInferenceRunner): one entry per frame, in stream order;
+* a folder of such files (``.json`` or ``.jsonl``): one episode each, pooled as a split.
+
+A text is talk when it is not "" (it is used as written, not stripped), as the authors' evaluator
+reads its predictions.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from proassist_edge.errors import MetricsError
@@ -19,13 +28,13 @@ from .metrics import (
     DEFAULT_WINDOW,
     Metrics,
     PairSimilarity,
+    aggregate,
     compute_metrics,
 )
-from .textsim import ExactSimilarity, SentenceSimilarity
+from .textsim import EMBEDDERS, describe_similarity, make_similarity
 
 # A guard against timestamps in milliseconds or frames, which would make a huge frame list.
 MAX_SECONDS = 24 * 3600.0
-EXACT_EMBEDDER = "exact"
 
 
 def _parse_record(line: str, lineno: int, path: Path) -> tuple[float, str, str]:
@@ -54,12 +63,12 @@ def _parse_record(line: str, lineno: int, path: Path) -> tuple[float, str, str]:
         value = rec[key]
         if value is not None and not isinstance(value, str):
             raise MetricsError(f'{where}: "{key}" must be a string ("" = silent), got {value!r}')
-        texts.append((value or "").strip())
+        texts.append(value or "")
     return float(t), texts[0], texts[1]
 
 
 def read_frames(path: str | Path, fps: float = DEFAULT_FPS) -> tuple[list[str], list[str]]:
-    """Per-frame (generated, reference) texts of a JSONL file; frame = round(t * fps).
+    """Per-frame (generated, reference) texts of our JSONL file; frame = round(t * fps).
 
     Two records may land on the same frame if at most one of them has generated text and
     at most one has reference text; otherwise the file was written at a higher frame rate
@@ -107,38 +116,86 @@ def read_frames(path: str | Path, fps: float = DEFAULT_FPS) -> tuple[list[str], 
     )
 
 
+def read_predictions(path: str | Path) -> tuple[list[str], list[str]]:
+    """Per-frame (generated, reference) texts of one of the authors' prediction files.
+
+    Frame = position in ``predictions``, as their ``find_match`` indexes it. A null reference
+    (their runner writes one only for the inner frames of a multi-frame demo step) is silent.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MetricsError(f"{path}: not a readable JSON file ({exc})") from exc
+    preds = data.get("predictions") if isinstance(data, dict) else None
+    if not isinstance(preds, list) or not preds:
+        raise MetricsError(
+            f'{path}: expected the authors\' prediction format {{"predictions": [{{"gen": ..., '
+            '"ref": ...}, ...]}, or use our JSONL (one {"t", "gen", "ref"} object per line)'
+        )
+    gen, ref = [], []
+    for k, p in enumerate(preds):
+        g, r = (p.get("gen"), p.get("ref")) if isinstance(p, dict) else (None, None)
+        if not isinstance(g, str) or not (r is None or isinstance(r, str)):
+            raise MetricsError(f'{path}: predictions[{k}] needs a "gen" string and a "ref" string')
+        gen.append(g)
+        ref.append(r or "")
+    return gen, ref
+
+
+def _episode_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file())
+        if not files:
+            raise MetricsError(f"{path}: no .json or .jsonl episode files in this folder")
+        return files
+    if not path.is_file():
+        raise MetricsError(
+            f"{path}: no such file. Pass a JSONL file with one "
+            '{"t": seconds, "gen": text, "ref": text} record per line.'
+        )
+    return [path]
+
+
 def score_file(
     path: str | Path,
     fps: float = DEFAULT_FPS,
     window: tuple[float, float] | None = None,
     similarity: PairSimilarity | None = None,
 ) -> Metrics:
-    """Metrics of one JSONL episode file.
+    """Metrics of one episode file, or of a folder of them pooled as a split.
 
     ``window`` defaults to ``DEFAULT_WINDOW`` (our taskworld data); ``similarity`` defaults
-    to ``SentenceSimilarity()`` with the bundled MiniLM model.
+    to ``make_similarity()`` (all-mpnet-base-v2, or MiniLM with a warning without it).
     """
-    gen, ref = read_frames(path, fps)
-    sim = similarity if similarity is not None else SentenceSimilarity()
-    return compute_metrics(gen, ref, sim, fps=fps, window=window or DEFAULT_WINDOW)
+    files = _episode_files(Path(path))
+    sim = similarity if similarity is not None else make_similarity()
+    episodes = []
+    for f in files:
+        gen, ref = read_predictions(f) if f.suffix == ".json" else read_frames(f, fps)
+        episodes.append(compute_metrics(gen, ref, sim, fps=fps, window=window or DEFAULT_WINDOW))
+    return aggregate(episodes)
 
 
-def parse_window(text: str) -> tuple[float, float]:
-    """``"L,R"`` in seconds -> (L, R)."""
-    parts = text.split(",")
+def parse_window(value: str | Sequence[str]) -> tuple[float, float]:
+    """``--window``: ``["L", "R"]`` (``--window -2 4``) or ``"L,R"`` (``--window=-2,4``) seconds."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    if len(parts) == 1:
+        parts = parts[0].split(",")
     try:
         lo, hi = (float(parts[0]), float(parts[1])) if len(parts) == 2 else (math.nan,) * 2
     except ValueError:
         lo = hi = math.nan
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        shown = value if isinstance(value, str) else " ".join(value)
         raise MetricsError(
-            f"--window {text!r} is not 'L,R' seconds with L < R: write e.g. --window=-1,3 "
-            "(with '=', because the value starts with '-')"
+            f"--window {shown!r} is not two numbers of seconds L < R: write e.g. --window -1 3 "
+            "or --window=-1,3"
         )
     return lo, hi
 
 
-def resolve_window(window: str | None, dataset: str | None) -> tuple[float, float]:
+def resolve_window(window: str | Sequence[str] | None, dataset: str | None) -> tuple[float, float]:
     """The match window from ``--window`` or ``--dataset`` (default: ``DEFAULT_WINDOW``)."""
     if window is not None and dataset is not None:
         raise MetricsError("pass either --window or --dataset, not both")
@@ -148,17 +205,32 @@ def resolve_window(window: str | None, dataset: str | None) -> tuple[float, floa
         if dataset not in DATASET_WINDOWS:
             raise MetricsError(
                 f"unknown --dataset {dataset!r}: use one of {', '.join(DATASET_WINDOWS)} "
-                "or give --window=L,R"
+                "or give --window L R"
             )
         return DATASET_WINDOWS[dataset]
     return DEFAULT_WINDOW
 
 
-def make_similarity(embedder: str | None) -> PairSimilarity:
-    """``--embedder``: None = bundled MiniLM, ``"exact"`` = ExactSimilarity, else a folder."""
-    if embedder == EXACT_EMBEDDER:
-        return ExactSimilarity()
-    return SentenceSimilarity(embedder)
+def add_window_argument(p: argparse.ArgumentParser) -> None:
+    """``--window L R`` (a negative L is fine) or ``--window=L,R``; parse with ``parse_window``."""
+    p.add_argument(
+        "--window",
+        nargs="+",
+        metavar=("L", "R"),
+        help="match window in seconds, e.g. --window -1 3 (or --window=-1,3); "
+        f"default {DEFAULT_WINDOW[0]:g} {DEFAULT_WINDOW[1]:g}",
+    )
+
+
+def add_embedder_argument(p: argparse.ArgumentParser) -> None:
+    """``--embedder mpnet|minilm|exact|DIR``; build it with ``textsim.make_similarity``."""
+    p.add_argument(
+        "--embedder",
+        metavar="NAME|DIR",
+        help=f"sentence model for the semantic scores: {', '.join(EMBEDDERS)} or a "
+        "sentence-transformers folder. Default mpnet (all-mpnet-base-v2, the paper's), "
+        "or MiniLM with a warning when its packages are not installed",
+    )
 
 
 def add_score_parser(
@@ -170,33 +242,24 @@ def add_score_parser(
         help="ProAssist metrics of a JSONL of per-frame generated/reference texts",
         description="Match generated utterances to reference ones (the ProAssist paper's "
         "metrics) and print precision, recall, F1 and more. FILE holds one "
-        '{"t": seconds, "gen": text, "ref": text} object per line.',
+        '{"t": seconds, "gen": text, "ref": text} object per line, or is one of the authors\' '
+        "prediction files, or a folder of episode files (pooled).",
     )
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frame rate (default 2)")
-    p.add_argument(
-        "--window",
-        metavar="L,R",
-        help="match window in seconds, e.g. --window=-1,3 (use '=' for a negative L); "
-        f"default {DEFAULT_WINDOW[0]:g},{DEFAULT_WINDOW[1]:g}",
-    )
+    add_window_argument(p)
     p.add_argument(
         "--dataset",
         metavar="NAME",
         help=f"use the paper's window for a dataset: {', '.join(DATASET_WINDOWS)}",
     )
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON")
-    p.add_argument(
-        "--embedder",
-        metavar="DIR",
-        help="sentence-transformers model folder (default: bundled all-MiniLM-L6-v2), "
-        "or 'exact' for model-free exact/word-overlap scoring",
-    )
+    add_embedder_argument(p)
     p.set_defaults(func=run_score)
     return p
 
 
-def _print_table(metrics: Metrics, title: str) -> None:
+def _print_table(metrics: Metrics, title: str, note: str | None = None) -> None:
     rows = [
         (k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.to_dict().items()
     ]
@@ -208,6 +271,8 @@ def _print_table(metrics: Metrics, title: str) -> None:
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"  {k:<{width}}  {v:>10}")
+        if note:
+            print(f"note: {note}")
         return
     console = Console()
     # On its own line: as a table title it would wrap to the (narrow) table's width.
@@ -218,19 +283,29 @@ def _print_table(metrics: Metrics, title: str) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+    if note:
+        console.print(f"note: {note}", markup=False, highlight=False)
 
 
 def run_score(args: argparse.Namespace) -> int:
     """Run ``score`` with parsed arguments; returns the exit code (typed errors propagate)."""
     window = resolve_window(args.window, args.dataset)
-    metrics = score_file(args.file, args.fps, window, make_similarity(args.embedder))
-    _print_table(metrics, f"{args.file}  ({args.fps:g} fps, window {window[0]:g},{window[1]:g} s)")
+    _episode_files(args.file)  # a wrong path fails before the embedder is assembled or loaded
+    similarity = make_similarity(args.embedder)
+    embedder = describe_similarity(similarity)
+    metrics = score_file(args.file, args.fps, window, similarity)
+    _print_table(
+        metrics,
+        f"{args.file}  ({args.fps:g} fps, window {window[0]:g} {window[1]:g} s, "
+        f"embedder {embedder['name']})",
+        embedder["note"],
+    )
     if args.json is not None:
         out = {
             "file": str(args.file),
             "fps": args.fps,
             "window": list(window),
-            "embedder": args.embedder or "bundled all-MiniLM-L6-v2",
+            "embedder": embedder,
             **metrics.to_dict(),
         }
         try:

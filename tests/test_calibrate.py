@@ -12,9 +12,9 @@ from proassist_edge.export.model import ProAssistConfig
 
 
 def test_best_f1_wins_and_ties_go_nearest_one_half() -> None:
-    sweep = {"0.3": {"f1": 0.6}, "0.5": {"f1": 0.7}, "0.7": {"f1": 0.8}}
+    sweep = {"0.3": {"F1": 0.6}, "0.5": {"F1": 0.7}, "0.7": {"F1": 0.8}}
     assert best_threshold(sweep) == 0.7
-    tie = {"0.2": {"f1": 0.8}, "0.4": {"f1": 0.8}, "0.8": {"f1": 0.8}}
+    tie = {"0.2": {"F1": 0.8}, "0.4": {"F1": 0.8}, "0.8": {"F1": 0.8}}
     assert best_threshold(tie) == 0.4
 
 

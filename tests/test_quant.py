@@ -293,14 +293,19 @@ def test_comparison_on_labelled_episodes(parent: Path, tmp_path: Path) -> None:
         episode_streams(tmp_path, None)
 
 
-def test_paper_metrics_for_parent_and_child(parent: Path, children: dict[str, Path], tmp_path: Path) -> None:
+def test_paper_metrics_for_parent_and_child(
+    parent: Path, children: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proassist_edge.bench import textsim
     from proassist_edge.bench.taskworld import generate_split
 
+    monkeypatch.setattr(textsim, "DEFAULT_EMBEDDER", "minilm")  # fast; the default is mpnet
     split = generate_split("test", tmp_path / "test", episodes=1)
     got = paper_metrics(parent, children["int4"], split)
     assert isinstance(got, dict)
     for side in ("parent", "child"):
-        assert got[side]["episodes"] == 1 and 0.0 <= got[side]["f1"] <= 1.0
+        assert got[side]["episodes"] == 1 and 0.0 <= got[side]["F1"] <= 1.0
+        assert got[side]["embedder"]["name"] == "minilm"
 
 
 def test_cli_options_reach_the_child(children: dict[str, Path]) -> None:
