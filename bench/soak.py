@@ -98,7 +98,7 @@ def soak(
     )
     core = StreamCore(bundle, s)
     fps = bundle.manifest.model.fps
-    rep = SoakReport(strategy, frames, frames / fps, capacity=s.max_seq_len)
+    rep = SoakReport(strategy, frames, frames / fps, capacity=s.kv_capacity)
     get = frame_source(bundle.manifest.model.image_size, seed, source)
     t0 = time.perf_counter()
     for i in range(frames):

@@ -1,6 +1,6 @@
 """`proassist-edge build-engine`: TensorRT engines for a bundle's portable graphs, built on the device.
 
-Profiles come from the manifest (1 and I tokens per step, KV lengths 0..max_seq_len); the engine's
+Profiles come from the manifest (1 and I tokens per step, KV lengths 0..kv_capacity); the engine's
 device and TensorRT version are written beside it and into `manifest.json` (`engines`), so a
 runtime on another device or TensorRT version can refuse it (`check_engine_compat`).
 """
@@ -32,8 +32,9 @@ def run_build_engine(args: argparse.Namespace) -> int:
     m = manifest.model
     # TensorRT takes the portable graph (standard ops); an int8 bundle's QDQ decoder when asked
     decoder = "decoder_qdq" if args.int8 and "decoder_qdq" in manifest.graphs else "decoder"
-    profiles = optimization_profiles(m.tokens_per_frame, m.max_seq_len, m.num_layers, m.num_kv_heads,
-                                     m.head_dim, m.hidden_size)
+    # KV lengths up to the capacity a stream can need (a summary runs past max_seq_len)
+    profiles = optimization_profiles(m.tokens_per_frame, m.kv_capacity or m.max_seq_len,
+                                     m.num_layers, m.num_kv_heads, m.head_dim, m.hidden_size)
     out = args.bundle / f"{decoder}.engine"
     meta = build_engine(args.bundle / manifest.graphs[decoder].file, out, profiles, fp16=not args.int8,
                         int8=args.int8, workspace_mb=args.workspace,

@@ -54,6 +54,7 @@ def model_facts(
     c: Any = ck.model.llm.config  # transformers' configs are loosely typed
     tok = ck.tokenizer
     bos = tok.token_to_id(ck.chat.bos) if ck.chat.bos else None
+    capacity = StreamSettings(max_seq_len=max_seq_len).kv_capacity  # the manifest's caps
     return ModelFacts(
         tokens_per_frame=ck.config.tokens_per_frame,
         hidden_size=c.hidden_size,
@@ -69,6 +70,8 @@ def model_facts(
         eos_id=int(tok.token_to_id(ck.chat.eos) or 0),
         bos_id=bos,
         img_token_id=ck.img_token_id,
+        sep_token_id=ck.model.not_talk_id if ck.config.img_sep_token else None,
+        kv_capacity=capacity,
         context_strategy=ck.config.exceed_context_handling,
         system_prompt=system,
         chat=ck.chat.to_dict(),

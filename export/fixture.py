@@ -90,7 +90,13 @@ def save_base_llm(llm: LlamaForCausalLM, out: Path, tokenizer_json: Path) -> Non
 
 
 def proassist_fields(
-    llm_dir: str, vision_dir: str, vision_width: int, tokens_per_frame: int, w2t: str, mode: str
+    llm_dir: str,
+    vision_dir: str,
+    vision_width: int,
+    tokens_per_frame: int,
+    w2t: str,
+    mode: str,
+    sep_token: str = "",
 ) -> dict:
     cfg = ProAssistConfig(
         llm_pretrained=llm_dir,
@@ -98,7 +104,7 @@ def proassist_fields(
         vision_hidden_size=vision_width,
         use_img_cls_token=True,
         img_patch_token_size=PATCH_SIZE_FOR_TOKENS[tokens_per_frame],
-        img_sep_token="",
+        img_sep_token=sep_token,
         max_seq_len=4096,
         use_binary_decision_head=w2t != "lm",
         binary_decision_head_type="mlp" if w2t == "head-mlp" else "linear",
@@ -125,12 +131,15 @@ def write_tiny_checkpoint(
     hidden: int = 64,
     llm_dir: Path | None = None,
     head_dim: int | None = None,
+    sep_token: str = "",
 ) -> Path:
     """Write base_llm/, base_vision/ and checkpoint/ under OUT; return the checkpoint folder.
 
     With train_mode="lora", `lora_rounds` earlier rounds (adapter_0 ...) plus the top adapter.
     With `llm_dir`, that existing LLM folder (e.g. real SmolLM2 weights) is the base LLM.
     `head_dim` (e.g. 8) sets the attention head width of the tiny LLM (default hidden // 4).
+    `sep_token` (a token of the tokenizer) makes a separator model: frames are separated by it
+    and it is the not-talk token (the released models have none).
     """
     if tokens_per_frame not in PATCH_SIZE_FOR_TOKENS:
         raise ValueError(f"tokens_per_frame must be 1, 5 or 10, not {tokens_per_frame}")
@@ -157,6 +166,7 @@ def write_tiny_checkpoint(
         tokens_per_frame,
         w2t,
         train_mode,
+        sep_token,
     )
     cfg = ProAssistConfig.from_json(fields)
     attach_multimodal_modules(llm, cfg)

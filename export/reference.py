@@ -16,19 +16,18 @@ from tokenizers import Tokenizer
 from transformers import DynamicCache
 
 from proassist_edge.chat import ChatFormat
+from proassist_edge.runtime.context import ContextStrategy, find_knowledge, reduction
+from proassist_edge.runtime.core import SUMMARY_THRESHOLD
 from proassist_edge.runtime.messages import FrameResult, TextMessage
-from proassist_edge.runtime.prompt import (
-    PromptBuilder,
-    StreamSettings,
-    decide_talk,
-    drop_middle_keep,
-    needs_reset,
-)
+from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings, decide_talk
 
 from .model import ProAssistModel
 
 
 class ReferenceLoop:
+    """ProAssist's streaming runner in PyTorch: the same step and the same context rules as the
+    runtime core (runtime/context.py), on a Hugging Face cache."""
+
     def __init__(
         self,
         model: ProAssistModel,
@@ -42,6 +41,8 @@ class ReferenceLoop:
         self.pb = PromptBuilder(tokenizer, chat)
         self.s = settings or StreamSettings()
         self.system, self.knowledge = system, knowledge
+        # a separator model's not-talk token is its frame separator (proassist-reference.md)
+        self.sep = model.not_talk_id if model.cfg.img_sep_token else None
         eos = tokenizer.token_to_id(chat.eos)
         if eos is None:
             raise ValueError(f"eos token {chat.eos!r} missing from the tokenizer")
@@ -51,9 +52,12 @@ class ReferenceLoop:
     def reset(self) -> None:
         self.past: DynamicCache | None = None
         self.kv_len = 0
-        self.prefix_len: int | None = None
+        self.opening = self.pb.chat.system_content(self.system, self.knowledge)
+        self.task_knowledge = find_knowledge("", [("system", self.opening)])
+        self.prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # drop_middle's
         self.pending: list[int] = self.pb.opening(self.system, self.knowledge)
         self.prev_p: float | None = None
+        self.fed_last = True
 
     # --- the cache -------------------------------------------------------------------------
     def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -63,21 +67,20 @@ class ReferenceLoop:
         self._last_p = float(out.p_not_talk[0, -1])
         return out.logits[0, -1]
 
-    def _drop_middle(self) -> bool:
-        keep = drop_middle_keep(self.kv_len, self.prefix_len or 0, self.s)
-        if keep is None or self.past is None:
-            return False
-        start, end, pre = keep[0], keep[1], self.prefix_len or 0
+    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        assert self.past is not None
+        return [(la.keys, la.values) for la in cast(Any, self.past).layers]  # full attention only
+
+    def _drop_middle(self, start: int, end: int) -> None:
+        """The kept prefix (a snapshot taken when it was captured, as the authors keep the
+        cache object of that step) followed by positions [start, end) of the cache."""
+        assert self.prefix is not None
         layers = [
-            (
-                torch.cat([layer.keys[:, :, :pre], layer.keys[:, :, start:end]], dim=2),
-                torch.cat([layer.values[:, :, :pre], layer.values[:, :, start:end]], dim=2),
-            )
-            for layer in cast(Any, self.past).layers  # Llama: full-attention layers only
+            (torch.cat([pk, k[:, :, start:end]], dim=2), torch.cat([pv, v[:, :, start:end]], dim=2))
+            for (pk, pv), (k, v) in zip(self.prefix, self._layers(), strict=True)
         ]
         self.past = DynamicCache(ddp_cache_data=layers)
-        self.kv_len = pre + end - start
-        return True
+        self.kv_len = layers[0][0].shape[2]
 
     def _drop_all(self) -> None:
         self.past, self.kv_len = None, 0
@@ -85,85 +88,90 @@ class ReferenceLoop:
     # --- decoding ----------------------------------------------------------------------------
     def _greedy(self, logits: torch.Tensor, cap: int) -> list[int]:
         """Greedy decode; the first token may not be the not-talk token. Generated tokens stay
-        in the cache; the final eos is fed back only with feed_eos."""
+        in the cache except the last (the eos, or the cap's); feed_eos feeds a final eos."""
         logits = logits.clone()
         logits[self.model.not_talk_id] = -float("inf")
         ids: list[int] = []
         for i in range(cap):
             t = int(torch.argmax(logits))
             ids.append(t)
-            done = t == self.eos_id or i == cap - 1 or self.kv_len >= self.s.max_seq_len
-            if done and not (
-                t == self.eos_id and self.s.feed_eos and self.kv_len < self.s.max_seq_len
-            ):
+            done = t == self.eos_id or i == cap - 1
+            self.fed_last = not done or (t == self.eos_id and self.s.feed_eos)
+            if not self.fed_last:
                 break
             logits = self._forward(self.model.embed_ids(torch.tensor([[t]])))
             if done:
                 break
         return ids
 
+    def _embed(self, ids: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        parts = [self.model.embed_ids(torch.tensor([ids], dtype=torch.long))] if ids else []
+        for j in range(tokens.shape[0]):
+            if j and self.sep is not None:  # frames joined by the separator
+                parts.append(self.model.embed_ids(torch.tensor([[self.sep]])))
+            parts.append(tokens[j][None])
+        return torch.cat(parts, 1)
+
     # --- one step --------------------------------------------------------------------------
     @torch.no_grad()
     def step(
         self, frames: np.ndarray, index: int, t: float, messages: Sequence[TextMessage] = ()
     ) -> FrameResult:
-        """Append k frames (k, h, w, 3) and the pending messages; decide; maybe speak."""
+        """Append k frames (k, h, w, 3) and the pending messages; decide; maybe speak; then
+        reduce the cache when it is due (runtime/core.py's StreamCore.step, in PyTorch)."""
         text = list(self.pending)
         for m in messages:
             text += self.pb.message(m.role, m.content)
         tokens = self.model.encode_frames(torch.from_numpy(np.ascontiguousarray(frames)))
-        n = len(text) + tokens.shape[0] * tokens.shape[1]
-        reset = None
-        if self.kv_len and needs_reset(self.kv_len, n, self.s):
-            reset = self.s.context_strategy
-            if reset == "summarize_and_drop":
-                return self._summarize(text, tokens, index, t)
-            if reset == "drop_middle" and self._drop_middle():
-                pass
-            else:
-                reset = "drop_all"
-                self._drop_all()
-        self.pending = []
-        if self.prefix_len is None:
-            self.prefix_len = len(text)
-        embeds = torch.cat(
-            [
-                self.model.embed_ids(torch.tensor([text], dtype=torch.long)),
-                tokens.reshape(1, -1, tokens.shape[-1]),
-            ],
-            1,
-        )
-        logits = self._forward(embeds)
+        logits = self._forward(self._embed(text, tokens))
         p = self._last_p
-        talk = decide_talk(p, self.prev_p, self.s)
+        nt = self.model.not_talk_id
+        talk = decide_talk(p, self.prev_p, self.s, lambda: int(torch.argmax(logits)) != nt)
         self.prev_p = p
+        self.fed_last = False
         ids = self._greedy(logits, self.s.max_reply_tokens) if talk else []
-        reply = self.pb.reply_text(ids) if talk else ""
-        return FrameResult(index, t, p, talk, reply, tuple(ids), self.kv_len, None, reset)
-
-    def _summarize(
-        self, text: list[int], tokens: torch.Tensor, index: int, t: float
-    ) -> FrameResult:
-        """Ask for a progress summary with the current frame, then restart from it."""
-        ids = text + self.pb.summary_request()
-        embeds = torch.cat(
-            [
-                self.model.embed_ids(torch.tensor([ids], dtype=torch.long)),
-                tokens.reshape(1, -1, tokens.shape[-1]),
-            ],
-            1,
+        self.task_knowledge = find_knowledge(
+            self.task_knowledge, [(m.role, m.content) for m in messages]
         )
-        logits = self._forward(embeds)
-        p = self._last_p
-        self.prev_p = p
-        cap = max(1, min(self.s.max_summary_tokens, self.s.max_seq_len - self.kv_len))
-        out = self._greedy(logits, cap)
+        if self.prefix is None and any(m.role == "user" for m in messages):
+            self.prefix = self._layers()  # the cache as it is now (the authors keep it)
+        last = ids[-1] if talk else nt
+        self.pending = [last] if self.sep is not None and not self.fed_last else []
+        context_len = self.kv_len
+        reset, summary = self._reduce(frames)
+        reply = self.pb.reply_text(ids) if talk else ""
+        return FrameResult(
+            index, t, p, talk, reply, tuple(ids), context_len,
+            None if summary is None else summary[0], reset,
+            () if summary is None else summary[1],
+        )
+
+    def _reduce(self, frames: np.ndarray) -> tuple[str | None, tuple[str, tuple[int, ...]] | None]:
+        s = self.s
+        prefix_len = None if self.prefix is None else self.prefix[0][0].shape[2]
+        due = reduction(
+            self.kv_len, prefix_len, s.strategy, s.max_seq_len, s.reserve, s.drop_middle_tail
+        )
+        if due is None:
+            return None, None
+        if due.keep is not None:
+            self._drop_middle(due.keep[1], due.keep[2])
+        elif due.strategy is ContextStrategy.SUMMARIZE_AND_DROP:
+            return due.strategy.value, self._summarize(frames)
+        else:
+            self._drop_all()
+        return due.strategy.value, None
+
+    def _summarize(self, frames: np.ndarray) -> tuple[str, tuple[int, ...]]:
+        """Ask for a progress summary with the frame just processed, then restart from it."""
+        tokens = self.model.encode_frames(torch.from_numpy(np.ascontiguousarray(frames)))
+        logits = self._forward(self._embed(self.pb.summary_request(), tokens))
+        p = self.prev_p = self._last_p
+        out = [] if p > SUMMARY_THRESHOLD else self._greedy(logits, self.s.max_summary_tokens)
         summary = self.pb.reply_text(out)
         self._drop_all()
-        self.pending = self.pb.resume(self.system, summary, self.knowledge)
-        return FrameResult(
-            index, t, p, False, "", tuple(out), self.kv_len, summary, "summarize_and_drop"
-        )
+        self.pending = self.pb.resume(self.opening, summary, self.task_knowledge)
+        return summary, tuple(out)
 
     def run(
         self, frames: np.ndarray, messages: Iterable[TextMessage] = (), fps: float = 2.0

@@ -19,8 +19,6 @@ class ChatFormat:
     not_talk: str = "<|eot_id|>"
     image: str = "<image>"
     summary_request: str = "Please summarize the progress."
-    # The system message that restarts the context after summarize_and_drop.
-    resume_system: str = "{system}\n\nProgress so far: {summary}\n\n{knowledge}"
 
     def render(self, role: str, content: str, with_bos: bool = False) -> str:
         text = self.message.format(role=role, content=content)
@@ -29,21 +27,27 @@ class ChatFormat:
     def system_content(self, system: str, knowledge: str = "") -> str:
         return f"{system}\n\n{knowledge}" if knowledge else system
 
-    def resume_content(self, system: str, summary: str, knowledge: str = "") -> str:
-        return self.resume_system.format(
-            system=system, summary=summary, knowledge=knowledge
-        ).strip()
+    @property
+    def header(self) -> tuple[str, str]:
+        """(header start, header end) around the role in `message`."""
+        start, rest = self.message.split("{role}", 1)
+        return start, rest.split("{content}", 1)[0]
 
     def reply_text(self, decoded: str) -> str:
-        """The spoken text of a decoded reply: the header the model wrote and the eos removed."""
-        text = decoded
-        if text.startswith(self.assistant_prefix):
-            text = text[len(self.assistant_prefix) :]
-        elif self.assistant_prefix.strip() and self.assistant_prefix.strip() in text[:64]:
-            text = text.split(self.assistant_prefix.strip(), 1)[1]
-        if text.endswith(self.eos):
-            text = text[: -len(self.eos)]
-        return text.strip()
+        """The text of a decoded reply, cleaned as the authors' runner cleans it
+        (`StreamProcessor.cleanup_text`): cut at the first eos, strip, drop bos and image
+        tokens, keep what follows the header the model wrote, and "." alone is silence.
+
+        A header end that is only whitespace (ChatML's newline) counts only after a header
+        start at the beginning, so a multi-line reply without a header keeps its first line."""
+        text = decoded.split(self.eos, 1)[0].strip()
+        for token in (self.bos, self.image):
+            if token:
+                text = text.replace(token, "")
+        start, end = self.header
+        if end.strip() and end in text or (text.startswith(start) and end in text):
+            text = text.split(end, 1)[1]
+        return "" if text == "." else text
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

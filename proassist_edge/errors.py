@@ -65,3 +65,7 @@ class MissingDependencyError(ProAssistEdgeError):
 
 class MetricsError(ProAssistEdgeError):
     """Evaluation input (frames, window, JSONL file, embedder) is unusable."""
+
+
+class ContextOverflowError(ProAssistEdgeError):
+    """A step's inputs do not fit in the KV memory even before its reply."""

@@ -37,6 +37,7 @@ class ModelFacts:
     eos_id: int
     bos_id: int | None
     img_token_id: int
+    sep_token_id: int | None = None  # the frame separator (the not-talk token) of SEP models
     default_threshold: float = 0.5
     fps: float = 2.0
     context_strategy: str = "summarize_and_drop"
@@ -44,6 +45,7 @@ class ModelFacts:
     drop_middle_tail: int = 512
     max_reply_tokens: int = 100
     max_summary_tokens: int = 512
+    kv_capacity: int = 0  # KV positions a stream can need (0: computed from the fields above)
     system_prompt: str = ""
     chat: dict[str, Any] = field(default_factory=dict)
 

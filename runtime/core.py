@@ -7,17 +7,21 @@ Only the core touches the KV memory.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from proassist_edge.errors import ProAssistEdgeError
+from proassist_edge.errors import ContextOverflowError, ProAssistEdgeError
 
 from .backend import StepOut
 from .bundle import Bundle
+from .context import ContextStrategy, find_knowledge, reduction
 from .messages import FrameResult, TextMessage
-from .prompt import PromptBuilder, StreamSettings, decide_talk, drop_middle_keep, needs_reset
+from .prompt import PromptBuilder, StreamSettings, decide_talk
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteOutputError(ProAssistEdgeError):
@@ -53,6 +57,11 @@ def settings_from_manifest(bundle: Bundle, **overrides: object) -> StreamSetting
 
 
 class StreamCore:
+    """ProAssist's streaming loop over a bundle, one frame step at a time (the authors'
+    `StreamInferenceRunner`): append the pending tokens, the messages and the frame, decide,
+    maybe reply; then, when the cache has reached `max_seq_len - reserve`, reduce it by the
+    context strategy (runtime/context.py) before the next frame."""
+
     def __init__(
         self,
         bundle: Bundle,
@@ -71,16 +80,20 @@ class StreamCore:
         self.pb = PromptBuilder(bundle.tokenizer, m.chat_format)
         self.system = m.system_prompt if system is None else system
         self.knowledge = knowledge
-        self.not_talk, self.eos = m.not_talk_id, m.eos_id
+        self.not_talk, self.eos, self.sep = m.not_talk_id, m.eos_id, m.sep_token_id
         self.head_mode = m.w2t_mode == "head"
-        self.dec = bundle.new_decoder(self.s.max_seq_len)
+        self.dec = bundle.new_decoder(self.s.kv_capacity)
         self.reset()
 
     def reset(self) -> None:
         self.dec.reset()
-        self.prefix_len: int | None = None
+        # the opening system message's content: the "initial system prompt" of a summary restart
+        self.opening = self.pb.chat.system_content(self.system, self.knowledge)
+        self.task_knowledge = find_knowledge("", [("system", self.opening)])
+        self.prefix_len: int | None = None  # drop_middle's kept prefix, once a user spoke
         self.pending: list[int] = self.pb.opening(self.system, self.knowledge)
         self.prev_p: float | None = None
+        self.fed_last = True  # whether the last decoded token entered the cache
 
     @property
     def kv_len(self) -> int:
@@ -93,15 +106,17 @@ class StreamCore:
 
     def _greedy(self, logits: np.ndarray, cap: int) -> Iterator[int]:
         """Greedy tokens, the first forced away from not-talk; each is in the cache once yielded
-        (except the final eos unless feed_eos). Raises _NonFinite before using bad logits."""
+        except the last (the eos or the cap's token), as in the authors' loop; `feed_eos` feeds
+        a final eos too. Raises _NonFinite before using bad logits."""
         _require_finite(logits, "logits")
         logits = logits.copy()
         logits[self.not_talk] = -np.inf
         for i in range(cap):
             t = int(np.argmax(logits))
-            full = self.kv_len >= self.s.max_seq_len
+            full = self.kv_len >= self.dec.capacity
             done = t == self.eos or i == cap - 1 or full
-            if done and not (t == self.eos and self.s.feed_eos and not full):
+            self.fed_last = not done or (t == self.eos and self.s.feed_eos and not full)
+            if done and not self.fed_last:
                 yield t
                 return
             # a reply token needs no decision: skip P(not talk) (a softmax over the
@@ -125,7 +140,9 @@ class StreamCore:
         messages: Sequence[TextMessage] = (),
         on_token: TokenCallback | None = None,
     ) -> FrameResult:
-        """Append k frames (k, h, w, 3) and the messages, decide, maybe reply.
+        """Append k frames (k, h, w, 3) and the messages, decide, maybe reply, then reduce the
+        memory if it is due. The result's `context_len` is the cache length after the step
+        (its reply included), before any reduction; `reset` names the reduction that followed.
 
         `on_token` is called with each reply token as soon as it is decoded (not for summaries),
         so speech can start before the reply ends. A non-finite graph output raises
@@ -135,67 +152,93 @@ class StreamCore:
         for m in messages:
             text += self.pb.message(m.role, m.content)
         tokens = self.b.encode_frames(frames)  # (k, I, H)
-        n = len(text) + tokens.shape[0] * tokens.shape[1]
-        reset = None
-        if self.kv_len and needs_reset(self.kv_len, n, self.s):
-            reset = self.s.context_strategy
-            if reset == "summarize_and_drop":
-                return self._summarize(text, tokens, index, t, messages)
-            keep = drop_middle_keep(self.kv_len, self.prefix_len or 0, self.s)
-            if reset == "drop_middle" and keep is not None:
-                self.dec.keep(self.prefix_len or 0, *keep)
-            else:
-                reset = "drop_all"
-                self.dec.reset()
-        undo = (self.kv_len, self.pending, self.prefix_len)
+        inputs = self._inputs(text, tokens)
+        if self.kv_len + inputs.shape[1] >= self.dec.capacity:
+            raise ContextOverflowError(
+                f"frame {index}: {inputs.shape[1]} input tokens at context {self.kv_len} pass "
+                f"the KV capacity {self.dec.capacity}: shorten the message, or re-export with a "
+                "larger --max-seq-len"
+            )
+        undo = (self.kv_len, self.pending)
         self.pending = []
-        if self.prefix_len is None:
-            self.prefix_len = len(text)
         ids: list[int] = []
         try:
-            logits, p = self._append(self._inputs(text, tokens))
+            logits, p = self._append(inputs)
             _require_finite(p, "P(not talk)")
-            talk = decide_talk(p, self.prev_p, self.s)
+            talk = decide_talk(
+                p, self.prev_p, self.s, lambda: int(np.argmax(logits)) != self.not_talk
+            )
+            self.fed_last = False  # a silent step's not-talk token is not fed
             for tok in self._greedy(logits, self.s.max_reply_tokens) if talk else ():
                 ids.append(tok)
                 if on_token is not None:
                     on_token(tok)
         except _NonFinite as e:
             self._rollback(undo[0])
-            self.pending, self.prefix_len = undo[1], undo[2]
+            self.pending = undo[1]
             raise NonFiniteOutputError(index, t, str(e), messages) from None
         self.prev_p = p
+        pairs = [(m.role, m.content) for m in messages]
+        self.task_knowledge = find_knowledge(self.task_knowledge, pairs)
+        if self.prefix_len is None and any(m.role == "user" for m in messages):
+            self.prefix_len = self.kv_len
+        last = ids[-1] if talk else self.not_talk
+        # a separator model feeds the step's last token before the next frame (the authors)
+        self.pending = [last] if self.sep is not None and not self.fed_last else []
+        context_len = self.kv_len
+        reset, summary = self._reduce(frames)
         reply = self.pb.reply_text(ids) if talk else ""
-        return FrameResult(index, t, p, talk, reply, tuple(ids), self.kv_len, None, reset)
+        return FrameResult(
+            index, t, p, talk, reply, tuple(ids), context_len,
+            None if summary is None else summary[0], reset,
+            () if summary is None else summary[1],
+        )
 
     def _inputs(self, text: list[int], tokens: np.ndarray) -> np.ndarray:
-        frames = tokens.reshape(1, -1, tokens.shape[-1])
+        k = tokens.shape[0]
+        if self.sep is not None and k > 1:  # frames joined by the separator, as in training
+            parts = [tokens[0][None]]
+            for j in range(1, k):
+                parts += [self.b.embed([self.sep]), tokens[j][None]]
+            frames = np.concatenate(parts, axis=1)
+        else:
+            frames = tokens.reshape(1, -1, tokens.shape[-1])
         return np.concatenate([self.b.embed(text), frames], axis=1) if text else frames
 
-    def _summarize(
-        self,
-        text: list[int],
-        tokens: np.ndarray,
-        index: int,
-        t: float,
-        messages: Sequence[TextMessage],
-    ) -> FrameResult:
+    def _reduce(self, frames: np.ndarray) -> tuple[str | None, tuple[str, tuple[int, ...]] | None]:
+        """The context strategy, when due: (the reduction applied, (summary, its ids) or None)."""
+        s = self.s
+        due = reduction(
+            self.kv_len, self.prefix_len, s.strategy, s.max_seq_len, s.reserve, s.drop_middle_tail
+        )
+        if due is None:
+            return None, None
+        if due.keep is not None:
+            self.dec.keep(*due.keep)
+        elif due.strategy is ContextStrategy.SUMMARIZE_AND_DROP:
+            return due.strategy.value, self._summarize(frames)
+        else:
+            self.dec.reset()
+        return due.strategy.value, None
+
+    def _summarize(self, frames: np.ndarray) -> tuple[str, tuple[int, ...]]:
+        """The summary request and the frame just processed (encoded again, as the authors do)
+        appended to the full cache; the summary decides with the authors' default threshold
+        0.5; then the cache is emptied and the next frame starts from the resume message.
+        A non-finite output drops the cache without a summary (the stream goes on)."""
         kv_len = self.kv_len
         try:
-            logits, p = self._append(self._inputs(text + self.pb.summary_request(), tokens))
+            logits, p = self._append(self._inputs(self.pb.summary_request(), self.b.encode_frames(frames)))
             _require_finite(p, "P(not talk)")
-            cap = max(1, min(self.s.max_summary_tokens, self.s.max_seq_len - self.kv_len))
-            ids = list(self._greedy(logits, cap))
+            self.prev_p = p  # the authors' loop keeps this P as the previous one too
+            ids = [] if p > SUMMARY_THRESHOLD else list(self._greedy(logits, self.s.max_summary_tokens))
         except _NonFinite as e:
-            self._rollback(kv_len)  # the summary is retried at the next frame
-            raise NonFiniteOutputError(index, t, str(e), messages) from None
-        self.prev_p = p
+            log.warning("summary at context %d failed (%s): context dropped without one", kv_len, e)
+            ids = []
         summary = self.pb.reply_text(ids)
         self.dec.reset()
-        self.pending = self.pb.resume(self.system, summary, self.knowledge)
-        return FrameResult(
-            index, t, p, False, "", tuple(ids), self.kv_len, summary, "summarize_and_drop"
-        )
+        self.pending = self.pb.resume(self.opening, summary, self.task_knowledge)
+        return summary, tuple(ids)
 
     def replay(
         self, frames: np.ndarray, messages: Iterable[TextMessage] = (), fps: float = 2.0
@@ -207,6 +250,9 @@ class StreamCore:
             due = [m for m in queue if m.t <= t + 1e-9]
             queue = queue[len(due) :]
             yield self.step(frames[i : i + 1], i, t, due)
+
+
+SUMMARY_THRESHOLD = 0.5  # the authors' summary call passes no threshold: their default decides
 
 
 class _NonFinite(Exception):

@@ -41,7 +41,11 @@ class Utterance:
 
 @dataclass(frozen=True)
 class FrameResult:
-    """What the core concluded for one frame step (the oracle's and the runtime's unit)."""
+    """What the core concluded for one frame step (the oracle's and the runtime's unit).
+
+    `context_len` is the cache length after the step, its reply included; `reset` names the
+    context reduction that followed the step, and `summary` (with `summary_ids`) the progress
+    summary that summarize_and_drop generated then."""
 
     index: int
     t: float
@@ -52,3 +56,4 @@ class FrameResult:
     context_len: int = 0
     summary: str | None = None
     reset: str | None = None
+    summary_ids: tuple[int, ...] = ()

@@ -6,11 +6,16 @@ their sequences here, so a format change happens in one place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
 from proassist_edge.chat import ChatFormat
+
+from .context import CONTEXT_STRATEGIES, ContextStrategy, resume_content
+
+__all__ = ["CONTEXT_STRATEGIES", "PromptBuilder", "StreamSettings", "decide_talk"]
 
 
 @dataclass(frozen=True)
@@ -35,33 +40,36 @@ class StreamSettings:
         if self.max_seq_len <= self.reserve + 16:
             raise ValueError(f"max_seq_len {self.max_seq_len} leaves no room past the reserve")
 
+    @property
+    def strategy(self) -> ContextStrategy:
+        return ContextStrategy(self.context_strategy)
 
-CONTEXT_STRATEGIES = ("drop_all", "drop_middle", "summarize_and_drop")
+    @property
+    def kv_capacity(self) -> int:
+        """KV positions a stream can need. The reduction runs only after a step, on a cache of
+        at least max_seq_len - reserve, so the worst case is a cache one short of that, a
+        step's inputs and a whole reply, then the summary request with the frame again and a
+        whole summary: max_seq_len + the reply + the summary + one reserve more holds it
+        while a step's inputs and the summary request together stay within twice the reserve
+        (258 tokens at the default; a longer user message there raises ContextOverflowError)."""
+        return self.max_seq_len + self.max_reply_tokens + self.max_summary_tokens + self.reserve
 
 
-def decide_talk(p: float, prev_p: float | None, s: StreamSettings) -> bool:
+def decide_talk(
+    p: float, prev_p: float | None, s: StreamSettings, lm_talks: Callable[[], bool] = lambda: True
+) -> bool:
     """True to talk. Silent iff P(not talk) exceeds the threshold in force (the authors' rule).
 
-    With the diff rule, a drop of more than `diff_margin` since the previous frame forces talk;
-    otherwise the threshold is 0.5.
+    With the diff rule, a drop of more than `diff_margin` since the previous frame sets the
+    threshold to 1 (talk); otherwise it is 0.5. A threshold <= 0 forces nothing in the authors'
+    loop: the LM's own greedy choice decides (`lm_talks`: its argmax is not the not-talk token).
     """
-    if s.diff_margin is None:
-        return not p > s.threshold
-    if prev_p is not None and prev_p - p > s.diff_margin:
-        return True
-    return not p > 0.5
-
-
-def needs_reset(kv_len: int, incoming: int, s: StreamSettings) -> bool:
-    """The context strategy runs when the cache would pass max_seq_len - reserve."""
-    return kv_len + incoming > s.max_seq_len - s.reserve
-
-
-def drop_middle_keep(kv_len: int, prefix_len: int, s: StreamSettings) -> tuple[int, int] | None:
-    """The span [start, kv_len) kept after the prefix, or None when drop_middle cannot shorten."""
-    if kv_len <= prefix_len + s.drop_middle_tail:
-        return None
-    return kv_len - s.drop_middle_tail, kv_len
+    threshold = s.threshold
+    if s.diff_margin is not None:
+        threshold = 1.0 if prev_p is not None and prev_p - p > s.diff_margin else 0.5
+    if threshold <= 0:
+        return lm_talks()
+    return not p > threshold
 
 
 class PromptBuilder:
@@ -74,9 +82,10 @@ class PromptBuilder:
         return list(self.tok.encode(text, add_special_tokens=False).ids)
 
     def message(self, role: str, content: str, with_bos: bool = False) -> list[int]:
+        """A formatted message's ids; the content's ends are stripped, as the authors do."""
         key = (role, content, with_bos)
         if key not in self._cache:
-            self._cache[key] = self.ids(self.chat.render(role, content, with_bos))
+            self._cache[key] = self.ids(self.chat.render(role, content.strip(), with_bos))
         return self._cache[key]
 
     def reply_text(self, ids: list[int] | tuple[int, ...]) -> str:
@@ -86,9 +95,10 @@ class PromptBuilder:
         return self.message("system", self.chat.system_content(system, knowledge), with_bos=True)
 
     def resume(self, system: str, summary: str, knowledge: str = "") -> list[int]:
-        content = self.chat.resume_content(system, summary, knowledge)
-        return self.message("system", content, with_bos=True)
+        """The message that restarts the context after a summary, with the full chat template
+        (so it begins with bos). `system` is the opening message's whole content."""
+        return self.message("system", resume_content(system, summary, knowledge), with_bos=True)
 
     def summary_request(self) -> list[int]:
-        # The authors format it with the full chat template, so it starts with bos again.
-        return self.message("system", self.chat.summary_request, with_bos=True)
+        # a mid-stream message: no bos (the authors' non-first-turn format)
+        return self.message("system", self.chat.summary_request)

@@ -149,7 +149,7 @@ def load_episode(episode_dir: str | Path) -> Episode:
     knowledge = str(meta.get("knowledge") or "")
     system, messages = parse_conversation(turns, fps, len(frames), offset)
     # Data that already merged the knowledge into the system turn: split it off again, so the
-    # opening is system + "\n\n" + knowledge once and summaries resume from the bare system.
+    # opening is system + "\n\n" + knowledge once (the same opening message either way).
     suffix = "\n\n" + knowledge
     if system is not None and knowledge and system.endswith(suffix):
         system = system[: -len(suffix)]

@@ -23,14 +23,15 @@ class CheckpointFactory:
         lora_rounds: int = 1,
         train_mode: str = "lora",
         seed: int = 0,
+        sep_token: str = "",
     ) -> Path:
         from proassist_edge.export.fixture import write_tiny_checkpoint
 
-        key = (tokens_per_frame, w2t, lora_rounds, train_mode, seed)
+        key = (tokens_per_frame, w2t, lora_rounds, train_mode, seed, sep_token)
         if key not in self.made:
-            out = self.root / "_".join(map(str, key))
+            out = self.root / ("_".join(map(str, key[:5])) + ("_sep" if sep_token else ""))
             self.made[key] = write_tiny_checkpoint(
-                out, tokens_per_frame, w2t, lora_rounds, train_mode, seed
+                out, tokens_per_frame, w2t, lora_rounds, train_mode, seed, sep_token=sep_token
             )
         return self.made[key]
 
@@ -50,7 +51,7 @@ def talk_threshold(ckpt: Path, frames: int = 40) -> float:
     from proassist_edge.runtime.prompt import StreamSettings
 
     ck = load_checkpoint(ckpt)
-    loop = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, StreamSettings(threshold=-1.0))  # never talks
+    loop = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, StreamSettings(threshold=1e-9))  # never talks
     ps = [r.p_not_talk for r in loop.run(synthetic_stream(frames))]
     return float(np.median(ps))
 
@@ -66,13 +67,17 @@ class BundleFactory:
         w2t: str = "lm",
         lora_rounds: int = 1,
         verify_frames: int = 150,
+        train_mode: str = "lora",
+        sep_token: str = "",
     ) -> tuple[Path, Path, float]:
         """(bundle, checkpoint, a threshold that makes the random model talk about half the time)."""
         from proassist_edge.export.bundle import ExportOptions, export_bundle
 
         key = (tokens_per_frame, w2t, lora_rounds)
+        key += (train_mode,) if train_mode != "lora" else ()
+        key += ("sep",) if sep_token else ()
         if key not in self.made:
-            ckpt = self.ckpts(tokens_per_frame, w2t, lora_rounds)
+            ckpt = self.ckpts(tokens_per_frame, w2t, lora_rounds, train_mode, sep_token=sep_token)
             thr = talk_threshold(ckpt)
             out = self.root / "_".join(map(str, key))
             opts = ExportOptions(verify_frames=verify_frames, max_reply_tokens=6, threshold=thr)

@@ -303,7 +303,7 @@ class SlowStep:
 
 def test_frames_dropped_under_load_are_counted(tiny) -> None:
     source = SyntheticSource(20.0, size=(32, 32), n_frames=30)
-    assistant, rec, _ = make_assistant(tiny[0], source, threshold=0.0, realtime=True,
+    assistant, rec, _ = make_assistant(tiny[0], source, threshold=1e-9, realtime=True,
                                        source_capacity=2)
     b = assistant.core.b
     b.encode_frames = SlowStep(b.encode_frames, 0.25)  # type: ignore[method-assign]
@@ -315,7 +315,7 @@ def test_frames_dropped_under_load_are_counted(tiny) -> None:
 
 def test_max_seconds_and_injected_messages(tiny) -> None:
     source = SyntheticSource(2.0, size=(32, 32))  # endless
-    assistant, rec, _ = make_assistant(tiny[0], source, threshold=0.0, max_seconds=2.0)
+    assistant, rec, _ = make_assistant(tiny[0], source, threshold=1e-9, max_seconds=2.0)
     assistant.inject("user", "What is next?")
     with pytest.raises(ValueError):
         assistant.inject("assistant", "no")

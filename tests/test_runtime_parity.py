@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from proassist_edge.errors import ContextOverflowError
 from proassist_edge.export.checkpoint import load_checkpoint
 from proassist_edge.export.reference import ReferenceLoop
 from proassist_edge.export.verify import synthetic_stream
@@ -19,6 +20,12 @@ MESSAGES = [
     TextMessage("user", "What's next?", 20.0),
     TextMessage("system", "The user looks lost.", 70.0),
 ]
+# Two fixtures in the released layout: LoRA (two rounds, a linear decision head) and a fully
+# fine-tuned LLM with the LM's own not-talk token (no LoRA, mm_projector.bin).
+FIXTURES = {
+    "lora2-head": dict(tokens_per_frame=5, w2t="head-linear", lora_rounds=2),
+    "full-lm": dict(tokens_per_frame=5, w2t="lm", lora_rounds=0, train_mode="full"),
+}
 
 
 def small_context(strategy: str, threshold: float) -> StreamSettings:
@@ -33,25 +40,39 @@ def small_context(strategy: str, threshold: float) -> StreamSettings:
     )
 
 
+def dense_messages() -> list[TextMessage]:
+    """User turns on two of every five frames from frame 35 to 159 (after the first reset, so
+    that drop_middle first runs with no prefix), and task knowledge arriving mid-stream: resets
+    fall on frames with a user turn before them, after them, or on them."""
+    users = [TextMessage("user", "What's next?", i / 2) for i in range(35, 160) if i % 5 < 2]
+    knowledge = TextMessage("system", "Task knowledge: stack the red block on the base.", 30.0)
+    return sorted([*users, knowledge], key=lambda m: m.t)
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
 @pytest.mark.parametrize("strategy", CONTEXT_STRATEGIES)
-def test_replay_matches_reference_loop(tiny_bundle, strategy: str) -> None:
-    bundle, ckpt, thr = tiny_bundle(5, "head-linear", 2)
+def test_replay_matches_reference_loop(tiny_bundle, strategy: str, fixture: str) -> None:
+    bundle, ckpt, thr = tiny_bundle(**FIXTURES[fixture])
     ck = load_checkpoint(ckpt)
     s = small_context(strategy, thr)
-    frames = synthetic_stream(300, seed=3)
-    ref = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, s, SYSTEM, KNOWLEDGE).run(frames, MESSAGES)
-    resets = [r for r in ref if r.reset]
-    assert resets and all(r.reset == strategy for r in resets), "the strategy must trigger"
+    frames, messages = synthetic_stream(300, seed=3), dense_messages()
+    ref = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, s, SYSTEM, KNOWLEDGE).run(frames, messages)
+    resets = [r.index for r in ref if r.reset]
+    user_frames = {round(m.t * 2) for m in messages if m.role == "user"}
+    assert len(resets) >= 2 and {r.reset for r in ref} - {None} >= {strategy}, "resets happen"
+    assert any(i - 1 in user_frames for i in resets), "a user turn on the frame before a reset"
+    assert any(i + 1 in user_frames for i in resets), "a user turn on the frame after a reset"
     assert 0 < sum(r.talk for r in ref) < len(ref)
+    if strategy == "summarize_and_drop":
+        assert any(r.summary for r in ref), "a summary was generated"
     for decoder in ("decoder", "decoder_gqa"):
         core = StreamCore(open_bundle(bundle, decoder), s, SYSTEM, KNOWLEDGE)
-        got = list(core.replay(frames, MESSAGES))
-        assert [r.talk for r in got] == [r.talk for r in ref], decoder
-        assert [r.token_ids for r in got] == [r.token_ids for r in ref], decoder
-        assert [r.text for r in got] == [r.text for r in ref], decoder
-        assert [r.reset for r in got] == [r.reset for r in ref], decoder
+        got = list(core.replay(frames, messages))
+        for field in ("talk", "token_ids", "text", "reset", "summary", "summary_ids", "context_len"):
+            assert [getattr(r, field) for r in got] == [getattr(r, field) for r in ref], (
+                decoder, field
+            )
         assert max(abs(a.p_not_talk - b.p_not_talk) for a, b in zip(got, ref, strict=True)) < 1e-4
-        assert max(r.context_len for r in got) <= s.max_seq_len
 
 
 @pytest.mark.parametrize("tpf,w2t,rounds", [(1, "lm", 1), (10, "head-mlp", 1)])
@@ -70,48 +91,145 @@ def test_reference_loop_runs_300_frames_on_each_fixture(
     assert talks and all(r.token_ids and r.token_ids[0] != ck.model.not_talk_id for r in talks)
 
 
-def test_summary_is_fed_back_as_system_message(tiny_bundle) -> None:
-    bundle, ckpt, thr = tiny_bundle(5, "head-linear", 2)
+def message_of_length(pb: PromptBuilder, n: int) -> str:
+    """User text whose formatted message is exactly n tokens."""
+    for k in range(1, 4 * n):
+        text = " ".join(["block"] * k)
+        if len(pb.message("user", text)) == n:
+            return text
+    raise AssertionError(f"no message of {n} tokens")
+
+
+@pytest.mark.parametrize("decoder", ["decoder", "decoder_gqa"])
+def test_worst_case_summary_fits_the_capacity(tiny_bundle, decoder: str) -> None:
+    """A cache one short of the reduction point, then a step with the largest inputs the
+    capacity provides for, a whole reply and a whole summary: it reaches exactly the capacity
+    and nothing overflows. One token more of input is a typed error before anything runs."""
+    bundle, _, _ = tiny_bundle(**FIXTURES["full-lm"])
+    b = open_bundle(bundle, decoder)
+    s = small_context("summarize_and_drop", threshold=1.0)  # P > 1 never: every step talks
+    core = StreamCore(b, s, SYSTEM, KNOWLEDGE)
+    frames = synthetic_stream(4, seed=8)
+    core.step(frames[:1], 0, 0.0)
+    reduce_at, tpf = s.max_seq_len - s.reserve, b.manifest.model.tokens_per_frame
+    filler = np.random.default_rng(0).integers(1000, 2000, reduce_at - 1 - core.kv_len).tolist()
+    core.dec.append(b.embed(filler))  # a hand-built cache: one position short
+    assert core.kv_len == reduce_at - 1
+    query = len(core.pb.summary_request())
+    room = s.kv_capacity - s.max_seq_len - s.max_reply_tokens - s.max_summary_tokens
+    n_msg = room + s.reserve + 3 - query - 2 * tpf  # inputs + query + frame = 2 * reserve + 3
+    text = message_of_length(core.pb, n_msg)
+    pending = list(core.pending)
+    with pytest.raises(ContextOverflowError, match="KV capacity"):
+        core.step(frames[1:2], 1, 0.5, [TextMessage("user", text + " block" * s.kv_capacity)])
+    assert core.kv_len == reduce_at - 1 and core.pending == pending  # nothing changed
+    r = core.step(frames[1:2], 1, 0.5, [TextMessage("user", text)])
+    assert r.talk and len(r.token_ids) == s.max_reply_tokens and len(r.summary_ids) == 24
+    assert r.context_len == reduce_at - 1 + n_msg + tpf + s.max_reply_tokens - 1
+    peak = r.context_len + query + tpf + len(r.summary_ids) - 1
+    assert peak == s.kv_capacity == b.new_decoder(s.kv_capacity).capacity
+    assert r.reset == "summarize_and_drop" and core.kv_len == 0
+
+
+def test_summary_restarts_from_one_system_message(tiny_bundle) -> None:
+    """After the step that reached the reduction point (its own decision and reply kept), the
+    next frame starts from "{opening} {summary} {knowledge}" with bos; the knowledge is the
+    first system message holding "Task knowledge:", here one that came mid-stream."""
+    bundle, _, _ = tiny_bundle(**FIXTURES["full-lm"])
     b = open_bundle(bundle)
-    s = small_context("summarize_and_drop", thr)
+    s = small_context("summarize_and_drop", threshold=1.0)  # every step talks
     core = StreamCore(b, s, SYSTEM, KNOWLEDGE)
     pb = PromptBuilder(b.tokenizer, b.manifest.model.chat_format)
+    know = "Task knowledge: the red block goes first."
     frames = synthetic_stream(120, seed=5)
+    results = []
     for i in range(len(frames)):
-        r = core.step(frames[i : i + 1], i, i / 2)
-        if r.summary is not None:
+        msgs = [TextMessage("system", know, i / 2)] if i == 2 else []
+        results.append(core.step(frames[i : i + 1], i, i / 2, msgs))
+        if results[-1].reset:
             break
     else:
         pytest.fail("summarize_and_drop never triggered")
-    assert core.kv_len == 0
-    expected = pb.resume(SYSTEM, r.summary, KNOWLEDGE)
+    r = results[-1]
+    assert all(x.context_len < s.max_seq_len - s.reserve for x in results[:-1])
+    assert r.context_len >= s.max_seq_len - s.reserve and r.talk and r.text, "its own reply kept"
+    assert r.summary is not None and core.kv_len == 0
+    opening = f"{SYSTEM}\n\n{KNOWLEDGE}"
+    expected = pb.resume(opening, r.summary, know)
     assert core.pending == expected
     text = b.tokenizer.decode(expected, skip_special_tokens=False)
-    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
-    assert r.summary in text and KNOWLEDGE in text and SYSTEM in text
+    assert text == (
+        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        f"{f'{opening} {r.summary} {know}'.strip()}<|eot_id|>"
+    )
+    assert pb.summary_request()[0] != b.manifest.model.bos_id  # mid-stream: no bos
     nxt = core.step(frames[i + 1 : i + 2], i + 1, (i + 1) / 2)
-    frame_tokens = b.manifest.model.tokens_per_frame
-    assert nxt.context_len == len(expected) + frame_tokens + max(len(nxt.token_ids) - 1, 0)
+    assert nxt.context_len == len(expected) + 5 + len(nxt.token_ids) - 1
 
 
-def test_drop_all_restarts_from_frame_tokens_alone(tiny_bundle) -> None:
+def test_drop_all_restarts_from_the_next_frame_alone(tiny_bundle) -> None:
     bundle, _, _ = tiny_bundle(5, "head-linear", 2)
-    s = small_context("drop_all", threshold=-1.0)  # P > -1 always: never talks, lengths are exact
+    s = small_context("drop_all", threshold=1e-9)  # P > 1e-9 always: never talks, lengths exact
     core = StreamCore(open_bundle(bundle), s, SYSTEM, KNOWLEDGE)
     frames = synthetic_stream(80, seed=6)
     results = [core.step(frames[i : i + 1], i, i / 2) for i in range(80)]
-    reset = next(r for r in results if r.reset)
-    assert reset.context_len == 5  # the system prompt went too (the authors' drop_all)
+    k = next(i for i, r in enumerate(results) if r.reset)
+    assert results[k - 1].context_len < s.max_seq_len - s.reserve <= results[k].context_len
+    assert results[k].context_len == results[k - 1].context_len + 5  # reduced after, not before
+    assert results[k + 1].context_len == 5  # the system prompt went too (the authors' drop_all)
 
 
-def test_drop_middle_keeps_prefix_and_tail(tiny_bundle) -> None:
+def test_drop_middle_keeps_the_first_user_steps_cache_and_the_tail(tiny_bundle) -> None:
     bundle, _, _ = tiny_bundle(5, "head-linear", 2)
-    s = small_context("drop_middle", threshold=-1.0)
+    s = small_context("drop_middle", threshold=1e-9)
     core = StreamCore(open_bundle(bundle), s, SYSTEM, KNOWLEDGE)
     frames = synthetic_stream(80, seed=6)
-    results = [core.step(frames[i : i + 1], i, i / 2) for i in range(80)]
-    reset = next(r for r in results if r.reset)
-    assert reset.context_len == core.prefix_len + s.drop_middle_tail + 5
+    results = []
+    for i in range(80):
+        msgs = [TextMessage("user", "What's next?", i / 2)] if i in (3, 9) else []
+        results.append(core.step(frames[i : i + 1], i, i / 2, msgs))
+    assert core.prefix_len == results[3].context_len  # the first user turn's whole step
+    k = next(i for i, r in enumerate(results) if r.reset)
+    assert results[k].reset == "drop_middle"
+    assert results[k + 1].context_len == core.prefix_len + s.drop_middle_tail + 5
+
+
+def test_drop_middle_without_a_user_turn_drops_all(tiny_bundle) -> None:
+    bundle, _, _ = tiny_bundle(5, "head-linear", 2)
+    s = small_context("drop_middle", threshold=1e-9)
+    core = StreamCore(open_bundle(bundle), s, SYSTEM, KNOWLEDGE)
+    frames = synthetic_stream(60, seed=6)
+    results = [core.step(frames[i : i + 1], i, i / 2) for i in range(60)]
+    k = next(i for i, r in enumerate(results) if r.reset)
+    assert results[k].reset == "drop_all" and results[k + 1].context_len == 5
+    assert core.prefix_len is None
+
+
+SEP = "<|reserved_special_token_2|>"
+
+
+@pytest.mark.parametrize("strategy", CONTEXT_STRATEGIES)
+def test_separator_model_feeds_each_steps_last_token(tiny_bundle, strategy: str) -> None:
+    """A model with a frame separator (its not-talk token) feeds each step's last token before
+    the next frame, through drop_all and drop_middle, but not after a summary (the authors)."""
+    bundle, ckpt, thr = tiny_bundle(5, "lm", 1, sep_token=SEP)
+    ck = load_checkpoint(ckpt)
+    b = open_bundle(bundle)
+    m = b.manifest.model
+    assert m.sep_token_id == m.not_talk_id == b.tokenizer.token_to_id(SEP) != m.eos_id
+    s = small_context(strategy, thr)
+    frames, messages = synthetic_stream(200, seed=9), dense_messages()
+    ref = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, s, SYSTEM, KNOWLEDGE).run(frames, messages)
+    got = list(StreamCore(b, s, SYSTEM, KNOWLEDGE).replay(frames, messages))
+    assert sum(r.reset is not None for r in ref) >= 2 and 0 < sum(r.talk for r in ref) < 200
+    for field in ("talk", "token_ids", "reset", "summary_ids", "context_len"):
+        assert [getattr(r, field) for r in got] == [getattr(r, field) for r in ref], field
+    silent = StreamCore(b, small_context(strategy, 1e-9), SYSTEM, KNOWLEDGE)
+    lens = [r.context_len for r in silent.replay(frames[:60])]
+    k = next(i for i in range(60) if lens[i + 1] < lens[i])
+    assert all(lens[i + 1] - lens[i] == 6 for i in range(k)), "the separator, then 5 tokens"
+    if strategy != "summarize_and_drop":  # (drop_middle has no prefix here: it drops all)
+        assert lens[k + 1] == 6  # the last step's separator survives the reset
 
 
 def test_frame_of_wrong_shape_is_a_typed_error(tiny_bundle) -> None:

@@ -150,7 +150,7 @@ def test_sequence_equals_what_the_reference_loop_feeds(pb: PromptBuilder, tiny_c
 
     ck.model.embed_ids = record_text  # type: ignore[method-assign]
     ck.model.encode_frames = record_frames  # type: ignore[method-assign]
-    loop = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, StreamSettings(threshold=-1.0),
+    loop = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, StreamSettings(threshold=1e-9),
                          system=conv.system)
     n = 12
     loop.run(ep.frames[:n], conv.messages, ep.fps)
