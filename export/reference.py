@@ -105,7 +105,8 @@ class ReferenceLoop:
         return ids
 
     def _embed(self, ids: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        parts = [self.model.embed_ids(torch.tensor([ids], dtype=torch.long))] if ids else []
+        # text first (embedded even when empty: one embed per step, frames after it)
+        parts = [self.model.embed_ids(torch.tensor([ids], dtype=torch.long))]
         for j in range(tokens.shape[0]):
             if j and self.sep is not None:  # frames joined by the separator
                 parts.append(self.model.embed_ids(torch.tensor([[self.sep]])))

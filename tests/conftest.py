@@ -73,7 +73,7 @@ class BundleFactory:
         """(bundle, checkpoint, a threshold that makes the random model talk about half the time)."""
         from proassist_edge.export.bundle import ExportOptions, export_bundle
 
-        key = (tokens_per_frame, w2t, lora_rounds)
+        key: tuple[object, ...] = (tokens_per_frame, w2t, lora_rounds)
         key += (train_mode,) if train_mode != "lora" else ()
         key += ("sep",) if sep_token else ()
         if key not in self.made:
