@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from proassist_edge.bench.latency import percentiles
 from proassist_edge.manifest import Manifest, ModelFacts
 from proassist_edge.runtime.backend import (
     Decoder,
@@ -31,8 +32,6 @@ from proassist_edge.runtime.backend import (
 )
 from proassist_edge.runtime.bundle import Bundle
 from proassist_edge.runtime.core import not_talk_probability
-
-from .latency import percentiles
 
 GIB = 1 << 30
 

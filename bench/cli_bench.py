@@ -23,15 +23,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from proassist_edge.bench import bandwidth as bw
+from proassist_edge.bench import kernels, projection, report
+from proassist_edge.bench import latency as lat
+from proassist_edge.bench.busy import OtherLoad, busy_note
 from proassist_edge.errors import ExportError, ProAssistEdgeError
 from proassist_edge.manifest import load_manifest
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 from proassist_edge.runtime.messages import TextMessage
-
-from . import bandwidth as bw
-from . import kernels, projection, report
-from . import latency as lat
-from .busy import OtherLoad, busy_note
 
 COMPARISONS = ("torch-reference", "ort-genai")
 # bundle precision -> onnxruntime-genai builder precision ("the same precision" on both sides)
@@ -149,7 +148,7 @@ def reference_checkpoint(opts: BenchOptions, bundle: Path, notes: list[str]) -> 
 def genai_model(opts: BenchOptions, bundle: Bundle, notes: list[str]) -> tuple[Path | None, str | None]:
     """The onnxruntime-genai folder for the bundle's weights at its precision (built once, then
     cached), and the builder precision; (None, None) with a note when it cannot be had."""
-    from proassist_edge.export.smollm import cache_dir
+    from proassist_edge.paths import cache_dir
 
     name = bundle.root.name
     src = bundle.manifest.source

@@ -29,9 +29,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 def cached_bundles(model: str, precision: str, short: bool) -> Path:
     """Export (and quantize) the shipped model once; later runs reuse the cached bundles."""
     from proassist_edge.export.bundle import ExportOptions, export_bundle
-    from proassist_edge.export.smollm import cache_dir
-
-    from .models import shipped_checkpoint
+    from proassist_edge.paths import cache_dir
+    from proassist_edge.taskworld.models import shipped_checkpoint
 
     ckpt = shipped_checkpoint(model)
     if ckpt is None:
@@ -82,8 +81,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from proassist_edge.runtime.core import StreamCore, settings_from_manifest
     from proassist_edge.runtime.events import EventBus, EventLog, LatencyObserver
     from proassist_edge.runtime.loop import Assistant, LoopOptions, format_summary
-
-    from .taskworld.splits import EpisodeRenderer, make_episode
+    from proassist_edge.taskworld.splits import EpisodeRenderer, make_episode
 
     t0 = time.perf_counter()
     out: Path = args.out
@@ -131,8 +129,8 @@ def run_demo(args: argparse.Namespace) -> int:
     gen = printer.generated(len(frames))
     result: dict[str, Any] = {"run": summary.to_dict(), "wall_s": time.perf_counter() - t0}
     if reference:
-        from .metrics import compute_metrics
-        from .textsim import SentenceSimilarity
+        from proassist_edge.eval.metrics import compute_metrics
+        from proassist_edge.eval.textsim import SentenceSimilarity
 
         m = compute_metrics(gen, reference[: len(frames)], SentenceSimilarity(), fps=episode.fps)
         result["metrics"] = m.to_dict()

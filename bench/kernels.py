@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from proassist_edge.bench.bandwidth import CoreStep, _back, _mark, _ms, fill
 from proassist_edge.runtime.backend import make_session
 from proassist_edge.runtime.bundle import Bundle
-
-from .bandwidth import CoreStep, _back, _mark, _ms, fill
 
 
 def _chain(node: Any, inits: dict[str, Any], producer: dict[str, Any],

@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from proassist_edge.device.speech_base import SpeechSink
 from proassist_edge.runtime.backend import StepOut
 from proassist_edge.runtime.bundle import Bundle
 from proassist_edge.runtime.core import StreamCore
 from proassist_edge.runtime.messages import TextMessage
 from proassist_edge.runtime.prompt import StreamSettings
+from proassist_edge.runtime.speech_base import SpeechSink
 from proassist_edge.runtime.stream_text import SentenceSplitter
 
 QUANTILES = (50, 95, 99)

@@ -64,7 +64,7 @@ def frame_source(size: int, seed: int, source: str = "taskworld") -> Callable[[i
     noise: a few random images.
     """
     if source == "taskworld":
-        from proassist_edge.bench.taskworld.splits import iter_episodes
+        from proassist_edge.taskworld.splits import iter_episodes
 
         bank = np.concatenate([e.frames for e in iter_episodes("test", 6, seed, size)])
     else:

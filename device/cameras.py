@@ -14,8 +14,7 @@ import numpy as np
 
 from proassist_edge.errors import MissingDependencyError, SourceError
 from proassist_edge.runtime.messages import Frame
-
-from .source_base import EventCallback, FrameSource, Pacer
+from proassist_edge.runtime.source_base import EventCallback, FrameSource, Pacer
 
 CaptureFactory = Callable[[int | str], Any]
 

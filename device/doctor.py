@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .jetson import probe
+from proassist_edge.device.jetson import probe
 
 PRIVACY = "frames stay in memory; nothing is written unless --record"
 
@@ -200,8 +200,7 @@ def _bundle(path: Path) -> list[Check]:
         return [Check("bundle", False, f"runtime not importable ({why})",
                       "pip install onnxruntime tokenizers", required=True)]
     from proassist_edge.errors import ProAssistEdgeError
-    from proassist_edge.runtime.bundle import open_bundle
-    from proassist_edge.runtime.cli_run import decoder_line
+    from proassist_edge.runtime.bundle import decoder_line, open_bundle
 
     try:
         bundle = open_bundle(path)

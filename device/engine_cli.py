@@ -26,7 +26,7 @@ def add_build_engine_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build_engine(args: argparse.Namespace) -> int:
-    from .tensorrt import build_engine, optimization_profiles
+    from proassist_edge.device.tensorrt import build_engine, optimization_profiles
 
     manifest = load_manifest(args.bundle)
     m = manifest.model

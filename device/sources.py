@@ -13,12 +13,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from proassist_edge.device.cameras import CameraSource, Picamera2Source
 from proassist_edge.errors import MissingDependencyError, SourceError
+from proassist_edge.runtime.grabber import FrameGrabber, ThreadedSource
 from proassist_edge.runtime.messages import Frame
-
-from .cameras import CameraSource, Picamera2Source
-from .grabber import FrameGrabber, ThreadedSource
-from .source_base import EventCallback, FrameSource, SourceStats, check_pixels
+from proassist_edge.runtime.source_base import EventCallback, FrameSource, SourceStats, check_pixels
 
 __all__ = [
     "CameraSource",

@@ -21,9 +21,8 @@ import numpy as np
 
 from proassist_edge.errors import MissingDependencyError, SpeechError
 from proassist_edge.runtime.messages import Utterance
-
-from .speaker import Speaker, SpeakerMode
-from .speech_base import Audio, SpeakResult, SpeechSink, duration_s, read_wav, write_wav
+from proassist_edge.runtime.speaker import Speaker, SpeakerMode
+from proassist_edge.runtime.speech_base import Audio, SpeakResult, SpeechSink, duration_s, read_wav, write_wav
 
 __all__ = [
     "Audio",

@@ -10,48 +10,32 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proassist_edge.errors import BundleError, ExportError, MissingDependencyError
-
-from .jetson import probe
+from proassist_edge.device.jetson import probe
+from proassist_edge.errors import ExportError
+from proassist_edge.runtime.engine import (
+    ATTENTION_MASK,
+    INPUTS_EMBEDS,
+    EngineMismatchError,
+    check_engine_compat,
+    engine_identity,
+    import_tensorrt,
+    past_key_value_names,
+)
 
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
-INPUTS_EMBEDS = "inputs_embeds"
-ATTENTION_MASK = "attention_mask"
 # Room for a user message appended with a frame, on top of the frame tokens.
 DEFAULT_MAX_STEP_TOKENS = 256
-# Jetson GPUs by board family: nvidia-smi is absent or partial on L4T.
-_JETSON_COMPUTE = {"orin": "8.7", "xavier": "7.2", "tx2": "6.2", "nano": "5.3", "tx1": "5.3"}
-
-
-class EngineMismatchError(BundleError):
-    """A TensorRT engine was built for another GPU or TensorRT version than this one."""
 
 
 class EngineBuildError(ExportError):
     """TensorRT could not parse the ONNX graph or build an engine from it."""
-
-
-def _import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as e:
-        raise MissingDependencyError(
-            "tensorrt",
-            "Building and running TensorRT engines",
-            "TensorRT comes with JetPack on Jetson (`sudo apt install nvidia-jetpack` gives "
-            "python3-libnvinfer); on x86 install NVIDIA's TensorRT for your CUDA version.",
-        ) from e
-    return tensorrt
 
 
 @dataclass(frozen=True)
@@ -64,11 +48,6 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         shapes = {name: [list(s) for s in rows] for name, rows in self.shapes.items()}
         return {"name": self.name, "shapes": shapes}
-
-
-def past_key_value_names(num_layers: int) -> list[str]:
-    """`past_key_values.{i}.key|value` for every layer, in graph order."""
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
 def _profile(
@@ -129,68 +108,12 @@ def optimization_profiles(
     ]
 
 
-def _gpu_from_nvidia_smi() -> tuple[str | None, str | None]:
-    if shutil.which("nvidia-smi") is None:
-        return None, None
-    try:
-        done = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None, None
-    first = done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout else ""
-    parts = [p.strip() for p in first.split(",")]
-    if len(parts) == 2 and re.fullmatch(r"\d+\.\d+", parts[1]):
-        return parts[0], parts[1]
-    return (parts[0] or None), None
-
-
-def _tensorrt_version() -> str | None:
-    try:
-        return str(_import_tensorrt().__version__)
-    except MissingDependencyError:
-        return None
-
-
 def engine_meta() -> dict[str, Any]:
-    """What an engine built here depends on: device, compute capability, TensorRT
-    version, and on Jetson the board and L4T / JetPack release."""
+    """What an engine built here depends on (`engine_identity`), and on Jetson the board's L4T /
+    JetPack release, recorded beside the engine."""
     facts = probe()
-    device, compute = _gpu_from_nvidia_smi()
-    if facts.get("jetson"):
-        model = str(facts.get("model") or "")
-        device = device or model or None
-        family = next((k for k in _JETSON_COMPUTE if k in model.lower()), None)
-        compute = compute or (_JETSON_COMPUTE[family] if family else None)
-    return {
-        "device": device,
-        "compute_capability": compute,
-        "tensorrt": _tensorrt_version(),
-        "l4t": facts.get("l4t"),
-        "jetpack": facts.get("jetpack"),
-    }
-
-
-def check_engine_compat(meta: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> None:
-    """Raise EngineMismatchError when `meta` (saved with an engine) does not match
-    `current` (default: this machine) in device, compute capability or TensorRT
-    version. Facts unknown on either side are not compared."""
-    now = engine_meta() if current is None else current
-    differences = [
-        f"{key} {meta.get(key)!r} (engine) vs {now.get(key)!r} (here)"
-        for key in ("device", "compute_capability", "tensorrt")
-        if meta.get(key) and now.get(key) and str(meta.get(key)) != str(now.get(key))
-    ]
-    if differences:
-        raise EngineMismatchError(
-            "TensorRT engine was built elsewhere: "
-            + "; ".join(differences)
-            + ". Rebuild it on this device (engines are tied to GPU and TensorRT version)."
-        )
+    return {**engine_identity(str(facts.get("model") or "") if facts.get("jetson") else None),
+            "l4t": facts.get("l4t"), "jetpack": facts.get("jetpack")}
 
 
 def _network_inputs(network: Any) -> dict[str, tuple[int, ...]]:
@@ -229,7 +152,7 @@ def build_engine(
     contrib ops (GroupQueryAttention, MatMulNBits) are not parsed by TensorRT.
     A `timing_cache` file is read if present and written back after the build.
     """
-    trt = _import_tensorrt()
+    trt = import_tensorrt()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -16,19 +16,18 @@ import numpy as np
 from tqdm import tqdm
 
 from proassist_edge.errors import ExportError, ToleranceError
-from proassist_edge.manifest import GraphEntry, Manifest, ModelFacts, sha256_file, write_manifest
-from proassist_edge.runtime.backend import Decoder
-from proassist_edge.runtime.prompt import StreamSettings
-
-from .checkpoint import LoadedCheckpoint, load_checkpoint
-from .onnx_export import (
+from proassist_edge.export.checkpoint import LoadedCheckpoint, load_checkpoint
+from proassist_edge.export.onnx_export import (
     GraphSpec,
     build_optimized_decoder,
     export_head,
     export_portable_decoder,
     export_vision,
 )
-from .verify import Tolerance, verify_bundle
+from proassist_edge.export.verify import Tolerance, verify_bundle
+from proassist_edge.manifest import GraphEntry, Manifest, ModelFacts, sha256_file, write_manifest
+from proassist_edge.runtime.backend import Decoder
+from proassist_edge.runtime.prompt import StreamSettings
 
 DEFAULT_SYSTEM = (
     "You are a helpful assistant that watches the user through their smart glasses and "

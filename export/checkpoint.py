@@ -20,8 +20,12 @@ from transformers import LlamaForCausalLM, SiglipVisionModel
 
 from proassist_edge.chat import CHATML, LLAMA3, ChatFormat
 from proassist_edge.errors import CheckpointError, ShapeMismatchError
-
-from .model import ProAssistConfig, ProAssistModel, VisionTower, attach_multimodal_modules
+from proassist_edge.export.model import (
+    ProAssistConfig,
+    ProAssistModel,
+    VisionTower,
+    attach_multimodal_modules,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -143,7 +147,7 @@ def chat_format_for(tok: Tokenizer) -> ChatFormat:
 
 def load_vision(cfg: ProAssistConfig, vision_dir: Path) -> VisionTower:
     if cfg.vision_type == "mobilenet_v2":
-        from .mobilenet import load_mobilenet_v2
+        from proassist_edge.export.mobilenet import load_mobilenet_v2
 
         backbone, size = load_mobilenet_v2(vision_dir)
         return VisionTower(cfg, backbone, size)

@@ -18,8 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from proassist_edge.errors import MissingDependencyError
-
-from .model import ProAssistConfig, attach_multimodal_modules
+from proassist_edge.export.model import ProAssistConfig, attach_multimodal_modules
 
 LORA_TARGETS = r"model.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head$"
 W2T_MODES = ("lm", "head-linear", "head-mlp")

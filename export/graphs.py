@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import ProAssistModel
+from proassist_edge.export.model import ProAssistModel
 
 
 class VisionGraph(nn.Module):

@@ -17,10 +17,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from proassist_edge.errors import ExportError
-
-from .fuse import fuse_gate_up
-from .graphs import PortableDecoder, VisionGraph
-from .model import ProAssistModel
+from proassist_edge.export.fuse import fuse_gate_up
+from proassist_edge.export.graphs import PortableDecoder, VisionGraph
+from proassist_edge.export.model import ProAssistModel
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,11 @@ from tokenizers import Tokenizer
 from transformers import DynamicCache
 
 from proassist_edge.chat import ChatFormat
+from proassist_edge.export.model import ProAssistModel
 from proassist_edge.runtime.context import ContextStrategy, find_knowledge, reduction
 from proassist_edge.runtime.core import SUMMARY_THRESHOLD
 from proassist_edge.runtime.messages import FrameResult, TextMessage
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings, decide_talk
-
-from .model import ProAssistModel
 
 
 class ReferenceLoop:

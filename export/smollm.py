@@ -7,18 +7,13 @@ Hugging Face folder (fp32 safetensors + tokenizer.json) in a user cache, outside
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
 from proassist_edge.errors import MissingDependencyError
+from proassist_edge.paths import cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("PROASSIST_EDGE_CACHE") or Path.home() / ".cache" / "proassist-edge"
-    return Path(root)
 
 
 def gguf_folder() -> Path:
@@ -65,7 +60,7 @@ def write_smollm2_checkpoint(
 ) -> Path:
     """A ProAssist checkpoint on real SmolLM2 weights with a fixture vision tower and projector
     (llm_train_mode=frozen: the LLM is the pretrained one, the projector is mm_projector.bin)."""
-    from .fixture import write_tiny_checkpoint
+    from proassist_edge.export.fixture import write_tiny_checkpoint
 
     return write_tiny_checkpoint(
         out,

@@ -11,13 +11,12 @@ import numpy as np
 import torch
 
 from proassist_edge.errors import ToleranceError
+from proassist_edge.export.checkpoint import LoadedCheckpoint
+from proassist_edge.export.reference import ReferenceLoop
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.core import StreamCore
 from proassist_edge.runtime.messages import FrameResult, TextMessage
 from proassist_edge.runtime.prompt import StreamSettings
-
-from .checkpoint import LoadedCheckpoint
-from .reference import ReferenceLoop
 
 
 @dataclass(frozen=True)

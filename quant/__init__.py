@@ -1,7 +1,7 @@
 """int8 / int4 / fp16 children of an fp32 bundle, calibrated on multimodal streams, with the
 accuracy they cost written into each child (quant_report.json).
 
-Imports are lazy: `proassist_edge.quant.cli` must load (for `proassist-edge --help`) where onnx
+Imports are lazy: `proassist_edge.cli.quant` must load (for `proassist-edge --help`) where onnx
 and tqdm are not installed, as on the glasses.
 """
 

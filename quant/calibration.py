@@ -93,11 +93,13 @@ def episode_streams(data: str | Path, n: int | None, frames: int | None = None) 
     """The first n episodes of an evaluation split (all when None) with their own conversation
     (system prompt, task knowledge, user turns): the comparison on the data the model is
     graded on."""
-    from proassist_edge.bench.evaluate import iter_data  # bench reads the dataset formats
+    from itertools import islice
+
     from proassist_edge.runtime.conversation import parse_conversation
+    from proassist_edge.runtime.episode import read_split
 
     out = []
-    for ep in iter_data(data, n):
+    for ep in islice(read_split(data), n):
         conv = parse_conversation(ep.conversation, ep.fps)
         msgs = [m for m in conv.messages if frames is None or m.t * ep.fps < frames]
         out.append(Stream(np.ascontiguousarray(ep.frames[:frames]), msgs, conv.system))

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from proassist_edge.manifest import sha256_file
-
-from .graphs import QuantizeError
+from proassist_edge.quant.graphs import QuantizeError
 
 # default table dtype per precision: int8 rows with per-row scales lose far less than the
 # decoder's own weight quantization, and the table is the largest file for a 128k vocabulary

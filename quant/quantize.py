@@ -28,10 +28,8 @@ from proassist_edge.manifest import (
     sha256_file,
     write_manifest,
 )
-from proassist_edge.runtime.bundle import Bundle, open_bundle
-
-from . import graphs as G
-from .calibration import (
+from proassist_edge.quant import graphs as G
+from proassist_edge.quant.calibration import (
     FeedReader,
     FeedRecorder,
     Stream,
@@ -41,10 +39,11 @@ from .calibration import (
     record_feeds,
     vision_feeds,
 )
-from .embeddings import EMBEDDING_DTYPES, convert_embeddings
-from .graphs import QuantizeError, Recipe
-from .report import (
+from proassist_edge.quant.embeddings import EMBEDDING_DTYPES, convert_embeddings
+from proassist_edge.quant.graphs import QuantizeError, Recipe
+from proassist_edge.quant.report import (
     TARGETS,
+    Evaluator,
     Targets,
     bundle_size,
     compare_decoders,
@@ -52,7 +51,8 @@ from .report import (
     graph_sizes,
     paper_metrics,
 )
-from .sensitivity import explain_misses
+from proassist_edge.quant.sensitivity import explain_misses
+from proassist_edge.runtime.bundle import Bundle, open_bundle
 
 PRECISIONS = ("int8", "int4", "fp16")
 SKIPPABLE = ("vision", "decoder")
@@ -122,13 +122,16 @@ def quantize_bundle(
     per_channel: bool = True, keep_8bit: Sequence[str] = (), max_calibration_samples: int = 128,
     targets: Targets | None = None,
     sensitivity_on_miss: bool = True, threads: int = 0, progress: bool = True,
+    evaluator: Evaluator | None = None,
 ) -> dict[str, Any]:
     """Write the quantized child of the fp32 bundle PARENT into OUT (which must not exist).
 
     Returns the report also written as OUT/quant_report.json. `calibration`: None/"synthetic" or
     a task-world split folder (episodes/*/frames.npy). `keep_fp32`: node-name or module-path
     patterns ("lm_head", "layers.3.", "decoder:layers.0.*", "vision:projector"). `keep_8bit`:
-    patterns whose nodes an int4 decoder keeps in 8-bit blocks ("lm_head")."""
+    patterns whose nodes an int4 decoder keeps in 8-bit blocks ("lm_head"). `evaluator` (bundle,
+    data) -> metrics gives the paper's metrics of both bundles on `eval_data` (the CLI passes the
+    eval part's; quant does not import it)."""
     t0 = time.time()
     parent, out = Path(parent), Path(out)
     check_options(precision, skip, block_size, accuracy_level, streams, frames, embeddings)
@@ -184,7 +187,8 @@ def quantize_bundle(
             reply_tokens=reply_tokens, keep_fp32=keep_fp32, threads=threads,
         )
         bar.set_postfix_str("paper metrics" if eval_data else "writing")
-        report["eval"] = paper_metrics(parent, tmp, Path(eval_data) if eval_data else None)
+        data = Path(eval_data) if eval_data else None
+        report["eval"] = paper_metrics(parent, tmp, data, evaluator)
         report["elapsed_s"] = round(time.time() - t0, 1)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
         keys = ("decision_agreement", "p_not_talk_mae", "logit_cosine", "token_match_rate", "targets_met")

@@ -6,20 +6,18 @@ decisions and P(not talk) first, logits second, and the reply tokens last.
 
 from __future__ import annotations
 
-import importlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from proassist_edge.cli import human_bytes
+from proassist_edge.fmt import human_bytes
 from proassist_edge.manifest import Manifest
+from proassist_edge.quant.calibration import Stream, cosine, replay_pair
 from proassist_edge.runtime.bundle import Bundle
-
-from .calibration import Stream, cosine, replay_pair
 
 
 @dataclass(frozen=True)
@@ -165,16 +163,18 @@ def component_costs(
     }
 
 
-def paper_metrics(parent: Path, child: Path, data: Path | None) -> dict[str, Any] | str:
-    """The paper's metrics for both bundles through bench's pluggable evaluator, if present:
-    `proassist_edge.bench.evaluate.evaluate(bundle_path, data_dir) -> dict`."""
+Evaluator = Callable[[Path, Path], dict[str, Any]]  # (bundle, data) -> the paper's metrics
+
+
+def paper_metrics(
+    parent: Path, child: Path, data: Path | None, evaluator: Evaluator | None
+) -> dict[str, Any] | str:
+    """The paper's metrics for both bundles on DATA, through the evaluator the caller passed."""
     if data is None:
         return "not requested"
-    try:
-        evaluate = importlib.import_module("proassist_edge.bench.evaluate").evaluate
-    except (ImportError, AttributeError) as e:
-        return f"eval unavailable ({e})"
-    return {"parent": evaluate(parent, data), "child": evaluate(child, data)}
+    if evaluator is None:
+        return "no evaluator given"
+    return {"parent": evaluator(parent, data), "child": evaluator(child, data)}
 
 
 # --- the table at the end ---------------------------------------------------------------------

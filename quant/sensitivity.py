@@ -17,13 +17,19 @@ from typing import Any
 from tqdm import tqdm
 
 from proassist_edge.manifest import load_manifest
+from proassist_edge.quant import graphs as G
+from proassist_edge.quant.calibration import (
+    FeedReader,
+    Stream,
+    frame_streams,
+    plain_streams,
+    record_feeds,
+    vision_feeds,
+)
+from proassist_edge.quant.graphs import QuantizeError, Recipe, WeightNode
+from proassist_edge.quant.report import Targets, compare_decoders, component_costs, with_graph
 from proassist_edge.runtime.backend import make_session
 from proassist_edge.runtime.bundle import Bundle, open_bundle
-
-from . import graphs as G
-from .calibration import FeedReader, Stream, frame_streams, plain_streams, record_feeds, vision_feeds
-from .graphs import QuantizeError, Recipe, WeightNode
-from .report import Targets, compare_decoders, component_costs, with_graph
 
 SCAN_PRECISIONS = ("int8", "int8-qdq", "int4", "fp16")
 

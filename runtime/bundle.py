@@ -14,8 +14,7 @@ from tokenizers import Tokenizer
 
 from proassist_edge.errors import BundleError, FrameError, MissingDependencyError
 from proassist_edge.manifest import Manifest, load_manifest
-
-from .backend import Decoder, GqaDecoder, PortableDecoder, make_session
+from proassist_edge.runtime.backend import Decoder, GqaDecoder, PortableDecoder, make_session
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +84,8 @@ def tensorrt_engine(root: Path, manifest: Manifest) -> tuple[Callable[[int], Dec
     back to onnxruntime with the reason logged."""
     if not manifest.engines:
         return None, ""
-    from proassist_edge.device.tensorrt import EngineMismatchError
-    from proassist_edge.device.trt_decoder import engine_decoder_factory
+    from proassist_edge.runtime.engine import EngineMismatchError
+    from proassist_edge.runtime.trt_decoder import engine_decoder_factory
 
     try:
         return engine_decoder_factory(root, manifest), ""
@@ -132,3 +131,20 @@ def open_bundle(
     engine, why = tensorrt_engine(root, manifest) if use_engine and decoder is None else (None, "")
     return Bundle(root, manifest, tok, table, vision, head, name, threads, engine,
                   [why] if why else [])
+
+
+def decoder_line(bundle: Bundle, requested: str | None = None) -> str:
+    """Which decoder runs and why: the manifest's notes on the choice (the default, and any
+    decoder left out at export), --decoder, or a TensorRT engine built for this device."""
+    m = bundle.manifest
+    if bundle.engine is not None:
+        name = next(iter(m.engines), bundle.decoder_name)
+        return f"decoder: TensorRT engine {name} (built on this device by build-engine)"
+    g = m.graphs[bundle.decoder_name]
+    line = f"decoder: {bundle.decoder_name} ({g.variant or 'decoder'}, {g.precision})"
+    if requested:
+        why = ["chosen with --decoder"]
+    else:  # the two kinds of note export writes (export/bundle.py): the choice, then what is not there
+        why = [n for n in m.notes if n.startswith("default decoder")]
+        why += [n for n in m.notes if " left out: " in n]
+    return "; ".join([line, *(why or ["the bundle's default"]), *bundle.notes])

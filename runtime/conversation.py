@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .messages import TextMessage
+from proassist_edge.runtime.messages import TextMessage
 
 
 @dataclass

@@ -14,12 +14,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from proassist_edge.errors import ContextOverflowError, ProAssistEdgeError
-
-from .backend import StepOut
-from .bundle import Bundle
-from .context import ContextStrategy, find_knowledge, reduction
-from .messages import FrameResult, TextMessage
-from .prompt import PromptBuilder, StreamSettings, decide_talk
+from proassist_edge.runtime.backend import StepOut
+from proassist_edge.runtime.bundle import Bundle
+from proassist_edge.runtime.context import ContextStrategy, find_knowledge, reduction
+from proassist_edge.runtime.messages import FrameResult, TextMessage
+from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings, decide_talk
 
 log = logging.getLogger(__name__)
 

@@ -24,17 +24,16 @@ from typing import IO, Any
 
 import numpy as np
 
-from proassist_edge.device.grabber import ThreadedSource
-from proassist_edge.device.source_base import FrameSource
-from proassist_edge.device.speaker import Speaker, SpeakerMode
-from proassist_edge.device.speech_base import SpeechSink
 from proassist_edge.errors import FrameError, SourceError
-
-from .backend import Decoder, StepOut
-from .core import NonFiniteOutputError, StreamCore
-from .events import EventBus, LatencyObserver
-from .messages import Frame, FrameResult, TextMessage, Utterance
-from .stream_text import SentenceSplitter
+from proassist_edge.runtime.backend import Decoder, StepOut
+from proassist_edge.runtime.core import NonFiniteOutputError, StreamCore
+from proassist_edge.runtime.events import EventBus, LatencyObserver
+from proassist_edge.runtime.grabber import ThreadedSource
+from proassist_edge.runtime.messages import Frame, FrameResult, TextMessage, Utterance
+from proassist_edge.runtime.source_base import FrameSource
+from proassist_edge.runtime.speaker import Speaker, SpeakerMode
+from proassist_edge.runtime.speech_base import SpeechSink
+from proassist_edge.runtime.stream_text import SentenceSplitter
 
 log = logging.getLogger(__name__)
 

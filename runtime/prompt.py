@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from proassist_edge.chat import ChatFormat
-
-from .context import CONTEXT_STRATEGIES, ContextStrategy, resume_content
+from proassist_edge.runtime.context import CONTEXT_STRATEGIES, ContextStrategy, resume_content
 
 __all__ = ["CONTEXT_STRATEGIES", "PromptBuilder", "StreamSettings", "decide_talk"]
 

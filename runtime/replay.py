@@ -19,12 +19,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from proassist_edge.errors import DataError
-
-from .bundle import open_bundle
-from .core import NonFiniteOutputError, StreamCore, settings_from_manifest
-from .events import EventBus, EventLog, Observer
-from .loop import frame_record
-from .messages import FrameResult, TextMessage
+from proassist_edge.runtime.bundle import open_bundle
+from proassist_edge.runtime.core import NonFiniteOutputError, StreamCore, settings_from_manifest
+from proassist_edge.runtime.events import EventBus, EventLog, Observer
+from proassist_edge.runtime.loop import frame_record
+from proassist_edge.runtime.messages import FrameResult, TextMessage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 

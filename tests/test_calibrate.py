@@ -7,8 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-from proassist_edge.bench.calibrate import best_threshold
 from proassist_edge.export.model import ProAssistConfig
+from proassist_edge.taskworld.calibrate import best_threshold
 
 
 def test_best_f1_wins_and_ties_go_nearest_one_half() -> None:

@@ -168,7 +168,7 @@ def test_build_engine_needs_tensorrt(tmp_path: Path) -> None:
 
 
 def test_engine_profile_choice_and_kv_repack() -> None:
-    from proassist_edge.device.trt_decoder import choose_profile, repack_kv
+    from proassist_edge.runtime.trt_decoder import choose_profile, repack_kv
 
     profiles = [p.to_dict() for p in optimization_profiles(5, 1024, 2, 2, 8, 32)]
     as_tuples = [{"shapes": {k: [tuple(s) for s in v] for k, v in p["shapes"].items()}} for p in profiles]

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from test_proassist_data import processed  # noqa: F401  (the released-format fixture)
 
-from proassist_edge.bench.evaluate import evaluate, evaluator_reference
-from proassist_edge.bench.taskworld import generate_split
-from proassist_edge.bench.textsim import ExactSimilarity
 from proassist_edge.cli import main
 from proassist_edge.errors import DataError
+from proassist_edge.eval.evaluate import evaluate, evaluator_reference
+from proassist_edge.eval.textsim import ExactSimilarity
+from proassist_edge.taskworld import generate_split
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ def test_head_dim_8_exports_and_runs_on_the_portable_decoder(head_dim_8) -> None
 
 def test_run_and_doctor_say_which_decoder_runs_and_why(head_dim_8, capsys) -> None:
     from proassist_edge.device.doctor import doctor_report
-    from proassist_edge.runtime.cli_run import decoder_line
+    from proassist_edge.runtime.bundle import decoder_line
 
     bundle, _ = head_dim_8
     line = decoder_line(open_bundle(bundle))

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proassist_edge.bench import score
-from proassist_edge.bench.metrics import (
+from proassist_edge.eval import score
+from proassist_edge.errors import MetricsError, ProAssistEdgeError
+from proassist_edge.eval.metrics import (
     DATASET_WINDOWS,
     DEFAULT_WINDOW,
     MatchConfig,
@@ -24,8 +25,7 @@ from proassist_edge.bench.metrics import (
     match_utterances,
     window_frames,
 )
-from proassist_edge.bench.textsim import ExactSimilarity, SentenceSimilarity
-from proassist_edge.errors import MetricsError, ProAssistEdgeError
+from proassist_edge.eval.textsim import ExactSimilarity, SentenceSimilarity
 
 EXACT = ExactSimilarity()
 WHEEL = "Now attach the second wheel."

@@ -12,13 +12,13 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 cv2 = pytest.importorskip("cv2")
 
-from proassist_edge.bench.proassist_data import (  # noqa: E402
+from proassist_edge.errors import DataError  # noqa: E402
+from proassist_edge.eval.proassist_data import (  # noqa: E402
     decode_frame,
     iter_proassist_episodes,
     load_proassist_split,
     read_frames,
 )
-from proassist_edge.errors import DataError  # noqa: E402
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (240, 220, 40), (250, 250, 250),
            (20, 20, 20), (200, 100, 30), (120, 40, 160)]

@@ -282,7 +282,7 @@ def test_same_history_comparison(parent: Path, children: dict[str, Path]) -> Non
 
 def test_comparison_on_labelled_episodes(parent: Path, tmp_path: Path) -> None:
     """With --eval the comparison replays the split's episodes with their own system prompt."""
-    from proassist_edge.bench.taskworld import generate_split
+    from proassist_edge.taskworld import generate_split
 
     split = generate_split("test", tmp_path / "test", episodes=2)
     streams = episode_streams(split, None, frames=12)
@@ -296,8 +296,8 @@ def test_comparison_on_labelled_episodes(parent: Path, tmp_path: Path) -> None:
 def test_paper_metrics_for_parent_and_child(
     parent: Path, children: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from proassist_edge.bench import textsim
-    from proassist_edge.bench.taskworld import generate_split
+    from proassist_edge.eval import textsim
+    from proassist_edge.taskworld import generate_split
 
     monkeypatch.setattr(textsim, "DEFAULT_EMBEDDER", "minilm")  # fast; the default is mpnet
     split = generate_split("test", tmp_path / "test", episodes=1)

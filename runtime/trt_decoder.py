@@ -20,8 +20,12 @@ import numpy as np
 from proassist_edge.errors import BundleError, MissingDependencyError
 from proassist_edge.manifest import Manifest
 from proassist_edge.runtime.backend import StepOut
-
-from .tensorrt import INPUTS_EMBEDS, _import_tensorrt, check_engine_compat, past_key_value_names
+from proassist_edge.runtime.engine import (
+    INPUTS_EMBEDS,
+    check_engine_compat,
+    import_tensorrt,
+    past_key_value_names,
+)
 
 
 def choose_profile(profiles: Sequence[Mapping[str, Any]], new: int, past: int) -> int:
@@ -91,7 +95,7 @@ class TensorRTDecoder:
 
     def __init__(self, engine: Any, profiles: Sequence[Mapping[str, Any]], layers: int,
                  kv_heads: int, head_dim: int, capacity: int) -> None:
-        trt = _import_tensorrt()
+        trt = import_tensorrt()
         self.cuda = _Cuda()
         self.engine, self.profiles, self.capacity = engine, list(profiles), capacity
         self.ctx = engine.create_execution_context()
@@ -170,7 +174,7 @@ def engine_decoder_factory(root: Path, manifest: Manifest) -> Callable[[int], Te
     engine built elsewhere and MissingDependencyError without tensorrt / cuda-python."""
     meta = next(iter(manifest.engines.values()))
     check_engine_compat(meta)
-    trt = _import_tensorrt()
+    trt = import_tensorrt()
     _cudart()
     path = root / meta["file"]
     if not path.is_file():

@@ -18,26 +18,23 @@ from typing import Any
 from tqdm import tqdm
 
 from proassist_edge.errors import DataError
+from proassist_edge.eval.metrics import DEFAULT_WINDOW, Metrics, PairSimilarity, aggregate, compute_metrics
+from proassist_edge.eval.score import add_embedder_argument, add_window_argument
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 from proassist_edge.runtime.conversation import parse_conversation
 from proassist_edge.runtime.core import StreamCore, settings_from_manifest
-
-from .metrics import DEFAULT_WINDOW, Metrics, PairSimilarity, aggregate, compute_metrics
-from .score import add_embedder_argument, add_window_argument
-from .taskworld.episode import Episode, Turn
+from proassist_edge.runtime.episode import Episode, Turn, read_split
 
 
 def iter_data(data: str | Path, limit: int | None = None) -> Iterator[Episode]:
     data = Path(data)
     if (data / "index.jsonl").is_file():
-        from .taskworld.splits import read_split
-
         for i, ep in enumerate(read_split(data)):
             if limit is not None and i >= limit:
                 return
             yield ep
     elif data.suffix == ".jsonl" and data.is_file():
-        from .proassist_data import iter_proassist_episodes
+        from proassist_edge.eval.proassist_data import iter_proassist_episodes
 
         yield from iter_proassist_episodes(data, limit=limit)
     else:
@@ -88,7 +85,7 @@ def evaluate(
     ``similarity`` defaults to ``textsim.make_similarity()`` (the paper's all-mpnet-base-v2, or
     MiniLM with a note); the report names it under ``embedder``.
     """
-    from .textsim import describe_similarity, make_similarity
+    from proassist_edge.eval.textsim import describe_similarity, make_similarity
 
     if similarity is None:
         similarity = make_similarity()
@@ -168,8 +165,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .score import parse_window
-    from .textsim import make_similarity
+    from proassist_edge.eval.score import parse_window
+    from proassist_edge.eval.textsim import make_similarity
 
     report = evaluate(
         args.bundle,
@@ -181,7 +178,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.decoder,
         args.context,
     )
-    from proassist_edge.cli import table
+    from proassist_edge.fmt import table
 
     rows = [
         (e["episode"], e["frames"], f"{e['F1']:.3f}", f"{e['precision']:.3f}", f"{e['recall']:.3f}")

@@ -16,9 +16,8 @@ from types import TracebackType
 from typing import Any, Literal
 
 from proassist_edge.runtime.messages import Utterance
-
-from .source_base import EventCallback, emit
-from .speech_base import SpeechSink
+from proassist_edge.runtime.source_base import EventCallback, emit
+from proassist_edge.runtime.speech_base import SpeechSink
 
 log = logging.getLogger(__name__)
 

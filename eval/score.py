@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proassist_edge.errors import MetricsError
-
-from .metrics import (
+from proassist_edge.eval.metrics import (
     DATASET_WINDOWS,
     DEFAULT_FPS,
     DEFAULT_WINDOW,
@@ -31,7 +30,7 @@ from .metrics import (
     aggregate,
     compute_metrics,
 )
-from .textsim import EMBEDDERS, describe_similarity, make_similarity
+from proassist_edge.eval.textsim import EMBEDDERS, describe_similarity, make_similarity
 
 # A guard against timestamps in milliseconds or frames, which would make a huge frame list.
 MAX_SECONDS = 24 * 3600.0

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .episode import Turn
-from .world import Event, TaskSpec, Timeline
+from proassist_edge.runtime.episode import Turn
+from proassist_edge.taskworld.world import Event, TaskSpec, Timeline
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant that watches the user through their smart glasses and guides "

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from proassist_edge.runtime.prompt import CONTEXT_STRATEGIES
 
 if TYPE_CHECKING:
-    from .bundle import Bundle
+    from proassist_edge.runtime.bundle import Bundle, decoder_line  # noqa: F401 - re-exported
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -54,7 +54,7 @@ def add_replay_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run_replay(args: argparse.Namespace) -> int:
     import time
 
-    from .replay import replay_episode
+    from proassist_edge.runtime.replay import replay_episode
 
     t0 = time.monotonic()
     results = replay_episode(
@@ -126,31 +126,13 @@ def install_stop_handlers(stop: Callable[[], None]) -> Callable[[], None]:
     return restore
 
 
-def decoder_line(bundle: Bundle, requested: str | None = None) -> str:
-    """Which decoder runs and why: the manifest's notes on the choice (the default, and any
-    decoder left out at export), --decoder, or a TensorRT engine built for this device."""
-    m = bundle.manifest
-    if bundle.engine is not None:
-        name = next(iter(m.engines), bundle.decoder_name)
-        return f"decoder: TensorRT engine {name} (built on this device by build-engine)"
-    g = m.graphs[bundle.decoder_name]
-    line = f"decoder: {bundle.decoder_name} ({g.variant or 'decoder'}, {g.precision})"
-    if requested:
-        why = ["chosen with --decoder"]
-    else:  # the two kinds of note export writes (export/bundle.py): the choice, then what is not there
-        why = [n for n in m.notes if n.startswith("default decoder")]
-        why += [n for n in m.notes if " left out: " in n]
-    return "; ".join([line, *(why or ["the bundle's default"]), *bundle.notes])
-
-
 def run_run(args: argparse.Namespace) -> int:
     from proassist_edge.device.sources import open_source
     from proassist_edge.device.speech import open_sink
-
-    from .bundle import open_bundle
-    from .core import StreamCore, settings_from_manifest
-    from .events import EventBus, EventLog, LatencyObserver
-    from .loop import Assistant, LoopOptions, format_summary
+    from proassist_edge.runtime.bundle import open_bundle
+    from proassist_edge.runtime.core import StreamCore, settings_from_manifest
+    from proassist_edge.runtime.events import EventBus, EventLog, LatencyObserver
+    from proassist_edge.runtime.loop import Assistant, LoopOptions, format_summary
 
     knowledge = args.knowledge
     if args.knowledge_file is not None:

@@ -27,11 +27,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from proassist_edge.errors import DataError
-
-from .dialogue import build_conversation
-from .episode import Episode, Turn
-from .render import Scene
-from .world import (
+from proassist_edge.runtime.episode import (  # noqa: F401 - the split readers, re-exported
+    Episode,
+    Turn,
+    load_split_entry,
+    read_index,
+    read_split,
+)
+from proassist_edge.taskworld.dialogue import build_conversation
+from proassist_edge.taskworld.render import Scene
+from proassist_edge.taskworld.world import (
     FAMILY_ITEMS,
     FPS,
     MAX_STEPS,
@@ -179,43 +184,6 @@ def generate_split(split: str, out_dir: str | Path, episodes: int | None = None,
     info = {"split": split, "seed": seed, "size": size, "episodes": len(lines), "fps": FPS}
     (out / "split.json").write_text(json.dumps(info, indent=1))
     return out
-
-
-def load_episode(split_dir: str | Path, entry: dict[str, Any]) -> Episode:
-    """One episode named by an index.jsonl entry."""
-    ep_dir = Path(split_dir) / str(entry["dir"])
-    try:
-        frames = np.load(ep_dir / "frames.npy")
-        conversation = json.loads((ep_dir / "conversation.json").read_text())
-        metadata = json.loads((ep_dir / "metadata.json").read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"episode {entry.get('episode')} in {ep_dir} is unreadable ({e}): "
-                        "regenerate the split with `proassist-edge taskworld generate`") from e
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise DataError(f"{ep_dir / 'frames.npy'}: expected uint8 (N, H, W, 3), got "
-                        f"{frames.dtype} {frames.shape}; regenerate the split")
-    if frames.shape[0] != int(entry.get("num_frames", frames.shape[0])):
-        raise DataError(f"{ep_dir}: index says {entry['num_frames']} frames, frames.npy has "
-                        f"{frames.shape[0]}; regenerate the split")
-    return Episode(str(entry["episode"]), frames, conversation, metadata,
-                   float(entry.get("fps", FPS)))
-
-
-def read_index(split_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(split_dir) / "index.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} not found: write a split there with "
-                        "`proassist-edge taskworld generate --split test -o DIR`")
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON lines ({e}); regenerate the split") from e
-
-
-def read_split(split_dir: str | Path) -> Iterator[Episode]:
-    """The episodes of a split written by generate_split, in index order."""
-    for entry in read_index(split_dir):
-        yield load_episode(split_dir, entry)
 
 
 class EpisodeRenderer:

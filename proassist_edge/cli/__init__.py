@@ -8,23 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from proassist_edge.errors import ProAssistEdgeError
-
-
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """A plain aligned text table (no dependency: it must print on the glasses too)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from proassist_edge.fmt import human_bytes, table  # noqa: F401 - re-exported for callers
 
 
 # --- fixture -------------------------------------------------------------------------------
@@ -89,7 +73,7 @@ def resolve_checkpoint(name: str) -> Path:
     if Path(name).exists():
         return Path(name)
     try:
-        from proassist_edge.bench.models import shipped_checkpoint
+        from proassist_edge.taskworld.models import shipped_checkpoint
     except ImportError:
         return Path(name)
     return shipped_checkpoint(name) or Path(name)
@@ -154,7 +138,7 @@ def _unavailable(name: str, e: ImportError) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from proassist_edge.export.train import main as train_main
+    from proassist_edge.taskworld.train import main as train_main
 
     return train_main(list(args.args))
 
@@ -166,28 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
 
     def score() -> Callable:
-        from proassist_edge.bench.score import add_score_parser
+        from proassist_edge.eval.score import add_score_parser
 
         return add_score_parser
 
     _optional(score, sub, "score", "score per-frame outputs with the paper's metrics")
 
     def quantize() -> Callable:
-        from proassist_edge.quant.cli import add_quantize_parser
+        from proassist_edge.cli.quant import add_quantize_parser
 
         return add_quantize_parser
 
     _optional(quantize, sub, "quantize", "int8 / int4 / fp16 bundle with a measured accuracy cost")
 
     def taskworld() -> Callable:
-        from proassist_edge.bench.taskworld.cli import add_taskworld_parser
+        from proassist_edge.taskworld.cli import add_taskworld_parser
 
         return add_taskworld_parser
 
     _optional(taskworld, sub, "taskworld", "generate task-world episodes")
 
     def evaluate() -> Callable:
-        from proassist_edge.bench.evaluate import add_eval_parser
+        from proassist_edge.eval.evaluate import add_eval_parser
 
         return add_eval_parser
 
@@ -219,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         return add_bench_parser
 
     _optional(bench, sub, "bench", "latency benchmarks")
+    from proassist_edge.cli.run import add_replay_parser, add_run_parser
     from proassist_edge.device.doctor import add_doctor_parser
-    from proassist_edge.runtime.cli_run import add_replay_parser, add_run_parser
 
     add_run_parser(sub)
     add_replay_parser(sub)

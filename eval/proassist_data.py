@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 
 from proassist_edge.errors import DataError, MissingDependencyError
-
-from .taskworld.episode import Episode, Turn
+from proassist_edge.runtime.episode import Episode, Turn
 
 # Sample fields copied into the episode metadata next to the sample's own `metadata`.
 _SAMPLE_FIELDS = ("dataset", "video_uid", "clip_idx", "frames_file", "start_frame_idx",

@@ -1,7 +1,7 @@
 """Choose a shipped model's default talk threshold on the validation split, as the paper does
 (its best threshold differs per dataset), and record it in the model's asset json.
 
-    python -m proassist_edge.bench.calibrate taskworld-lite --episodes 10 --test-episodes 20
+    python -m proassist_edge.taskworld.calibrate taskworld-lite --episodes 10 --test-episodes 20
 
 The model is exported (unverified, the default decoder only) to a temporary bundle and swept with
 `eval` over the validation split, whose tasks differ from the test split's. The best F1 wins; a
@@ -32,11 +32,10 @@ def calibrate(
     name: str, episodes: int, thresholds: tuple[float, ...] = GRID, seed: int = 0,
     test_episodes: int = 0,
 ) -> dict[str, Any]:
+    from proassist_edge.eval.evaluate import evaluate
     from proassist_edge.export.bundle import ExportOptions, export_bundle
-
-    from .evaluate import evaluate
-    from .models import asset_paths, shipped_checkpoint
-    from .taskworld.splits import generate_split
+    from proassist_edge.taskworld.models import asset_paths, shipped_checkpoint
+    from proassist_edge.taskworld.splits import generate_split
 
     ckpt = shipped_checkpoint(name)
     if ckpt is None:
@@ -52,7 +51,7 @@ def calibrate(
             best = best_threshold(sweep)
             meta["proassist"]["default_threshold"] = best
             meta["calibration"] = {
-                "command": f"python -m proassist_edge.bench.calibrate {name} --episodes {episodes}",
+                "command": f"python -m proassist_edge.taskworld.calibrate {name} --episodes {episodes}",
                 "split": "val", "episodes": episodes, "seed": seed, "chosen": best,
                 "F1": {t: round(m["F1"], 4) for t, m in sweep.items()},
             }
@@ -64,7 +63,7 @@ def calibrate(
                     "num_mismatched", "num_missed", "num_redundant", "num_gen", "num_ref", "window",
                     "embedder")
             meta.setdefault("metrics", {})[f"test-{test_episodes}-bundle"] = {
-                "command": f"python -m proassist_edge.bench.calibrate {name} --episodes 0 "
+                "command": f"python -m proassist_edge.taskworld.calibrate {name} --episodes 0 "
                            f"--test-episodes {test_episodes}",
                 "threshold": threshold, **{k: report[k] for k in keep},
                 "per_episode": [{"episode": e["episode"], "F1": round(e["F1"], 4)}
@@ -75,7 +74,7 @@ def calibrate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m proassist_edge.bench.calibrate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m proassist_edge.taskworld.calibrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="a shipped model (taskworld-tiny, taskworld-lite)")
     p.add_argument("--episodes", type=int, default=10, help="validation episodes (0: keep the threshold)")

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .world import FAMILY_ITEMS, FrameState, Timeline
+from proassist_edge.taskworld.world import FAMILY_ITEMS, FrameState, Timeline
 
 Canvas = np.ndarray  # float32 (C, C, 3), values 0..255
 

@@ -148,7 +148,7 @@ def mpnet_model_dir(cache: Path | None = None) -> Path:
             f"Install it with: {MPNET_INSTALL}",
         )
     if cache is None:
-        from proassist_edge.export.smollm import cache_dir
+        from proassist_edge.paths import cache_dir
 
         cache = cache_dir()
     dest = cache / "embedders" / f"{MPNET_MODEL}-{_parts_digest(parts)}"

@@ -4,10 +4,10 @@ format). It makes "speaks at the right moment with the right words" measurable w
 ProAssist data.
 """
 
-from .cli import add_taskworld_parser, run_taskworld
-from .dialogue import SYSTEM_PROMPT
-from .episode import Episode, reference_per_frame
-from .splits import (
+from proassist_edge.runtime.episode import Episode, reference_per_frame
+from proassist_edge.taskworld.cli import add_taskworld_parser, run_taskworld
+from proassist_edge.taskworld.dialogue import SYSTEM_PROMPT
+from proassist_edge.taskworld.splits import (
     DEFAULT_EPISODES,
     SPLITS,
     EpisodeParts,
@@ -15,7 +15,7 @@ from .splits import (
     build_episode,
     generate_split,
     iter_episodes,
-    load_episode,
+    load_split_entry,
     make_episode,
     read_index,
     read_split,
@@ -33,7 +33,7 @@ __all__ = [
     "build_episode",
     "generate_split",
     "iter_episodes",
-    "load_episode",
+    "load_split_entry",
     "make_episode",
     "read_index",
     "read_split",

@@ -18,8 +18,8 @@ Two presets:
   MobileNetV2 (features computed once per episode, as the authors trained on features), the
   projector trained and saved inside the adapter; windows of frames bound the sequence length.
 
-    python -m proassist_edge.export.train --preset tiny --out /tmp/tiny --minutes 10 --seed 2 --threads 2
-    python -m proassist_edge.export.train --evaluate taskworld-tiny --similarity minilm
+    python -m proassist_edge.taskworld.train --preset tiny --out /tmp/tiny --minutes 10 --seed 2 --threads 2
+    python -m proassist_edge.taskworld.train --evaluate taskworld-tiny --similarity minilm
 """
 
 from __future__ import annotations
@@ -39,14 +39,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from proassist_edge.bench.metrics import DATASET_WINDOWS, Metrics, aggregate, compute_metrics
-from proassist_edge.bench.taskworld.episode import Episode
+from proassist_edge.eval.metrics import DATASET_WINDOWS, Metrics, aggregate, compute_metrics
+from proassist_edge.export.model import (
+    ProAssistConfig,
+    ProAssistModel,
+    VisionTower,
+    attach_multimodal_modules,
+)
+from proassist_edge.export.reference import ReferenceLoop
 from proassist_edge.runtime.conversation import ConversationInputs, parse_conversation
+from proassist_edge.runtime.episode import Episode
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings
-
-from .model import ProAssistConfig, ProAssistModel, VisionTower, attach_multimodal_modules
-from .reference import ReferenceLoop
-from .trainseq import (
+from proassist_edge.taskworld.trainseq import (
     Schedule,
     SeqOptions,
     SequenceBuilder,
@@ -103,9 +107,8 @@ LITE_LORA_TARGETS = r"model.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down
 
 
 def run_fields(preset: Preset, llm_dir: str, vision_dir: str, width: int, mode: str) -> dict[str, Any]:
-    from proassist_edge.bench.taskworld import SYSTEM_PROMPT
-
-    from .fixture import proassist_fields
+    from proassist_edge.export.fixture import proassist_fields
+    from proassist_edge.taskworld import SYSTEM_PROMPT
 
     d = proassist_fields(llm_dir, vision_dir, width, 5, preset.w2t, mode)
     d.pop("training_args")
@@ -150,7 +153,7 @@ class Trainee:
 def _tokenizer(path: Path) -> tuple[Any, Any, int, int]:
     from tokenizers import Tokenizer
 
-    from .checkpoint import chat_format_for
+    from proassist_edge.export.checkpoint import chat_format_for
 
     tok = Tokenizer.from_file(str(path))
     chat = chat_format_for(tok)
@@ -167,7 +170,7 @@ class TinyTrainee(Trainee):
     def __init__(self, preset: Preset, convs: list[ConversationInputs], render: Any) -> None:
         from transformers import LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-        from .fixture import llama3_tokenizer_json, tiny_llama_config
+        from proassist_edge.export.fixture import llama3_tokenizer_json, tiny_llama_config
 
         self.tokenizer, self.chat, self.img_id, self.not_talk_id = _tokenizer(llama3_tokenizer_json())
         self.render = render
@@ -227,7 +230,7 @@ class TinyTrainee(Trainee):
         """The full-vocabulary LLM this compact one stands for (shares nothing mutable)."""
         from transformers import LlamaForCausalLM
 
-        from proassist_edge.bench.models import full_table, split_rows
+        from proassist_edge.taskworld.models import full_table, split_rows
 
         compact = self.model.llm
         state = {k: v for k, v in compact.state_dict().items()
@@ -247,7 +250,7 @@ class TinyTrainee(Trainee):
         return model, self.tokenizer, self.chat
 
     def pack(self, path: Path, summary: dict[str, Any]) -> None:
-        from proassist_edge.bench.models import pack_tiny
+        from proassist_edge.taskworld.models import pack_tiny
 
         meta = {"llm_config": self.full_cfg.to_dict(), "vision_config": self.vcfg.to_dict(),
                 "proassist": self.fields, "training": summary}
@@ -261,8 +264,9 @@ class LiteTrainee(Trainee):
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaForCausalLM
 
-        from .mobilenet import load_mobilenet_v2, write_mobilenet_v2_dir
-        from .smollm import cache_dir, smollm2_llm_dir
+        from proassist_edge.export.mobilenet import load_mobilenet_v2, write_mobilenet_v2_dir
+        from proassist_edge.export.smollm import smollm2_llm_dir
+        from proassist_edge.paths import cache_dir
 
         llm_dir = smollm2_llm_dir()
         self.tokenizer, self.chat, self.img_id, self.not_talk_id = _tokenizer(llm_dir / "tokenizer.json")
@@ -318,7 +322,7 @@ class LiteTrainee(Trainee):
     def pack(self, path: Path, summary: dict[str, Any]) -> None:
         import tempfile
 
-        from proassist_edge.bench.models import pack_lite
+        from proassist_edge.taskworld.models import pack_lite
 
         with tempfile.TemporaryDirectory() as tmp:
             self.peft.save_pretrained(tmp)
@@ -387,9 +391,9 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     bench/assets with ship); returns the run summary."""
     from tqdm import tqdm
 
-    from proassist_edge.bench.models import ASSETS
-    from proassist_edge.bench.taskworld.splits import build_episode, make_episode
-    from proassist_edge.bench.textsim import ExactSimilarity
+    from proassist_edge.eval.textsim import ExactSimilarity
+    from proassist_edge.taskworld.models import ASSETS
+    from proassist_edge.taskworld.splits import build_episode, make_episode
 
     # One thread by default: on a shared 2-core machine two runs side by side are far faster
     # than two threads each that wait for each other; a run alone may take both cores.
@@ -528,17 +532,16 @@ def run_train(args: argparse.Namespace) -> int:
     over = {f.name: getattr(args, f.name) for f in fields(Preset)
             if f.name != "name" and getattr(args, f.name, None) is not None}
     preset = replace(PRESETS[args.preset], **over)
-    command = "python -m proassist_edge.export.train " + shlex.join(sys.argv[1:])
+    command = "python -m proassist_edge.taskworld.train " + shlex.join(sys.argv[1:])
     train(preset, args.out, args.seed, args.minutes, args.data_seed, args.ship, command, args.threads)
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from proassist_edge.bench.models import asset_paths, materialise, shipped_checkpoint
-    from proassist_edge.bench.taskworld.splits import iter_episodes
-    from proassist_edge.bench.textsim import ExactSimilarity, SentenceSimilarity
-
-    from .checkpoint import load_checkpoint
+    from proassist_edge.eval.textsim import ExactSimilarity, SentenceSimilarity
+    from proassist_edge.export.checkpoint import load_checkpoint
+    from proassist_edge.taskworld.models import asset_paths, materialise, shipped_checkpoint
+    from proassist_edge.taskworld.splits import iter_episodes
 
     torch.set_num_threads(1)
     ckpt = shipped_checkpoint(args.evaluate) or Path(args.evaluate)
@@ -566,7 +569,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m proassist_edge.export.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m proassist_edge.taskworld.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run_train(p.parse_args(argv))

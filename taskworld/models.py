@@ -1,6 +1,6 @@
 """Checkpoints trained on the task world, shipped small and materialised in the released layout.
 
-The repository commits compact files in `bench/assets/`; weights that other packages ship (the
+The repository commits compact files in `taskworld/assets/`; weights that other packages ship (the
 Llama-3 tokenizer, SmolLM2, MobileNetV2) are referenced, never committed.
 
 * `taskworld-tiny`: a from-scratch tiny ProAssist. Its 128256-row embedding table and LM head
@@ -48,7 +48,7 @@ def shipped_checkpoint(name: str) -> Path | None:
 
 def materialise(weights: Path, meta_path: Path) -> Path:
     """The checkpoint folder for a compact pair (WEIGHTS, META), written once into the cache."""
-    from proassist_edge.export.smollm import cache_dir
+    from proassist_edge.paths import cache_dir
 
     digest = hashlib.sha256(weights.read_bytes() + meta_path.read_bytes()).hexdigest()[:12]
     root = cache_dir() / f"{weights.stem}-{digest}"

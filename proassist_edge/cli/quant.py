@@ -48,8 +48,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from .quantize import quantize_bundle
-    from .report import render
+    from proassist_edge.eval.evaluate import evaluate
+    from proassist_edge.quant.quantize import quantize_bundle
+    from proassist_edge.quant.report import render
 
     report = quantize_bundle(
         args.bundle, args.out, args.precision, calibration=args.calibration,
@@ -57,6 +58,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         keep_fp32=args.keep_fp32, eval_data=args.eval, streams=args.streams, frames=args.frames,
         embeddings=args.embeddings, reply_tokens=args.reply_tokens, per_channel=not args.per_tensor,
         sensitivity_on_miss=not args.no_sensitivity, threads=args.threads, keep_8bit=args.keep_8bit,
+        evaluator=evaluate,
     )
     print(render(report))
     if isinstance(report.get("vision"), dict):

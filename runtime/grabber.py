@@ -17,8 +17,7 @@ from types import TracebackType
 
 from proassist_edge.errors import SourceError
 from proassist_edge.runtime.messages import Frame
-
-from .source_base import EventCallback, FrameSource, Pacer, SourceStats, emit
+from proassist_edge.runtime.source_base import EventCallback, FrameSource, Pacer, SourceStats, emit
 
 log = logging.getLogger(__name__)
 

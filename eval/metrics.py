@@ -62,7 +62,7 @@ class PairSimilarity(Protocol):
     """Scores text pairs: ``sim(a, b)[k]`` is the similarity of ``a[k]`` and ``b[k]``.
 
     Must return an array of shape ``(len(a),)``; the metrics take its absolute value (the paper
-    scores ``|cos|`` of sentence embeddings). See ``proassist_edge.bench.textsim``.
+    scores ``|cos|`` of sentence embeddings). See ``proassist_edge.eval.textsim``.
     """
 
     def __call__(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray: ...

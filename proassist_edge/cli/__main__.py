@@ -1,0 +1,7 @@
+"""`python -m proassist_edge.cli`: the command line."""
+
+import sys
+
+from proassist_edge.cli import main
+
+sys.exit(main())
