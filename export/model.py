@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM, SiglipVisionModel
 from transformers.cache_utils import Cache
 
 from proassist_edge.errors import ShapeMismatchError
+from proassist_edge.manifest import DEFAULT_THRESHOLD
 
 SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -40,7 +41,7 @@ class ProAssistConfig:
     exceed_context_handling: str = "summarize_and_drop"
     llm_train_mode: str = "lora"
     vision_type: str = "siglip"  # ProAssist Edge extension: "siglip" | "mobilenet_v2"
-    default_threshold: float = 0.5  # extension: the talk threshold chosen on validation data
+    default_threshold: float = DEFAULT_THRESHOLD  # extension: the talk threshold chosen on validation data
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

@@ -17,6 +17,8 @@ from proassist_edge.chat import ChatFormat
 from proassist_edge.errors import BundleError
 
 SCHEMA_VERSION = 1
+# The authors' default talk threshold: silent iff P(not talk) > 0.5 (their summary call uses it too)
+DEFAULT_THRESHOLD = 0.5
 MANIFEST = "manifest.json"
 
 
@@ -38,7 +40,7 @@ class ModelFacts:
     bos_id: int | None
     img_token_id: int
     sep_token_id: int | None = None  # the frame separator (the not-talk token) of SEP models
-    default_threshold: float = 0.5
+    default_threshold: float = DEFAULT_THRESHOLD
     fps: float = 2.0
     context_strategy: str = "summarize_and_drop"
     context_reserve: int = 128

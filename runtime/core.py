@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from proassist_edge.errors import ContextOverflowError, ProAssistEdgeError
+from proassist_edge.manifest import DEFAULT_THRESHOLD
 from proassist_edge.runtime.backend import StepOut
 from proassist_edge.runtime.bundle import Bundle
 from proassist_edge.runtime.context import ContextStrategy, find_knowledge, reduction
@@ -251,7 +252,7 @@ class StreamCore:
             yield self.step(frames[i : i + 1], i, t, due)
 
 
-SUMMARY_THRESHOLD = 0.5  # the authors' summary call passes no threshold: their default decides
+SUMMARY_THRESHOLD = DEFAULT_THRESHOLD  # the authors' summary call passes none: their default decides
 
 
 class _NonFinite(Exception):

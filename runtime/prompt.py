@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from proassist_edge.chat import ChatFormat
+from proassist_edge.manifest import DEFAULT_THRESHOLD
 from proassist_edge.runtime.context import CONTEXT_STRATEGIES, ContextStrategy, resume_content
 
 __all__ = ["CONTEXT_STRATEGIES", "PromptBuilder", "StreamSettings", "decide_talk"]
@@ -21,7 +22,7 @@ __all__ = ["CONTEXT_STRATEGIES", "PromptBuilder", "StreamSettings", "decide_talk
 class StreamSettings:
     """How a stream runs: the decision rule, the context strategy and the caps."""
 
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     diff_margin: float | None = None  # the "diff" rule: talk when P drops by more than this
     context_strategy: str = "summarize_and_drop"
     max_seq_len: int = 4096
@@ -65,7 +66,7 @@ def decide_talk(
     """
     threshold = s.threshold
     if s.diff_margin is not None:
-        threshold = 1.0 if prev_p is not None and prev_p - p > s.diff_margin else 0.5
+        threshold = 1.0 if prev_p is not None and prev_p - p > s.diff_margin else DEFAULT_THRESHOLD
     if threshold <= 0:
         return lm_talks()
     return not p > threshold

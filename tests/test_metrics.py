@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proassist_edge.eval import score
 from proassist_edge.errors import MetricsError, ProAssistEdgeError
+from proassist_edge.eval import score
 from proassist_edge.eval.metrics import (
     DATASET_WINDOWS,
     DEFAULT_WINDOW,

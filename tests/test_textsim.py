@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proassist_edge.eval import textsim
 from proassist_edge.errors import MetricsError, MissingDependencyError
+from proassist_edge.eval import textsim
 from proassist_edge.eval.textsim import (
     MPNET_INSTALL,
     ExactSimilarity,
