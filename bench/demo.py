@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proassist_edge.errors import ProAssistEdgeError
+from proassist_edge.events import Event, FrameEvent
 
 # The quantization recipes that met their targets on the test episodes (README): int8 keeps the
 # vision projector fp32 (its outputs reach the hundreds), int4 keeps vision fp32 and the head and
@@ -64,10 +65,10 @@ class MessageScheduler:
         self.assistant = assistant
         self.due = sorted(zip(message_frames, messages, strict=True), key=lambda x: x[0])
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        if event.get("type") != "frame":
+    def on_event(self, event: Event) -> None:
+        if not isinstance(event, FrameEvent):
             return
-        nxt = int(event.get("index", -1)) + 1
+        nxt = event.index + 1
         while self.due and self.due[0][0] <= nxt:
             _, m = self.due.pop(0)
             self.assistant.inject(m.role, m.content)
@@ -106,11 +107,11 @@ def run_demo(args: argparse.Namespace) -> int:
             size=frames.shape[1:3],
             n_frames=len(frames),
             renderer=renderer,
-            on_event=bus.forward,
+            on_event=bus.emit,
         )
         name = f"task-world episode {episode.uid} ({episode.task})"
     else:
-        source = open_source(args.source, bundle.manifest.model.fps, on_event=bus.forward)
+        source = open_source(args.source, bundle.manifest.model.fps, on_event=bus.emit)
         name = args.source
     sink = open_sink(f"wav:{out / 'speech'}")
     assistant = Assistant(core, source, sink, bus, LoopOptions(realtime=args.realtime), latency)
@@ -154,16 +155,15 @@ class DialoguePrinter:
         self.reference = reference
         self.said: dict[int, str] = {}
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        if event.get("type") != "frame":
+    def on_event(self, event: Event) -> None:
+        if not isinstance(event, FrameEvent):
             return
-        i = int(event["index"])
-        text = event.get("text") or ""
+        i, text = event.index, event.text
         ref = self.reference[i] if i < len(self.reference) else ""
-        if event.get("talk") and text:
+        if event.talk and text:
             self.said[i] = text
         if text or ref:
-            print(f"{float(event.get('t', 0.0)):6.1f}s  {text[:60]:<60}  {ref}", flush=True)
+            print(f"{event.t:6.1f}s  {text[:60]:<60}  {ref}", flush=True)
 
     def generated(self, n: int) -> list[str]:
         return [self.said.get(i, "") for i in range(n)]

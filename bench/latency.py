@@ -1,8 +1,8 @@
 """Per-stage latency of the streaming assistant, and of the PyTorch reference loop on the same
 workload in the same process.
 
-Timing stays outside the stages (as in runtime/loop.py): the bench wraps the core's decoder and
-the bundle's vision encoder and timestamps what they do; the core code that runs is the code that
+Timing stays outside the stages (as in runtime/loop.py): the bench's clock is an observer of the
+core's stages (runtime/stages.py) and timestamps each; the core code that runs is the code that
 ships. Speech runs on its own thread, as on the device: the first sentence is synthesized while
 the rest of the reply decodes. Between frames the bench lets the speaker go idle, so no frame
 step (ours or the reference's) is timed while a voice synthesizes on the same cores.
@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from proassist_edge.runtime.core import StreamCore
 from proassist_edge.runtime.messages import TextMessage
 from proassist_edge.runtime.prompt import StreamSettings
 from proassist_edge.runtime.speech_base import SpeechSink
+from proassist_edge.runtime.stages import APPENDS, Stage, StageObserver
 from proassist_edge.runtime.stream_text import SentenceSplitter
 
 QUANTILES = (50, 95, 99)
@@ -129,12 +130,14 @@ def calibrate_reference(
     return float(np.quantile(ps, talk_fraction))
 
 
-# --- timing wrappers (outside the stages) ----------------------------------------------------
-class _Clock:
-    """Timestamps (time.monotonic) of the current step, filled by the wrappers."""
+# --- timing, outside the stages ----------------------------------------------------------------
+class _Clock(StageObserver):
+    """Timestamps (time.monotonic) of the current step: an observer of our core's stages, or
+    filled by the reference loop's timed calls."""
 
     def __init__(self) -> None:
         self.start(0.0)
+        self._t = 0.0
 
     def start(self, t0: float) -> None:
         self.t0 = t0
@@ -142,36 +145,15 @@ class _Clock:
         self.appends: list[tuple[float, float, int]] = []  # (start, end, tokens)
         self.first_token: float | None = None
 
+    def stage_started(self, stage: Stage) -> None:
+        self._t = time.monotonic()
 
-class _TimedDecoder:
-    """The core's decoder, every append timestamped."""
-
-    def __init__(self, inner: Any, clock: _Clock) -> None:
-        self.inner, self.clock = inner, clock
-
-    @property
-    def kv_len(self) -> int:
-        return int(self.inner.kv_len)
-
-    @kv_len.setter
-    def kv_len(self, value: int) -> None:
-        self.inner.kv_len = value
-
-    @property
-    def capacity(self) -> int:
-        return int(self.inner.capacity)
-
-    def append(self, embeds: np.ndarray) -> StepOut:
-        t0 = time.monotonic()
-        out: StepOut = self.inner.append(embeds)
-        self.clock.appends.append((t0, time.monotonic(), int(embeds.shape[1])))
-        return out
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def keep(self, prefix_len: int, start: int, end: int) -> None:
-        self.inner.keep(prefix_len, start, end)
+    def stage_ended(self, stage: Stage, out: StepOut | np.ndarray | None) -> None:
+        t1 = time.monotonic()
+        if stage.name == "encode":
+            self.encode_ms = 1e3 * (t1 - self._t)
+        elif stage.name in APPENDS:
+            self.appends.append((self._t, t1, stage.tokens))
 
 
 def _timed(fn: Callable[[Any], Any], clock: _Clock) -> Callable[[Any], Any]:
@@ -331,12 +313,8 @@ class OursStepper:
     ) -> None:
         self.work, self.speech = work, speech
         settings = settings_for(bundle, work.threshold, work.reply_tokens)
-        self.core = StreamCore(bundle, settings, system)
         self.clock = _Clock()
-        self.core.dec = _TimedDecoder(self.core.dec, self.clock)  # type: ignore[assignment]
-        timed = replace(bundle)  # same sessions; only this copy's encode is wrapped
-        setattr(timed, "encode_frames", _timed(bundle.encode_frames, self.clock))  # noqa: B010
-        self.core.b = timed
+        self.core = StreamCore(bundle, settings, system, observers=[self.clock])
         self.run = StreamRun(budget_ms=1e3 / work.fps)
 
     def warm_up(self) -> None:

@@ -13,6 +13,12 @@ from typing import Any
 import numpy as np
 
 from proassist_edge.errors import MissingDependencyError, SourceError
+from proassist_edge.events import (
+    CameraReadFailedEvent,
+    CameraReconnectedEvent,
+    SourceEndEvent,
+    SourceErrorEvent,
+)
 from proassist_edge.runtime.messages import Frame
 from proassist_edge.runtime.source_base import EventCallback, FrameSource, Pacer
 
@@ -93,7 +99,7 @@ class CameraSource(FrameSource):
                 f"camera {self.device!r} could not be opened: check `ls /dev/video*` and "
                 "`v4l2-ctl --list-devices`, or use --source file:PATH / synthetic"
             )
-            self._event("source_error", error=message)
+            self._report(SourceErrorEvent(source=self.name, error=message))
             raise SourceError(message)
 
     def _close(self) -> None:
@@ -124,10 +130,12 @@ class CameraSource(FrameSource):
                     f"{self.max_retries} reconnect attempts (check the cable and "
                     "`v4l2-ctl --list-devices`)"
                 )
-                self._event("source_error", error=message, delivered=self.stats.delivered)
+                self._report(SourceErrorEvent(
+                    source=self.name, error=message, delivered=self.stats.delivered
+                ))
                 raise SourceError(message)
             delay = min(self.backoff_s * 2 ** (failures - 1), self.max_backoff_s)
-            self._event("camera_read_failed", attempt=failures, retry_in_s=delay)
+            self._report(CameraReadFailedEvent(source=self.name, attempt=failures, retry_in_s=delay))
             if self._cap is not None:
                 self._cap.release()
                 self._cap = None
@@ -135,7 +143,7 @@ class CameraSource(FrameSource):
                 return None
             self._cap = self._connect()
             if self._cap is not None:
-                self._event("camera_reconnected", attempt=failures)
+                self._report(CameraReconnectedEvent(source=self.name, attempt=failures))
         return None
 
     def frames(self) -> Iterator[Frame]:
@@ -154,7 +162,7 @@ class CameraSource(FrameSource):
             missed = pacer.slots_missed(slot)
             self.stats.dropped += missed
             slot += missed
-        self._event("source_end", delivered=self.stats.delivered)
+        self._report(SourceEndEvent(source=self.name, delivered=self.stats.delivered))
 
 
 class Picamera2Source(FrameSource):
@@ -197,7 +205,7 @@ class Picamera2Source(FrameSource):
             camera.start()
         except (RuntimeError, IndexError, OSError) as e:
             message = f"picamera2 found no usable camera ({e}); check the ribbon cable"
-            self._event("source_error", error=message)
+            self._report(SourceErrorEvent(source=self.name, error=message))
             raise SourceError(message) from e
         self._camera = camera
 
@@ -218,7 +226,9 @@ class Picamera2Source(FrameSource):
             except (RuntimeError, OSError) as e:
                 self.stats.failed += 1
                 message = f"picamera2 capture failed after {index} frames: {e}"
-                self._event("source_error", error=message, delivered=self.stats.delivered)
+                self._report(SourceErrorEvent(
+                    source=self.name, error=message, delivered=self.stats.delivered
+                ))
                 raise SourceError(message) from e
             pixels = np.ascontiguousarray(array[:, :, 2::-1])
             yield self._deliver(index, time.monotonic() - self.t0, pixels)
@@ -227,4 +237,4 @@ class Picamera2Source(FrameSource):
             missed = pacer.slots_missed(slot)
             self.stats.dropped += missed
             slot += missed
-        self._event("source_end", delivered=self.stats.delivered)
+        self._report(SourceEndEvent(source=self.name, delivered=self.stats.delivered))

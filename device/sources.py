@@ -15,6 +15,12 @@ import numpy as np
 
 from proassist_edge.device.cameras import CameraSource, Picamera2Source
 from proassist_edge.errors import MissingDependencyError, SourceError
+from proassist_edge.events import (
+    FrameUnreadableEvent,
+    SourceEndEvent,
+    SourceErrorEvent,
+    SourceTruncatedEvent,
+)
 from proassist_edge.runtime.grabber import FrameGrabber, ThreadedSource
 from proassist_edge.runtime.messages import Frame
 from proassist_edge.runtime.source_base import EventCallback, FrameSource, SourceStats, check_pixels
@@ -106,7 +112,7 @@ class SyntheticSource(FrameSource):
             pixels = check_pixels(self.renderer(index), f"{self.name} renderer")
             yield self._deliver(index, index / self.fps, pixels)
             index += 1
-        self._event("source_end", delivered=self.stats.delivered)
+        self._report(SourceEndEvent(source=self.name, delivered=self.stats.delivered))
 
 
 class FileSource(FrameSource):
@@ -146,7 +152,7 @@ class FileSource(FrameSource):
 
     def _fail(self, message: str, cause: BaseException | None = None) -> NoReturn:
         self.stats.failed += 1
-        self._event("source_error", error=message, delivered=self.stats.delivered)
+        self._report(SourceErrorEvent(source=self.name, error=message, delivered=self.stats.delivered))
         raise SourceError(message) from cause
 
     def frames(self) -> Iterator[Frame]:
@@ -185,12 +191,11 @@ class FileSource(FrameSource):
         duration = self._container.duration  # microseconds (av.time_base), or None
         expected = duration / 1e6 if duration else None
         if t_last is None or (expected is not None and t_last < expected - 0.5):
-            self._event(
-                "source_truncated",
-                error=f"{self.path} ended at {t_last}s of {expected}s",
+            self._report(SourceTruncatedEvent(
+                source=self.name, error=f"{self.path} ended at {t_last}s of {expected}s",
                 delivered=self.stats.delivered,
-            )
-        self._event("source_end", delivered=self.stats.delivered)
+            ))
+        self._report(SourceEndEvent(source=self.name, delivered=self.stats.delivered))
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -248,11 +253,11 @@ class FolderSource(FrameSource):
             pixels = _read_image(path)
             if pixels is None:
                 self.stats.failed += 1
-                self._event("frame_unreadable", path=str(path))
+                self._report(FrameUnreadableEvent(source=self.name, path=str(path)))
                 continue
             yield self._deliver(index, index / self.fps, np.ascontiguousarray(pixels))
             index += 1
-        self._event("source_end", delivered=self.stats.delivered)
+        self._report(SourceEndEvent(source=self.name, delivered=self.stats.delivered))
 
 
 SPECS = "synthetic, synthetic:SECONDS, file:PATH, folder:DIR, camera:N, picamera2"

@@ -1,15 +1,16 @@
 """Calibration on multimodal streams: the decoder sees what it sees at run time.
 
 The parent bundle's StreamCore runs over frame streams with a system prompt and a user question,
-and a tap on its portable decoder records the real feeds: inputs_embeds (frame tokens from the
-vision graph, chat-turn text, reply tokens) and the past KV of growing lengths. Text-only
-calibration is not an option: custom-projector VLMs calibrated on text collapse (TensorRT-LLM
-issue #1860), because frame tokens live in a different range than word embeddings.
+and an observer of the core (runtime/stages.py) records the real feeds of its portable decoder:
+inputs_embeds (frame tokens from the vision graph, chat-turn text, reply tokens) and the past
+KV of growing lengths. Text-only calibration is not an option: custom-projector VLMs calibrated
+on text collapse (TensorRT-LLM issue #1860), because frame tokens live in a different range
+than word embeddings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,9 +20,10 @@ from onnxruntime.quantization import CalibrationDataReader
 from proassist_edge.errors import DataError
 from proassist_edge.runtime.backend import Decoder, PortableDecoder, StepOut
 from proassist_edge.runtime.bundle import Bundle
-from proassist_edge.runtime.core import StreamCore, decision_probability, settings_from_manifest
+from proassist_edge.runtime.core import StreamCore, decision_probability, frame_inputs, settings_from_manifest
 from proassist_edge.runtime.messages import FrameResult, TextMessage
 from proassist_edge.runtime.prompt import StreamSettings, decide_talk
+from proassist_edge.runtime.stages import APPENDS, DECISIONS, Stage, StageObserver
 
 QUESTIONS = ("What should I do next?", "Did I do that step right?", "What is left to do?")
 
@@ -108,138 +110,61 @@ def episode_streams(data: str | Path, n: int | None, frames: int | None = None) 
     return out
 
 
-# --- a tap on the core's decoder ------------------------------------------------------------
+# --- a shadow of the core's decoder ------------------------------------------------------------
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     den = float(np.linalg.norm(a64) * np.linalg.norm(b64))
     return float(a64 @ b64 / den) if den > 0 else float(np.array_equal(a64, b64))
 
 
-class TapDecoder:
-    """Wraps the bundle's decoder. With a recorder, samples the feeds; with a shadow bundle,
-    repeats every call on the shadow's decoder with the shadow's own inputs for the same history
-    (its vision graph's frame tokens, its embedding table's rows for the same token ids) and,
-    at each decision position, compares the logits and the talk decision. The history is the
-    parent's (its decisions and replies), so one flipped decision is counted once instead of
-    cascading through a reply that differs."""
+class ShadowDecoder(StageObserver):
+    """Bundle B's decoder shadowing the core of bundle A, as an observer of A's core: every
+    append, reset and keep of A's core is repeated on a decoder of B with B's own inputs for the
+    same history (B's vision graph's frame tokens for the same frames, B's embedding table's
+    rows for the same token ids), and at each decision position the logits and the talk
+    decision are compared. The history is A's (its decisions and replies), so one flipped
+    decision is counted once instead of cascading through a reply that differs."""
 
-    def __init__(self, inner: Decoder, owner: TapBundle, shadow: Decoder | None) -> None:
-        self.inner = inner
-        self.owner = owner
-        self.shadow = shadow
+    def __init__(self, core: StreamCore, shadow: Bundle, settings: StreamSettings) -> None:
+        self.core, self.shadow, self.settings = core, shadow, settings
+        self.dec = shadow.new_decoder(core.dec.capacity)
         self.cosines: list[float] = []
         self.top1: list[bool] = []
-        self.p: list[tuple[float, float]] = []  # (owner, shadow) P(not talk) per decision
-        self.talk: list[tuple[bool, bool]] = []  # (owner, shadow) decision
+        self.p: list[tuple[float, float]] = []  # (A, B) P(not talk) per decision
+        self.talk: list[tuple[bool, bool]] = []  # (A, B) decision
         self.prev: tuple[float | None, float | None] = (None, None)
-        self.head_mode = owner.manifest.model.w2t_mode == "head"
+        self.head_mode = core.b.manifest.model.w2t_mode == "head"
 
-    @property
-    def kv_len(self) -> int:
-        return self.inner.kv_len
-
-    @kv_len.setter
-    def kv_len(self, v: int) -> None:
-        self.inner.kv_len = v
-
-    @property
-    def capacity(self) -> int:
-        return self.inner.capacity
-
-    @capacity.setter
-    def capacity(self, v: int) -> None:
-        self.inner.capacity = v
-
-    def append(self, embeds: np.ndarray) -> StepOut:
-        decision, self.owner.frame_step = self.owner.frame_step, False
-        if self.owner.recorder is not None:
-            self.owner.recorder.see(embeds, self.inner, decision)
-        out = self.inner.append(embeds)
-        if self.shadow is not None:
-            mirror = self.shadow.append(self.owner.shadow_inputs(embeds, decision))
-            if decision:
+    def stage_ended(self, stage: Stage, out: StepOut | np.ndarray | None) -> None:
+        if stage.name in APPENDS:
+            assert isinstance(out, StepOut)
+            mirror = self.dec.append(self.inputs(stage))
+            if stage.name in DECISIONS:
                 self.compare(out, mirror)
-        return out
+        elif stage.name == "reset":
+            self.dec.reset()
+        elif stage.name == "keep":
+            assert stage.keep is not None
+            self.dec.keep(*stage.keep)
+
+    def inputs(self, stage: Stage) -> np.ndarray:
+        """B's version of the stage's inputs: a reply token's row of B's table, or a decision
+        append's text and frames built as the core builds them (core.frame_inputs)."""
+        if stage.name == "decode":
+            return self.shadow.embed(list(stage.ids))
+        assert stage.frames is not None
+        tokens = self.shadow.encode_frames(stage.frames)
+        return frame_inputs(self.shadow, self.core.sep, stage.ids, tokens)
 
     def compare(self, out: StepOut, mirror: StepOut) -> None:
-        owner, shadow = self.owner, self.owner.shadow_of
-        assert shadow is not None and owner.settings is not None
-        p = (decision_probability(owner, out, self.head_mode),
-             decision_probability(shadow, mirror, self.head_mode))
-        self.talk.append((decide_talk(p[0], self.prev[0], owner.settings),
-                          decide_talk(p[1], self.prev[1], owner.settings)))
+        p = (decision_probability(self.core.b, out, self.head_mode),
+             decision_probability(self.shadow, mirror, self.head_mode))
+        self.talk.append((decide_talk(p[0], self.prev[0], self.settings),
+                          decide_talk(p[1], self.prev[1], self.settings)))
         self.p.append(p)
         self.prev = p
         self.cosines.append(cosine(out.logits, mirror.logits))
         self.top1.append(int(np.argmax(out.logits)) == int(np.argmax(mirror.logits)))
-
-    def reset(self) -> None:
-        self.inner.reset()
-        if self.shadow is not None:
-            self.shadow.reset()
-
-    def keep(self, prefix_len: int, start: int, end: int) -> None:
-        self.inner.keep(prefix_len, start, end)
-        if self.shadow is not None:
-            self.shadow.keep(prefix_len, start, end)
-
-
-class TapBundle(Bundle):
-    """The same bundle, whose decoders are tapped and which notes when a frame was encoded
-    (the next append is then the decision step: text turn + frame tokens)."""
-
-    recorder: FeedRecorder | None = None
-    shadow_of: Bundle | None = None
-    settings: StreamSettings | None = None  # the decision rule the shadow decides with
-    frame_step: bool = False
-    last: TapDecoder | None = None
-    shadow_rows: np.ndarray | None = None  # the shadow table's rows for the last embed()
-    shadow_tokens: np.ndarray | None = None  # the shadow vision's tokens for the last frames
-
-    @classmethod
-    def of(
-        cls, b: Bundle, recorder: FeedRecorder | None = None, shadow_of: Bundle | None = None
-    ) -> TapBundle:
-        tap = cls(**{f.name: getattr(b, f.name) for f in fields(b)})
-        tap.recorder, tap.shadow_of = recorder, shadow_of
-        return tap
-
-    def new_decoder(self, capacity: int | None = None) -> Decoder:
-        shadow = self.shadow_of.new_decoder(capacity) if self.shadow_of is not None else None
-        self.last = TapDecoder(super().new_decoder(capacity), self, shadow)
-        return self.last
-
-    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        tokens = super().encode_frames(frames)
-        self.frame_step = True
-        if self.recorder is not None:
-            self.recorder.last_frame_tokens = tokens
-        if self.shadow_of is not None:
-            self.shadow_tokens = self.shadow_of.encode_frames(frames)
-        return tokens
-
-    def embed(self, ids: list[int]) -> np.ndarray:
-        rows = super().embed(ids)
-        if self.shadow_of is not None:
-            self.shadow_rows = self.shadow_of.embed(ids)
-        return rows
-
-    def shadow_inputs(self, embeds: np.ndarray, decision: bool) -> np.ndarray:
-        """The shadow's version of EMBEDS. The core builds a decision step's input as
-        [embed(text) | frame tokens] and a reply step's as embed([token]) (core._inputs,
-        core._greedy), so the parts are the last embed() and encode_frames() calls."""
-        if self.shadow_of is None:
-            return embeds
-        if not decision:
-            assert self.shadow_rows is not None and self.shadow_rows.shape == embeds.shape
-            return self.shadow_rows
-        assert self.shadow_tokens is not None
-        tokens = self.shadow_tokens.reshape(1, -1, embeds.shape[-1])
-        if tokens.shape[1] == embeds.shape[1]:
-            return tokens
-        assert self.shadow_rows is not None
-        assert self.shadow_rows.shape[1] + tokens.shape[1] == embeds.shape[1]
-        return np.concatenate([self.shadow_rows, tokens], axis=1)
 
 
 # --- recording feeds ------------------------------------------------------------------------
@@ -253,10 +178,11 @@ class Sample:
 
 
 @dataclass
-class FeedRecorder:
-    """Uniform reservoir samples of the decoder's feeds, kept per kind so that frame steps are
-    never crowded out by reply tokens. Past KV arrays are referenced, not copied: the portable
-    decoder replaces them every step and never writes into one."""
+class FeedRecorder(StageObserver):
+    """Uniform reservoir samples of the feeds of a core's portable decoder (an observer of the
+    core: before each append, its inputs and the past KV), kept per kind so that frame steps
+    are never crowded out by reply tokens. Past KV arrays are referenced, not copied: the
+    portable decoder replaces them every step and never writes into one."""
 
     max_frame: int = 96
     max_token: int = 32
@@ -267,9 +193,20 @@ class FeedRecorder:
     stream: int = 0
     step: int = 0
     last_frame_tokens: np.ndarray | None = None
+    decoder: Decoder | None = None  # the observed core's decoder
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+
+    def stage_started(self, stage: Stage) -> None:
+        if stage.name in APPENDS:
+            assert stage.embeds is not None and self.decoder is not None
+            self.see(stage.embeds, self.decoder, stage.name in DECISIONS)
+
+    def stage_ended(self, stage: Stage, out: StepOut | np.ndarray | None) -> None:
+        if stage.name == "encode":
+            assert isinstance(out, np.ndarray)
+            self.last_frame_tokens = out
 
     def see(self, embeds: np.ndarray, dec: Decoder, frame_step: bool) -> None:
         if not isinstance(dec, PortableDecoder):
@@ -304,9 +241,9 @@ def record_feeds(
     if parent.manifest.graphs[parent.decoder_name].variant != "portable":
         raise ValueError(f"calibration needs a portable decoder, not {parent.decoder_name!r}")
     rec = FeedRecorder(max_frame, max_token)
-    tap = TapBundle.of(parent, rec)
     settings = settings_from_manifest(parent, max_reply_tokens=reply_tokens)
-    core = StreamCore(tap, settings)
+    core = StreamCore(parent, settings, observers=[rec])
+    rec.decoder = core.dec
     for k, frames in enumerate(streams):
         rec.stream, rec.step = k, 0
         core.reset()
@@ -346,15 +283,15 @@ def vision_feeds(streams: list[np.ndarray], per_stream: int = 16) -> list[dict[s
 
 def replay_pair(
     a: Bundle, b: Bundle, stream: Stream, reply_tokens: int, fps: float,
-) -> tuple[list[tuple[FrameResult, FrameResult]], TapDecoder]:
+) -> tuple[list[tuple[FrameResult, FrameResult]], ShadowDecoder]:
     """Both bundles' StreamCore over one stream in lockstep (end to end: B's own vision, table
-    and replies), and B's decoder shadowing A's calls (decoder alone, identical contexts).
-    Returns the per-frame result pairs and A's tap, which holds the shadow's figures."""
-    tap = TapBundle.of(a, shadow_of=b)
+    and replies), and B's decoder shadowing A's core (decoder alone, identical contexts).
+    Returns the per-frame result pairs and the shadow, which holds its figures."""
     frames, messages, system = stream
-    tap.settings = settings_from_manifest(a, max_reply_tokens=reply_tokens)
-    core_a = StreamCore(tap, tap.settings, system=system)
+    settings = settings_from_manifest(a, max_reply_tokens=reply_tokens)
+    core_a = StreamCore(a, settings, system=system)
+    shadow = ShadowDecoder(core_a, b, settings)
+    core_a.observers.append(shadow)
     core_b = StreamCore(b, settings_from_manifest(b, max_reply_tokens=reply_tokens), system=system)
     pairs = list(zip(core_a.replay(frames, messages, fps), core_b.replay(frames, messages, fps), strict=True))
-    assert tap.last is not None
-    return pairs, tap.last
+    return pairs, shadow

@@ -20,6 +20,7 @@ from proassist_edge.runtime.bundle import Bundle
 from proassist_edge.runtime.context import ContextStrategy, find_knowledge, reduction
 from proassist_edge.runtime.messages import FrameResult, TextMessage
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings, decide_talk
+from proassist_edge.runtime.stages import Stage, StageName, StageObserver
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,11 @@ class StreamCore:
     """ProAssist's streaming loop over a bundle, one frame step at a time (the authors'
     `StreamInferenceRunner`): append the pending tokens, the messages and the frame, decide,
     maybe reply; then, when the cache has reached `max_seq_len - reserve`, reduce it by the
-    context strategy (runtime/context.py) before the next frame."""
+    context strategy (runtime/context.py) before the next frame.
+
+    `observers` (runtime/stages.py) are told about every stage: encode, the decision append,
+    each reply or summary token, the summary request, reset and keep; more can be added to the
+    `observers` list at any time."""
 
     def __init__(
         self,
@@ -68,6 +73,7 @@ class StreamCore:
         settings: StreamSettings | None = None,
         system: str | None = None,
         knowledge: str = "",
+        observers: Iterable[StageObserver] = (),
     ) -> None:
         m = bundle.manifest.model
         self.b = bundle
@@ -83,10 +89,11 @@ class StreamCore:
         self.not_talk, self.eos, self.sep = m.not_talk_id, m.eos_id, m.sep_token_id
         self.head_mode = m.w2t_mode == "head"
         self.dec = bundle.new_decoder(self.s.kv_capacity)
+        self.observers: list[StageObserver] = list(observers)
         self.reset()
 
     def reset(self) -> None:
-        self.dec.reset()
+        self._change_memory(None)
         # the opening system message's content: the "initial system prompt" of a summary restart
         self.opening = self.pb.chat.system_content(self.system, self.knowledge)
         self.task_knowledge = find_knowledge("", [("system", self.opening)])
@@ -99,9 +106,48 @@ class StreamCore:
     def kv_len(self) -> int:
         return self.dec.kv_len
 
-    # --- one forward ----------------------------------------------------------------------
-    def _append(self, embeds: np.ndarray) -> tuple[np.ndarray, float]:
+    # --- the stages, each seen by the observers --------------------------------------------
+    def _encode(self, frames: np.ndarray) -> np.ndarray:
+        if not self.observers:
+            return self.b.encode_frames(frames)
+        stage = Stage("encode", len(frames), frames=frames)
+        for o in self.observers:
+            o.stage_started(stage)
+        tokens = self.b.encode_frames(frames)
+        for o in self.observers:
+            o.stage_ended(stage, tokens)
+        return tokens
+
+    def _feed(
+        self, name: StageName, embeds: np.ndarray, ids: Sequence[int] = (),
+        frames: np.ndarray | None = None,
+    ) -> StepOut:
+        if not self.observers:
+            return self.dec.append(embeds)
+        stage = Stage(name, embeds.shape[1], embeds, tuple(ids), frames)
+        for o in self.observers:
+            o.stage_started(stage)
         out = self.dec.append(embeds)
+        for o in self.observers:
+            o.stage_ended(stage, out)
+        return out
+
+    def _change_memory(self, keep: tuple[int, int, int] | None) -> None:
+        """Empty the memory (keep None), or keep [0, prefix_len) + [start, end)."""
+        stage = Stage("reset") if keep is None else Stage("keep", keep=keep)
+        for o in self.observers:
+            o.stage_started(stage)
+        if keep is None:
+            self.dec.reset()
+        else:
+            self.dec.keep(*keep)
+        for o in self.observers:
+            o.stage_ended(stage, None)
+
+    def _append(
+        self, name: StageName, inputs: np.ndarray, text: Sequence[int], frames: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        out = self._feed(name, inputs, text, frames)
         return out.logits, decision_probability(self.b, out, self.head_mode)
 
     def _greedy(self, logits: np.ndarray, cap: int) -> Iterator[int]:
@@ -121,7 +167,7 @@ class StreamCore:
                 return
             # a reply token needs no decision: skip P(not talk) (a softmax over the
             # vocabulary, or the head graph), which _append would compute and drop
-            logits = self.dec.append(self.b.embed([t])).logits
+            logits = self._feed("decode", self.b.embed([t]), (t,)).logits
             _require_finite(logits, "decoded-token logits")
             yield t
             if done:
@@ -129,7 +175,7 @@ class StreamCore:
 
     def _rollback(self, kv_len: int) -> None:
         # keep(prefix, start, end) with an empty tail truncates the memory to kv_len
-        self.dec.keep(kv_len, kv_len, kv_len)
+        self._change_memory((kv_len, kv_len, kv_len))
 
     # --- one step -------------------------------------------------------------------------
     def step(
@@ -151,7 +197,7 @@ class StreamCore:
         text = list(self.pending)
         for m in messages:
             text += self.pb.message(m.role, m.content)
-        tokens = self.b.encode_frames(frames)  # (k, I, H)
+        tokens = self._encode(frames)  # (k, I, H)
         inputs = self._inputs(text, tokens)
         if self.kv_len + inputs.shape[1] >= self.dec.capacity:
             raise ContextOverflowError(
@@ -163,7 +209,7 @@ class StreamCore:
         self.pending = []
         ids: list[int] = []
         try:
-            logits, p = self._append(inputs)
+            logits, p = self._append("append", inputs, text, frames)
             _require_finite(p, "P(not talk)")
             talk = decide_talk(
                 p, self.prev_p, self.s, lambda: int(np.argmax(logits)) != self.not_talk
@@ -195,15 +241,7 @@ class StreamCore:
         )
 
     def _inputs(self, text: list[int], tokens: np.ndarray) -> np.ndarray:
-        k = tokens.shape[0]
-        if self.sep is not None and k > 1:  # frames joined by the separator, as in training
-            parts = [tokens[0][None]]
-            for j in range(1, k):
-                parts += [self.b.embed([self.sep]), tokens[j][None]]
-            frames = np.concatenate(parts, axis=1)
-        else:
-            frames = tokens.reshape(1, -1, tokens.shape[-1])
-        return np.concatenate([self.b.embed(text), frames], axis=1) if text else frames
+        return frame_inputs(self.b, self.sep, text, tokens)
 
     def _reduce(self, frames: np.ndarray) -> tuple[str | None, tuple[str, tuple[int, ...]] | None]:
         """The context strategy, when due: (the reduction applied, (summary, its ids) or None)."""
@@ -214,11 +252,11 @@ class StreamCore:
         if due is None:
             return None, None
         if due.keep is not None:
-            self.dec.keep(*due.keep)
+            self._change_memory(due.keep)
         elif due.strategy is ContextStrategy.SUMMARIZE_AND_DROP:
             return due.strategy.value, self._summarize(frames)
         else:
-            self.dec.reset()
+            self._change_memory(None)
         return due.strategy.value, None
 
     def _summarize(self, frames: np.ndarray) -> tuple[str, tuple[int, ...]]:
@@ -228,7 +266,9 @@ class StreamCore:
         A non-finite output drops the cache without a summary (the stream goes on)."""
         kv_len = self.kv_len
         try:
-            logits, p = self._append(self._inputs(self.pb.summary_request(), self.b.encode_frames(frames)))
+            request = self.pb.summary_request()
+            inputs = self._inputs(request, self._encode(frames))
+            logits, p = self._append("summary", inputs, request, frames)
             _require_finite(p, "P(not talk)")
             self.prev_p = p  # the authors' loop keeps this P as the previous one too
             ids = [] if p > SUMMARY_THRESHOLD else list(self._greedy(logits, self.s.max_summary_tokens))
@@ -236,7 +276,7 @@ class StreamCore:
             log.warning("summary at context %d failed (%s): context dropped without one", kv_len, e)
             ids = []
         summary = self.pb.reply_text(ids)
-        self.dec.reset()
+        self._change_memory(None)
         self.pending = self.pb.resume(self.opening, summary, self.task_knowledge)
         return summary, tuple(ids)
 
@@ -253,6 +293,21 @@ class StreamCore:
 
 
 SUMMARY_THRESHOLD = DEFAULT_THRESHOLD  # the authors' summary call passes none: their default decides
+
+
+def frame_inputs(bundle: Bundle, sep: int | None, text: Sequence[int], tokens: np.ndarray) -> np.ndarray:
+    """A decision append's inputs (1, n, H): the text's embeddings, then the frame tokens
+    (k, I, H), the frames joined by the separator's embedding when the model has one (as in
+    training)."""
+    k = tokens.shape[0]
+    if sep is not None and k > 1:
+        parts = [tokens[0][None]]
+        for j in range(1, k):
+            parts += [bundle.embed([sep]), tokens[j][None]]
+        frames = np.concatenate(parts, axis=1)
+    else:
+        frames = tokens.reshape(1, -1, tokens.shape[-1])
+    return np.concatenate([bundle.embed(list(text)), frames], axis=1) if text else frames
 
 
 class _NonFinite(Exception):

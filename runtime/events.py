@@ -1,32 +1,49 @@
-"""Events out of the loop: a bus that fans them out to observers, the JSONL event log, and the
-latency observer that turns stage timings into p50/p95.
-
-Every event is a flat dict with `type` and `t_wall` (Unix time). Types written by the runtime:
-`start`, `stop`, `frame`, `utterance`, `message`, `summary`, `context_reset`, `frames_dropped`,
-`error`; forwarded from the device layer: `source_*`, `frame_dropped`, `frame_unreadable`,
-`speech`, `speech_error`, `speech_cut`, `speech_dropped`. `stage` events carry timings
-(`stage`, `ms`) for observers and are not written to the log.
+"""Events out of the loop: a bus that fans the typed events (proassist_edge/events.py) out to
+observers, the JSONL event log, the stage timer and the latency observer that turns stage
+timings into p50/p95. What each event holds, and its JSON form, is defined in
+proassist_edge/events.py; `stage` events carry timings for observers and are not logged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 import numpy as np
 
+from proassist_edge.events import (
+    ContextResetEvent,
+    ErrorEvent,
+    Event,
+    FrameEvent,
+    FramesDroppedEvent,
+    LiveFrameEvent,
+    MessageEvent,
+    SourceErrorEvent,
+    SourceTruncatedEvent,
+    SpeechErrorEvent,
+    SpeechEvent,
+    StageEvent,
+    StartEvent,
+    StopEvent,
+    SummaryEvent,
+    UtteranceEvent,
+    to_json,
+)
+from proassist_edge.runtime.backend import StepOut
+from proassist_edge.runtime.messages import FrameResult
+from proassist_edge.runtime.stages import Stage, StageObserver
+
 log = logging.getLogger(__name__)
 
-Event = dict[str, Any]
-TIMING_TYPES = frozenset({"stage"})
+TIMING_TYPES = frozenset({StageEvent.type})
 
 
 class Observer(Protocol):
@@ -34,7 +51,7 @@ class Observer(Protocol):
 
 
 class EventBus:
-    """Stamps events and hands them to every observer, in the caller's thread.
+    """Hands each event to every observer, in the caller's thread.
 
     Observers lock their own state. A failing observer is logged and skipped: watching a stage
     must never stop it.
@@ -46,51 +63,17 @@ class EventBus:
     def add(self, observer: Observer) -> None:
         self.observers.append(observer)
 
-    def emit(self, type_: str, **fields: Any) -> Event:
-        event: Event = {"type": type_, "t_wall": time.time(), **fields}
-        self._dispatch(event)
-        return event
-
-    def forward(self, event: Event) -> None:
-        """Pass on an event made elsewhere (device callbacks), adding `t_wall` if missing."""
-        if "t_wall" not in event:
-            event = {**event, "t_wall": time.time()}
-        self._dispatch(event)
-
-    def _dispatch(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
         for observer in self.observers:
             try:
                 observer.on_event(event)
             except Exception:  # noqa: BLE001 - an observer bug must not kill the loop
-                log.exception("observer %r failed on a %s event", observer, event.get("type"))
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: numpy scalars and arrays to Python, NaN and inf to None."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, np.generic):
-        return _clean(x.item())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, str | int | float | bool) or x is None:
-        return x
-    return str(x)
-
-
-def to_json(event: Event) -> str:
-    try:
-        return json.dumps(event, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError):  # numpy values, NaN: convert and try again
-        return json.dumps(_clean(event), allow_nan=False, ensure_ascii=False)
+                log.exception("observer %r failed on a %s event", observer, event.type)
 
 
 class EventLog:
-    """One JSON line per event, flushed per line, thread-safe; optional console lines.
+    """One JSON line per event (proassist_edge/events.py `to_json`), flushed per line,
+    thread-safe; optional console lines.
 
     A failing file (disk full, a directory as path, a vanished mount) never stops the loop: the
     first error is reported once on stderr, later ones only counted (`write_errors`).
@@ -123,7 +106,7 @@ class EventLog:
                 self._failed(e)
 
     def on_event(self, event: Event) -> None:
-        if event.get("type") in self.skip:
+        if event.type in self.skip:
             return
         line = to_json(event) if self._file is not None else ""
         text = format_console(event) if self.console else None
@@ -159,30 +142,30 @@ class EventLog:
                 self._file = None
 
 
-def _t(event: Event, key: str = "t") -> str:
-    value = event.get(key)
+def _t(value: float | None) -> str:
     return f"[{value:7.1f}s]" if isinstance(value, int | float) else "[   --  ]"
 
 
 def format_console(event: Event) -> str | None:
     """A short human line for the events worth seeing live; None for the rest."""
-    kind = event.get("type")
-    if kind == "utterance":
-        return f"{_t(event, 't_frame')} assistant: {event.get('text', '')}"
-    if kind == "message":
-        return f"{_t(event)} {event.get('role')}: {event.get('content', '')}"
-    if kind == "summary":
-        return f"{_t(event)} (summary) {event.get('text', '')}"
-    if kind == "context_reset":
-        return f"{_t(event)} (context reset: {event.get('strategy')})"
-    if kind == "frames_dropped":
-        return f"{_t(event)} (dropped {event.get('count')} frames, {event.get('total')} in all)"
-    if kind in ("error", "speech_error", "source_error", "source_truncated"):
-        return f"{_t(event)} {kind}: {event.get('error')}"
-    if kind == "start":
-        return f"started: {event.get('source', '')} -> {event.get('sink', '')} (Ctrl-C stops)"
-    if kind == "stop":
-        return f"stopped: {event.get('reason', '')}"
+    if isinstance(event, UtteranceEvent):
+        return f"{_t(event.t_frame)} assistant: {event.text}"
+    if isinstance(event, MessageEvent):
+        return f"{_t(event.t)} {event.role}: {event.content}"
+    if isinstance(event, SummaryEvent):
+        return f"{_t(event.t)} (summary) {event.text}"
+    if isinstance(event, ContextResetEvent):
+        return f"{_t(event.t)} (context reset: {event.strategy})"
+    if isinstance(event, FramesDroppedEvent):
+        return f"{_t(event.t)} (dropped {event.count} frames, {event.total} in all)"
+    if isinstance(event, ErrorEvent):
+        return f"{_t(event.t)} error: {event.error}"
+    if isinstance(event, SpeechErrorEvent | SourceErrorEvent | SourceTruncatedEvent):
+        return f"{_t(None)} {event.type}: {event.error}"
+    if isinstance(event, StartEvent):
+        return f"started: {event.source} -> {event.sink} (Ctrl-C stops)"
+    if isinstance(event, StopEvent):
+        return f"stopped: {event.reason}"
     return None
 
 
@@ -199,15 +182,15 @@ class LatencyObserver:
         self._lock = threading.Lock()
 
     def on_event(self, event: Event) -> None:
-        kind = event.get("type")
-        samples: list[tuple[str, Any]] = []
-        if kind == "stage":
-            samples.append((event["stage"], event.get("ms")))
-        elif kind == "frame":
-            samples += [("step", event.get("step_ms")), ("ttft", event.get("ttft_ms"))]
-        elif kind == "speech":
-            ttfa = event.get("ttfa_s")
-            samples.append(("ttfa", None if ttfa is None else 1e3 * ttfa))
+        samples: list[tuple[str, float | None]] = []
+        if isinstance(event, StageEvent):
+            samples.append((event.stage, event.ms))
+        elif isinstance(event, FrameEvent):
+            samples.append(("step", event.step_ms))
+            if isinstance(event, LiveFrameEvent):
+                samples.append(("ttft", event.ttft_ms))
+        elif isinstance(event, SpeechEvent):
+            samples.append(("ttfa", 1e3 * event.ttfa_s))
         with self._lock:
             for stage, ms in samples:
                 if isinstance(ms, int | float) and math.isfinite(ms):
@@ -230,3 +213,61 @@ class LatencyObserver:
             }
             for k, a in data.items()
         }
+
+
+class StageTimer(StageObserver):
+    """Times the core's stages from outside them (perf_counter around each) and reports each as
+    a `stage` event: encode (frames), the decision append, each reply or summary token
+    (`decode`), the summary request (`summary`)."""
+
+    TIMED = frozenset({"encode", "append", "decode", "summary"})
+
+    def __init__(self, emit: Callable[[Event], None]) -> None:
+        self.emit = emit
+        self.t0 = 0.0
+
+    def stage_started(self, stage: Stage) -> None:
+        self.t0 = time.perf_counter()
+
+    def stage_ended(self, stage: Stage, out: StepOut | np.ndarray | None) -> None:
+        if stage.name not in self.TIMED:
+            return
+        ms = 1e3 * (time.perf_counter() - self.t0)
+        if stage.name == "encode":
+            self.emit(StageEvent(stage="encode", ms=ms, frames=stage.tokens))
+        else:
+            self.emit(StageEvent(stage=stage.name, ms=ms, tokens=stage.tokens))
+
+
+def _result_fields(r: FrameResult) -> dict[str, Any]:
+    return {
+        "index": r.index, "t": r.t, "p_not_talk": r.p_not_talk, "talk": r.talk, "text": r.text,
+        "token_ids": r.token_ids, "context_len": r.context_len, "reset": r.reset,
+        "summary": r.summary,
+    }
+
+
+def frame_event(r: FrameResult, step_ms: float | None = None, skipped: bool = False) -> FrameEvent:
+    """The `frame` event of a replayed step."""
+    return FrameEvent(**_result_fields(r), step_ms=step_ms, skipped=skipped)
+
+
+def live_frame_event(
+    r: FrameResult, frames: tuple[int, ...], lag_s: float | None, step_ms: float,
+    ttft_ms: float | None,
+) -> LiveFrameEvent:
+    """The `frame` event of a live step."""
+    return LiveFrameEvent(
+        **_result_fields(r), frames=frames, lag_s=lag_s, step_ms=step_ms, ttft_ms=ttft_ms
+    )
+
+
+def reduction_events(r: FrameResult) -> list[Event]:
+    """The context reduction that followed a step, and the summary it made."""
+    out: list[Event] = []
+    if r.reset is not None:
+        out.append(ContextResetEvent(strategy=r.reset, index=r.index, t=r.t,
+                                     context_len=r.context_len))
+    if r.summary is not None:
+        out.append(SummaryEvent(text=r.summary, index=r.index, t=r.t))
+    return out

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from proassist_edge.errors import SourceError
+from proassist_edge.events import FrameDroppedEvent, SourceErrorEvent
 from proassist_edge.runtime.messages import Frame
 from proassist_edge.runtime.source_base import EventCallback, FrameSource, Pacer, SourceStats, emit
 
@@ -105,7 +106,7 @@ class ThreadedSource:
             log.exception("source %s crashed", self.source.name)
             error = SourceError(f"{self.source.name} failed: {type(e).__name__}: {e}")
             error.__cause__ = e
-            emit(self.on_event, {"type": "source_error", "source": self.name, "error": str(e)})
+            emit(self.on_event, SourceErrorEvent(source=self.name, error=str(e)))
             self._finish(error)
         finally:
             close = getattr(frames, "close", None)  # generators: run their cleanup here
@@ -136,15 +137,8 @@ class ThreadedSource:
             self._buffer.append(frame)
             self._cv.notify_all()
         if dropped is not None:
-            emit(
-                self.on_event,
-                {
-                    "type": "frame_dropped",
-                    "source": self.name,
-                    "index": dropped.index,
-                    "dropped_total": self.dropped,
-                },
-            )
+            event = FrameDroppedEvent(source=self.name, index=dropped.index, dropped_total=self.dropped)
+            emit(self.on_event, event)
         return True
 
     def get(self, timeout: float | None = None) -> Frame | None:

@@ -18,18 +18,31 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 import numpy as np
 
 from proassist_edge.errors import FrameError, SourceError
-from proassist_edge.runtime.backend import Decoder, StepOut
+from proassist_edge.events import (
+    DroppedMessage,
+    ErrorEvent,
+    FramesDroppedEvent,
+    MessageEvent,
+    StartEvent,
+    StopEvent,
+    UtteranceEvent,
+)
 from proassist_edge.runtime.core import NonFiniteOutputError, StreamCore
-from proassist_edge.runtime.events import EventBus, LatencyObserver
+from proassist_edge.runtime.events import (
+    EventBus,
+    LatencyObserver,
+    StageTimer,
+    live_frame_event,
+    reduction_events,
+)
 from proassist_edge.runtime.grabber import ThreadedSource
-from proassist_edge.runtime.messages import Frame, FrameResult, TextMessage, Utterance
+from proassist_edge.runtime.messages import Frame, TextMessage, Utterance
 from proassist_edge.runtime.source_base import FrameSource
 from proassist_edge.runtime.speaker import Speaker, SpeakerMode
 from proassist_edge.runtime.speech_base import SpeechSink
@@ -92,62 +105,6 @@ def parse_message_line(line: str) -> tuple[str, str] | None:
     return "user", text
 
 
-class _TimedDecoder:
-    """Wraps the core's decoder to time each append: the first of a step is the frame append
-    (`append`), the next ones are reply or summary tokens (`decode`)."""
-
-    def __init__(self, inner: Decoder, emit: Callable[..., Any]) -> None:
-        self.inner = inner
-        self.emit = emit
-        self.calls = 0
-
-    @property
-    def kv_len(self) -> int:
-        return self.inner.kv_len
-
-    @kv_len.setter
-    def kv_len(self, value: int) -> None:
-        self.inner.kv_len = value
-
-    @property
-    def capacity(self) -> int:
-        return self.inner.capacity
-
-    @capacity.setter
-    def capacity(self, value: int) -> None:
-        self.inner.capacity = value
-
-    def append(self, embeds: np.ndarray) -> StepOut:
-        t0 = time.perf_counter()
-        out = self.inner.append(embeds)
-        stage = "append" if self.calls == 0 else "decode"
-        self.calls += 1
-        self.emit("stage", stage=stage, ms=1e3 * (time.perf_counter() - t0), tokens=embeds.shape[1])
-        return out
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def keep(self, prefix_len: int, start: int, end: int) -> None:
-        self.inner.keep(prefix_len, start, end)
-
-
-def instrument(core: StreamCore, bus: EventBus) -> _TimedDecoder:
-    """Time the core's stages from outside: the vision encode and every decoder append."""
-    encode = core.b.encode_frames
-
-    def timed_encode(frames: np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
-        out = encode(frames)
-        bus.emit("stage", stage="encode", ms=1e3 * (time.perf_counter() - t0), frames=len(frames))
-        return out
-
-    setattr(core.b, "encode_frames", timed_encode)  # noqa: B010 - instance-level wrapper
-    timed = _TimedDecoder(core.dec, bus.emit)
-    core.dec = timed
-    return timed
-
-
 class _Reply:
     """Turns the reply tokens of one step into sentence pieces sent to the speaker."""
 
@@ -201,7 +158,7 @@ class Assistant:
         self._messages: list[tuple[str, str]] = []
         self._msg_lock = threading.Lock()
         self._fatal: BaseException | None = None
-        self._timer = instrument(core, bus)
+        core.observers.append(StageTimer(bus.emit))
         self._grabber: ThreadedSource | None = None
         self._speaker: Speaker | None = None
         self._core_thread: threading.Thread | None = None
@@ -227,10 +184,10 @@ class Assistant:
             if not full:
                 self._messages.append((role, content))
         if full:
-            self.bus.emit("error", kind="message_dropped", error="too many pending messages",
-                          role=role, content=content, fatal=False)
+            self.bus.emit(ErrorEvent(kind="message_dropped", error="too many pending messages",
+                                     fatal=False, role=role, content=content))
             return
-        self.bus.emit("message", role=role, content=content, t=self.summary.stream_s)
+        self.bus.emit(MessageEvent(role=role, content=content, t=self.summary.stream_s))
 
     def read_messages(self, stream: IO[str]) -> None:
         """Inject one message per line of `stream` (`user: ...`, `system: ...`, plain = user)
@@ -261,10 +218,10 @@ class Assistant:
     # --- output -------------------------------------------------------------------------------
     def say(self, utt: Utterance, index: int) -> None:
         self.summary.utterances += 1
-        self.bus.emit(
-            "utterance", text=utt.text, t_frame=utt.t_frame, t_decided=utt.t_decided,
-            reply_id=utt.reply_id, final=utt.final, index=index,
-        )
+        self.bus.emit(UtteranceEvent(
+            text=utt.text, t_frame=utt.t_frame, t_decided=utt.t_decided, reply_id=utt.reply_id,
+            final=utt.final, index=index,
+        ))
         if self._speaker is not None:
             self._speaker.say(utt)
 
@@ -272,15 +229,15 @@ class Assistant:
     def run(self) -> RunSummary:
         o = self.options
         t0 = time.monotonic()
-        grabber = ThreadedSource(self.source, o.source_capacity, o.realtime, self.bus.forward)
+        grabber = ThreadedSource(self.source, o.source_capacity, o.realtime, self.bus.emit)
         self._grabber = grabber
         if self.sink is not None:
-            self._speaker = Speaker(self.sink, o.speech_mode, o.speaker_capacity, self.bus.forward)
-        self.bus.emit(
-            "start", source=self.source.name, sink=getattr(self.sink, "name", "none"),
+            self._speaker = Speaker(self.sink, o.speech_mode, o.speaker_capacity, self.bus.emit)
+        self.bus.emit(StartEvent(
+            source=self.source.name, sink=getattr(self.sink, "name", "none"),
             realtime=grabber.realtime, settings=asdict(self.core.s), system=self.core.system,
             knowledge=self.core.knowledge,
-        )
+        ))
         try:
             grabber.start()  # opening errors (no camera, missing file) raise here
             if self._speaker is not None:
@@ -308,7 +265,7 @@ class Assistant:
             self._fatal = e
             self.summary.reason = "error"
             self.summary.error = f"{type(e).__name__}: {e}"
-            self.bus.emit("error", kind=type(e).__name__, error=str(e), fatal=True)
+            self.bus.emit(ErrorEvent(kind=type(e).__name__, error=str(e), fatal=True))
 
     def _loop(self) -> str:
         assert self._grabber is not None
@@ -319,7 +276,7 @@ class Assistant:
             except TimeoutError:
                 continue
             except SourceError as e:
-                self.bus.emit("error", kind="source", error=str(e), fatal=False)
+                self.bus.emit(ErrorEvent(kind="source", error=str(e), fatal=False))
                 return "source_error"
             self._report_drops()
             if not batch:
@@ -347,7 +304,7 @@ class Assistant:
         total = self._grabber.stats.dropped
         if total > self._reported_drops:
             t = self.summary.stream_s
-            self.bus.emit("frames_dropped", count=total - self._reported_drops, total=total, t=t)
+            self.bus.emit(FramesDroppedEvent(count=total - self._reported_drops, total=total, t=t))
             self._reported_drops = total
         self.summary.dropped = total
 
@@ -368,18 +325,17 @@ class Assistant:
         lag = self._grabber.lag_s(last)
         messages = self._take_messages(last.t)
         reply = _Reply(self, last.index, last.t, self.summary.replies + 1)
-        self._timer.calls = 0
         t0 = time.perf_counter()
         try:
             pixels = np.stack([f.pixels for f in frames])
             r = self.core.step(pixels, last.index, last.t, messages, on_token=reply.on_token)
         except (NonFiniteOutputError, FrameError) as e:
             self.summary.skipped += len(frames)
-            self.bus.emit(
-                "error", kind=type(e).__name__, error=str(e), fatal=False, skipped=True,
-                index=last.index, t=last.t, frames=[f.index for f in frames],
-                dropped_messages=[{"role": m.role, "content": m.content} for m in messages],
-            )
+            self.bus.emit(ErrorEvent(
+                kind=type(e).__name__, error=str(e), fatal=False, skipped=True, index=last.index,
+                t=last.t, frames=tuple(f.index for f in frames),
+                dropped_messages=tuple(DroppedMessage(m.role, m.content) for m in messages),
+            ))
             return
         step_ms = 1e3 * (time.perf_counter() - t0)
         reply.finish(r.text)
@@ -389,18 +345,9 @@ class Assistant:
         self.summary.steps += 1
         self.summary.stream_s = last.t
         ttft = None if reply.t_first is None else 1e3 * (reply.t_first - t0)
-        self.bus.emit(
-            "frame", **frame_record(r), frames=[f.index for f in frames], lag_s=lag,
-            step_ms=step_ms, ttft_ms=ttft,
-        )
-        self._report_context(r)
-
-    def _report_context(self, r: FrameResult) -> None:
-        if r.reset is not None:
-            self.bus.emit("context_reset", strategy=r.reset, index=r.index, t=r.t,
-                          context_len=r.context_len)
-        if r.summary is not None:
-            self.bus.emit("summary", text=r.summary, index=r.index, t=r.t)
+        self.bus.emit(live_frame_event(r, tuple(f.index for f in frames), lag, step_ms, ttft))
+        for event in reduction_events(r):
+            self.bus.emit(event)
 
     def _shutdown(self, t0: float) -> None:
         o = self.options
@@ -421,17 +368,7 @@ class Assistant:
             self.summary.reason = self.summary.reason or "error"
         if self.latency is not None:
             self.summary.latency = self.latency.summary()
-        fields = {k: v for k, v in self.summary.to_dict().items() if k != "latency"}
-        self.bus.emit("stop", **fields, latency=self.summary.latency)
-
-
-def frame_record(r: FrameResult) -> dict[str, Any]:
-    """The fields of a `frame` event that come from the core's FrameResult."""
-    return {
-        "index": r.index, "t": r.t, "p_not_talk": r.p_not_talk, "talk": r.talk, "text": r.text,
-        "token_ids": list(r.token_ids), "context_len": r.context_len, "reset": r.reset,
-        "summary": r.summary,
-    }
+        self.bus.emit(StopEvent(**self.summary.to_dict()))
 
 
 def format_summary(s: RunSummary) -> str:

@@ -19,10 +19,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from proassist_edge.errors import DataError
+from proassist_edge.events import (
+    ErrorEvent,
+    MessageEvent,
+    ReplayStartEvent,
+    ReplayStopEvent,
+    UtteranceEvent,
+)
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.core import NonFiniteOutputError, StreamCore, settings_from_manifest
-from proassist_edge.runtime.events import EventBus, EventLog, Observer
-from proassist_edge.runtime.loop import frame_record
+from proassist_edge.runtime.events import EventBus, EventLog, Observer, frame_event, reduction_events
 from proassist_edge.runtime.messages import FrameResult, TextMessage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -171,26 +177,25 @@ def replay_results(
         queue = queue[len(due) :]
         for m in due:
             if bus is not None:
-                bus.emit("message", role=m.role, content=m.content, t=t)
+                bus.emit(MessageEvent(role=m.role, content=m.content, t=t))
         t0 = time.perf_counter()
         try:
             r = core.step(frames[i : i + 1], i, t, due)
         except NonFiniteOutputError as e:
             r = FrameResult(i, t, float("nan"), False, context_len=core.kv_len)
             if bus is not None:
-                bus.emit("error", kind=type(e).__name__, error=str(e), fatal=False, skipped=True,
-                         index=i, t=t)
-                bus.emit("frame", **frame_record(r), skipped=True)
+                bus.emit(ErrorEvent(kind=type(e).__name__, error=str(e), fatal=False,
+                                    skipped=True, index=i, t=t))
+                bus.emit(frame_event(r, skipped=True))
             yield r
             continue
         if bus is not None:
-            bus.emit("frame", **frame_record(r), step_ms=1e3 * (time.perf_counter() - t0))
+            bus.emit(frame_event(r, step_ms=1e3 * (time.perf_counter() - t0)))
             if r.text:
-                bus.emit("utterance", text=r.text, t_frame=t, t_decided=time.monotonic(), index=i)
-            if r.reset is not None:
-                bus.emit("context_reset", strategy=r.reset, index=i, t=t, context_len=r.context_len)
-            if r.summary is not None:
-                bus.emit("summary", text=r.summary, index=i, t=t)
+                bus.emit(UtteranceEvent(text=r.text, t_frame=t, t_decided=time.monotonic(),
+                                        index=i))
+            for event in reduction_events(r):
+                bus.emit(event)
         yield r
 
 
@@ -215,17 +220,17 @@ def replay_episode(
     log = EventLog(events_path, console)
     bus = EventBus([log, *observers])
     t0 = time.monotonic()
-    bus.emit(
-        "start", mode="replay", bundle=str(bundle_path), decoder=bundle.decoder_name,
-        episode=str(episode_dir), frames=len(episode.frames), fps=episode.fps,
-        settings=asdict(settings), system=core.system, knowledge=core.knowledge,
-    )
+    bus.emit(ReplayStartEvent(
+        bundle=str(bundle_path), decoder=bundle.decoder_name, episode=str(episode_dir),
+        frames=len(episode.frames), fps=episode.fps, settings=asdict(settings),
+        system=core.system, knowledge=core.knowledge,
+    ))
     reason = "error"
     try:
         results = list(replay_results(core, episode.frames, episode.messages, episode.fps, bus))
         reason = "end_of_episode"
     finally:
-        bus.emit("stop", reason=reason, frames=len(episode.frames),
-                 wall_s=time.monotonic() - t0, event_write_errors=log.write_errors)
+        bus.emit(ReplayStopEvent(reason=reason, frames=len(episode.frames),
+                                 wall_s=time.monotonic() - t0, event_write_errors=log.write_errors))
         log.close()
     return results

@@ -9,19 +9,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 
 import numpy as np
 
 from proassist_edge.errors import FrameError
+from proassist_edge.events import Event
 from proassist_edge.runtime.messages import Frame
 
 log = logging.getLogger(__name__)
 
-EventCallback = Callable[[dict[str, Any]], None]
+EventCallback = Callable[[Event], None]
 
 
-def emit(callback: EventCallback | None, event: dict[str, Any]) -> None:
+def emit(callback: EventCallback | None, event: Event) -> None:
     """Send `event` to an observer; a failing observer is logged, never propagated.
 
     Observers run inside capture and speech threads: an exception there would
@@ -32,7 +32,7 @@ def emit(callback: EventCallback | None, event: dict[str, Any]) -> None:
     try:
         callback(event)
     except Exception:  # noqa: BLE001 - see docstring: an observer must not kill a stage
-        log.exception("event observer failed on %s", event.get("type"))
+        log.exception("event observer failed on %s", event.type)
 
 
 @dataclass
@@ -116,8 +116,8 @@ class FrameSource(ABC):
     ) -> None:
         self.close()
 
-    def _event(self, type_: str, **fields: Any) -> None:
-        emit(self.on_event, {"type": type_, "source": self.name, **fields})
+    def _report(self, event: Event) -> None:
+        emit(self.on_event, event)
 
     def _deliver(self, index: int, t: float, pixels: np.ndarray) -> Frame:
         self.stats.delivered += 1

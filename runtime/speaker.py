@@ -13,8 +13,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
+from proassist_edge.events import SpeechCutEvent, SpeechDroppedEvent, SpeechErrorEvent, SpeechEvent
 from proassist_edge.runtime.messages import Utterance
 from proassist_edge.runtime.source_base import EventCallback, emit
 from proassist_edge.runtime.speech_base import SpeechSink
@@ -43,11 +44,11 @@ class _Playing:
 class Speaker:
     """Speaks `Utterance`s on a background thread through a SpeechSink.
 
-    `say()` returns at once. For each utterance it reports to `on_event`
-    `{"type": "speech", "text", "ttfa_s", "duration_s", "interrupted", ...}` where
-    ttfa_s runs from `utt.t_decided` (time.monotonic) to the first audio sample
-    ready or playing; an engine failure is reported as `speech_error` and the
-    speaker carries on with the next utterance.
+    `say()` returns at once. For each utterance it reports to `on_event` a
+    SpeechEvent (text, ttfa_s, duration_s, interrupted, ...) where ttfa_s runs
+    from `utt.t_decided` (time.monotonic) to the first audio sample ready or
+    playing; an engine failure is reported as a SpeechErrorEvent and the speaker
+    carries on with the next utterance.
     """
 
     def __init__(
@@ -112,26 +113,16 @@ class Speaker:
             self.stats.cut += 1
         level = logging.WARNING if reason == "queue_full" else logging.INFO
         log.log(level, "speech cut (%s): %r", reason, utterance.text)
-        kind = "speech_dropped" if reason == "queue_full" else "speech_cut"
-        self._emit(kind, utterance, reason=reason)
-
-    def _emit(self, type_: str, utterance: Utterance, **fields: Any) -> None:
-        event = {
-            "type": type_,
-            "text": utterance.text,
-            "t_frame": utterance.t_frame,
-            "reply_id": utterance.reply_id,
-            **fields,
-        }
-        emit(self.on_event, event)
+        kind = SpeechDroppedEvent if reason == "queue_full" else SpeechCutEvent
+        u = utterance
+        emit(self.on_event, kind(text=u.text, t_frame=u.t_frame, reply_id=u.reply_id, reason=reason))
 
     def _run(self) -> None:
         if self._warmup:
             try:
                 self.sink.warmup()
             except Exception as e:  # noqa: BLE001 - reported; each utterance will retry
-                event = {"type": "speech_error", "stage": "warmup", "text": None, "error": str(e)}
-                emit(self.on_event, event)
+                emit(self.on_event, SpeechErrorEvent(stage="warmup", text=None, error=str(e)))
         while True:
             with self._cv:
                 while not self._queue and not self._closing:
@@ -154,17 +145,17 @@ class Speaker:
         except Exception as e:  # noqa: BLE001 - one bad utterance must not silence the rest
             self.stats.errors += 1
             log.warning("speech failed for %r: %s", utt.text, e)
-            self._emit("speech_error", utt, error=str(e), error_type=type(e).__name__)
+            emit(self.on_event, SpeechErrorEvent(
+                text=utt.text, t_frame=utt.t_frame, reply_id=utt.reply_id, error=str(e),
+                error_type=type(e).__name__,
+            ))
             return
         self.stats.spoken += 1
-        self._emit(
-            "speech",
-            utt,
-            ttfa_s=result.t_audio_start - utt.t_decided,
-            duration_s=result.duration_s,
-            interrupted=result.interrupted or playing.cancel.is_set(),
-            file=result.file,
-        )
+        emit(self.on_event, SpeechEvent(
+            text=utt.text, t_frame=utt.t_frame, reply_id=utt.reply_id,
+            ttfa_s=result.t_audio_start - utt.t_decided, duration_s=result.duration_s,
+            interrupted=result.interrupted or playing.cancel.is_set(), file=result.file,
+        ))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or playing; False on timeout."""

@@ -23,7 +23,16 @@ from proassist_edge.device.sources import (
     open_source,
 )
 from proassist_edge.errors import FrameError, MissingDependencyError, SourceError
+from proassist_edge.events import Event, to_record
 from proassist_edge.runtime.messages import Frame
+
+
+class Records(list[dict[str, Any]]):
+    """An event callback: keeps each event as the record the event log writes."""
+
+    def __call__(self, event: Event) -> None:
+        self.append(to_record(event))
+
 
 av = pytest.importorskip("av")
 BITS = 7  # frame numbers up to 127 drawn as 7 stripes: robust to lossy compression
@@ -110,8 +119,8 @@ def test_synthetic_renderer_hook_and_bad_pixels() -> None:
 
 
 def test_file_source_resamples_by_timestamp(mp4: Path) -> None:
-    events: list[dict[str, Any]] = []
-    with FileSource(mp4, fps=2.0, on_event=events.append) as source:
+    events = Records()
+    with FileSource(mp4, fps=2.0, on_event=events) as source:
         frames = list(source.frames())
     assert [f.t for f in frames] == [k * 0.5 for k in range(8)]
     assert [_frame_number(f.pixels) for f in frames] == [15 * k for k in range(8)]
@@ -146,10 +155,10 @@ def test_truncated_file_ends_or_raises_without_hanging(
     data = source_path.read_bytes()
     cut = tmp_path / f"cut.{suffix}"
     cut.write_bytes(data[: len(data) // 2])
-    events: list[dict[str, Any]] = []
+    events = Records()
     got: list[Frame] = []
     try:
-        with ThreadedSource(FileSource(cut, 2.0, on_event=events.append), realtime=False) as grab:
+        with ThreadedSource(FileSource(cut, 2.0, on_event=events), realtime=False) as grab:
             while (frame := grab.get(timeout=10)) is not None:
                 got.append(frame)
     except SourceError as e:
@@ -176,9 +185,9 @@ def test_error_reaches_consumer_after_good_frames() -> None:
 
 
 def test_unexpected_exception_is_wrapped() -> None:
-    events: list[dict[str, Any]] = []
+    events = Records()
     source = ListSource(1, error=RuntimeError("driver bug"))
-    with ThreadedSource(source, realtime=False, on_event=events.append) as grab:
+    with ThreadedSource(source, realtime=False, on_event=events) as grab:
         assert grab.get(timeout=5) is not None
         with pytest.raises(SourceError, match="driver bug"):
             grab.get(timeout=5)
@@ -186,9 +195,9 @@ def test_unexpected_exception_is_wrapped() -> None:
 
 
 def test_keep_newest_drops_oldest_and_counts() -> None:
-    events: list[dict[str, Any]] = []
+    events = Records()
     source = ListSource(10, live=True)
-    grab = ThreadedSource(source, capacity=2, on_event=events.append).start()
+    grab = ThreadedSource(source, capacity=2, on_event=events).start()
     assert source.finished.wait(5)
     assert [grab.get(timeout=5), grab.get(timeout=5)] and grab.get(timeout=5) is None
     grab.close()
@@ -259,10 +268,10 @@ class FakeCapture:
 def test_camera_reconnects_with_backoff() -> None:
     script = [True, True, False]  # the first device fails on its third read
     captures = [FakeCapture(script), FakeCapture([], opens=False), FakeCapture([True, True])]
-    events: list[dict[str, Any]] = []
+    events = Records()
     camera = CameraSource(
         0, fps=50.0, backoff_s=0.01, capture_factory=lambda d: captures.pop(0),
-        on_event=events.append,
+        on_event=events,
     )
     with camera:
         frames = [f for _, f in zip(range(4), camera.frames(), strict=False)]
@@ -275,11 +284,11 @@ def test_camera_reconnects_with_backoff() -> None:
 
 
 def test_camera_gives_up_after_bounded_retries() -> None:
-    events: list[dict[str, Any]] = []
+    events = Records()
     captures = [FakeCapture([True]), FakeCapture([]), FakeCapture([], opens=False)]
     camera = CameraSource(
         0, fps=50.0, max_retries=2, backoff_s=0.01,
-        capture_factory=lambda d: captures.pop(0), on_event=events.append,
+        capture_factory=lambda d: captures.pop(0), on_event=events,
     )
     with camera, pytest.raises(SourceError, match="gave up after 2"):
         list(camera.frames())
@@ -296,8 +305,8 @@ def test_folder_source_natural_order_skips_bad_images(tmp_path: Path) -> None:
     for i, name in [(1, "img1.png"), (2, "img2.png"), (10, "img10.png")]:
         cv2.imwrite(str(tmp_path / name), _stripes(i)[:, :, ::-1])
     (tmp_path / "img5.png").write_bytes(b"not a png")
-    events: list[dict[str, Any]] = []
-    with FolderSource(tmp_path, fps=1.0, on_event=events.append) as source:
+    events = Records()
+    with FolderSource(tmp_path, fps=1.0, on_event=events) as source:
         frames = list(source.frames())
     assert [_frame_number(f.pixels) for f in frames] == [1, 2, 10]
     assert [f.t for f in frames] == [0.0, 1.0, 2.0]
@@ -340,12 +349,12 @@ def test_close_stops_a_blocked_replay_producer() -> None:
 
 
 def test_close_interrupts_a_camera_backoff() -> None:
-    events: list[dict[str, Any]] = []
+    events = Records()
     failed = threading.Event()
 
-    def observe(event: dict[str, Any]) -> None:
-        events.append(event)
-        if event["type"] == "camera_read_failed":
+    def observe(event: Event) -> None:
+        events(event)
+        if events[-1]["type"] == "camera_read_failed":
             failed.set()
 
     captures = [FakeCapture([True]), FakeCapture([], opens=False)]

@@ -26,7 +26,16 @@ from proassist_edge.device.speech import (
     open_sink,
 )
 from proassist_edge.errors import SpeechError
+from proassist_edge.events import Event, to_record
 from proassist_edge.runtime.messages import Utterance
+
+
+class Records(list[dict[str, Any]]):
+    """An event callback: keeps each event as the record the event log writes."""
+
+    def __call__(self, event: Event) -> None:
+        self.append(to_record(event))
+
 
 SENTENCE = "Now cut the tomato into thin slices."
 needs_espeak = pytest.mark.skipif(
@@ -120,9 +129,9 @@ class RecordingSink(SpeechSink):
 
 
 def test_speaker_is_fifo_and_never_blocks() -> None:
-    events: list[dict[str, Any]] = []
+    events = Records()
     sink = RecordingSink(hold_s=0.1)
-    with Speaker(sink, on_event=events.append) as speaker:
+    with Speaker(sink, on_event=events) as speaker:
         start = time.monotonic()
         for i in range(5):
             speaker.say(_utt(f"step {i}", ago_s=0.1))
@@ -135,9 +144,9 @@ def test_speaker_is_fifo_and_never_blocks() -> None:
 
 
 def test_interrupt_cancels_playing_and_flushes_queue() -> None:
-    events: list[dict[str, Any]] = []
+    events = Records()
     sink = RecordingSink(hold_s=5.0)
-    speaker = Speaker(sink, mode="interrupt", on_event=events.append).start()
+    speaker = Speaker(sink, mode="interrupt", on_event=events).start()
     speaker.say(_utt("long answer", reply_id=1))
     assert sink.started.wait(5)
     sink.hold_s = 0.01
@@ -156,9 +165,9 @@ def test_interrupt_cancels_playing_and_flushes_queue() -> None:
 
 
 def test_engine_error_does_not_kill_the_speaker() -> None:
-    events: list[dict[str, Any]] = []
+    events = Records()
     sink = RecordingSink()
-    with Speaker(sink, on_event=events.append) as speaker:
+    with Speaker(sink, on_event=events) as speaker:
         speaker.say(_utt("boom"))
         speaker.say(_utt("still here"))
         assert speaker.wait_idle(timeout=5)
@@ -170,9 +179,9 @@ def test_engine_error_does_not_kill_the_speaker() -> None:
 
 
 def test_full_queue_drops_oldest() -> None:
-    events: list[dict[str, Any]] = []
+    events = Records()
     sink = RecordingSink()
-    speaker = Speaker(sink, capacity=2, on_event=events.append)
+    speaker = Speaker(sink, capacity=2, on_event=events)
     for text in ("one", "two", "three"):
         speaker.say(_utt(text))
     speaker.start()

@@ -297,11 +297,12 @@ def test_paper_metrics_for_parent_and_child(
     parent: Path, children: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from proassist_edge.eval import textsim
+    from proassist_edge.eval.evaluate import evaluate
     from proassist_edge.taskworld import generate_split
 
     monkeypatch.setattr(textsim, "DEFAULT_EMBEDDER", "minilm")  # fast; the default is mpnet
     split = generate_split("test", tmp_path / "test", episodes=1)
-    got = paper_metrics(parent, children["int4"], split)
+    got = paper_metrics(parent, children["int4"], split, evaluate)  # as the CLI passes it
     assert isinstance(got, dict)
     for side in ("parent", "child"):
         assert got[side]["episodes"] == 1 and 0.0 <= got[side]["F1"] <= 1.0

@@ -19,11 +19,18 @@ import pytest
 
 from proassist_edge.device.sources import SyntheticSource
 from proassist_edge.errors import SourceError, SpeechError
+from proassist_edge.events import Event, SpeechEvent, StageEvent, to_record
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.core import StreamCore
-from proassist_edge.runtime.events import EventBus, EventLog, LatencyObserver
+from proassist_edge.runtime.events import (
+    EventBus,
+    EventLog,
+    LatencyObserver,
+    frame_event,
+    live_frame_event,
+)
 from proassist_edge.runtime.loop import Assistant, LoopOptions, RunSummary, parse_message_line
-from proassist_edge.runtime.messages import Frame
+from proassist_edge.runtime.messages import Frame, FrameResult
 from proassist_edge.runtime.prompt import StreamSettings
 from proassist_edge.runtime.source_base import FrameSource
 from proassist_edge.runtime.speech_base import SpeechSink
@@ -39,13 +46,15 @@ def tiny(tiny_bundle) -> tuple[Path, float]:
 
 
 class Recorder:
+    """Every event, as the record the event log writes."""
+
     def __init__(self) -> None:
         self.events: list[dict] = []
         self.lock = threading.Lock()
 
-    def on_event(self, event: dict) -> None:
+    def on_event(self, event: Event) -> None:
         with self.lock:
-            self.events.append(event)
+            self.events.append(to_record(event))
 
     def of(self, kind: str) -> list[dict]:
         return [e for e in self.events if e["type"] == kind]
@@ -59,7 +68,7 @@ def make_assistant(
                                                           max_reply_tokens=REPLY_TOKENS))
     rec, log = Recorder(), EventLog(events)
     bus = EventBus([log, rec])
-    source.on_event = bus.forward
+    source.on_event = bus.emit
     opts = LoopOptions(**{"realtime": False, **options})  # type: ignore[arg-type]
     return Assistant(core, source, sink, bus, opts, LatencyObserver()), rec, log
 
@@ -92,9 +101,11 @@ def test_parse_message_line() -> None:
 def test_latency_observer_percentiles() -> None:
     lat = LatencyObserver()
     for ms in range(1, 101):
-        lat.on_event({"type": "stage", "stage": "encode", "ms": float(ms)})
-    lat.on_event({"type": "frame", "step_ms": 5.0, "ttft_ms": None})
-    lat.on_event({"type": "speech", "ttfa_s": 0.25})
+        lat.on_event(StageEvent(stage="encode", ms=float(ms), frames=1))
+    result = FrameResult(0, 0.0, 0.5, False)
+    lat.on_event(live_frame_event(result, (0,), None, step_ms=5.0, ttft_ms=None))
+    lat.on_event(SpeechEvent(text="hi", t_frame=0.0, reply_id=1, ttfa_s=0.25, duration_s=0.1,
+                             interrupted=False, file=None))
     s = lat.summary()
     assert s["encode"]["p50"] == pytest.approx(50.5) and s["encode"]["p95"] == pytest.approx(95.05)
     assert s["step"]["n"] == 1 and s["ttfa"]["p50"] == pytest.approx(250.0) and "ttft" not in s
@@ -103,7 +114,7 @@ def test_latency_observer_percentiles() -> None:
 def test_event_log_on_a_full_disk_reports_once_and_keeps_going(capsys) -> None:
     log = EventLog("/dev/full")  # Linux: every write fails with ENOSPC
     for i in range(5):
-        log.on_event({"type": "frame", "index": i, "p_not_talk": float("nan")})
+        log.on_event(frame_event(FrameResult(i, i / 2, float("nan"), False)))
     log.close()
     assert log.write_errors >= 5 and log.written == 0
     assert capsys.readouterr().err.count("cannot write the event log") == 1

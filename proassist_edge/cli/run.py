@@ -10,12 +10,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from proassist_edge.runtime.prompt import CONTEXT_STRATEGIES
-
-if TYPE_CHECKING:
-    from proassist_edge.runtime.bundle import Bundle, decoder_line  # noqa: F401 - re-exported
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -129,7 +126,7 @@ def install_stop_handlers(stop: Callable[[], None]) -> Callable[[], None]:
 def run_run(args: argparse.Namespace) -> int:
     from proassist_edge.device.sources import open_source
     from proassist_edge.device.speech import open_sink
-    from proassist_edge.runtime.bundle import open_bundle
+    from proassist_edge.runtime.bundle import decoder_line, open_bundle
     from proassist_edge.runtime.core import StreamCore, settings_from_manifest
     from proassist_edge.runtime.events import EventBus, EventLog, LatencyObserver
     from proassist_edge.runtime.loop import Assistant, LoopOptions, format_summary
@@ -145,7 +142,7 @@ def run_run(args: argparse.Namespace) -> int:
     latency = LatencyObserver()
     bus = EventBus([log, latency])
     fps = args.fps or bundle.manifest.model.fps
-    source = open_source(args.source, fps, on_event=bus.forward)
+    source = open_source(args.source, fps, on_event=bus.emit)
     sink = open_sink(args.tts)
     options = LoopOptions(
         realtime=args.realtime, max_seconds=args.max_seconds, speech_mode=args.speech_mode,
