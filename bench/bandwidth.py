@@ -218,20 +218,11 @@ def _back(dec: Decoder, mark: _Mark) -> None:
 
 def fill(dec: Decoder, context: int, rng: np.random.Generator) -> None:
     """Grow the KV memory to `context` tokens of random keys and values (unit scale)."""
-    n = context - dec.kv_len
-    if n <= 0:
+    if context <= dec.kv_len:
         return
-    if isinstance(dec, GqaDecoder):
-        for a in dec.kv:  # (1, kv_heads, capacity, head_dim), shared with the bound OrtValues
-            a[:, :, dec.kv_len : context] = rng.standard_normal((*a.shape[:2], n, a.shape[3]))
-    elif isinstance(dec, PortableDecoder):
-        dec.past = [
-            np.concatenate([a, rng.standard_normal((*a.shape[:2], n, a.shape[3])).astype(a.dtype)], 2)
-            for a in dec.past
-        ]
-    else:
+    if not isinstance(dec, GqaDecoder | PortableDecoder):
         raise TypeError(f"cannot fill {type(dec).__name__}")
-    dec.kv_len = context
+    dec.fill_kv(context, rng.standard_normal)
 
 
 class CoreStep:
@@ -266,11 +257,7 @@ def bare_run(dec: Decoder, embeds: np.ndarray, vocab: int) -> Callable[[], objec
     x = np.ascontiguousarray(embeds, np.float32)
     if isinstance(dec, GqaDecoder):
         b = dec.sess.io_binding()
-        for i, v in enumerate(dec.kv_ort):
-            layer, kind = divmod(i, 2)
-            name = "key" if kind == 0 else "value"
-            b.bind_ortvalue_input(f"past_key_values.{layer}.{name}", v)
-            b.bind_ortvalue_output(f"present.{layer}.{name}", v)
+        dec.bind_kv(b)
         keep = [
             ort.OrtValue.ortvalue_from_numpy(x),
             ort.OrtValue.ortvalue_from_numpy(np.ones((1, dec.kv_len + s), np.int64)),

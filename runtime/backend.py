@@ -10,6 +10,7 @@ Both expose the same small interface, used only by the core.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -98,11 +99,7 @@ class GqaDecoder:
         self.mask = np.ones((1, capacity), np.int64)
         self.with_hidden = with_hidden
         self.binding = session.io_binding()
-        for i, v in enumerate(self.kv_ort):
-            layer, kind = divmod(i, 2)
-            name = "key" if kind == 0 else "value"
-            self.binding.bind_ortvalue_input(f"past_key_values.{layer}.{name}", v)
-            self.binding.bind_ortvalue_output(f"present.{layer}.{name}", v)
+        self.bind_kv(self.binding)
         outs = {o.name: o.shape for o in session.get_outputs()}
         ins = {i.name: i.shape for i in session.get_inputs()}
         vocab, hidden = outs.get("logits", [None])[-1], ins.get("inputs_embeds", [None])[-1]
@@ -170,6 +167,25 @@ class GqaDecoder:
     def reset(self) -> None:
         self.kv_len = 0  # the buffer's stale tail is masked out by attention_mask
 
+    def bind_kv(self, binding: ort.IOBinding) -> None:
+        """Bind the KV buffers to `binding` as both past input and present output, as this
+        decoder's own binding is (a benchmark binds them to a bare run of the graph)."""
+        for i, v in enumerate(self.kv_ort):
+            layer, kind = divmod(i, 2)
+            name = "key" if kind == 0 else "value"
+            binding.bind_ortvalue_input(f"past_key_values.{layer}.{name}", v)
+            binding.bind_ortvalue_output(f"present.{layer}.{name}", v)
+
+    def fill_kv(self, end: int, values: Callable[[tuple[int, ...]], np.ndarray]) -> None:
+        """Positions [kv_len, end) of every key and value buffer (layer order) set to
+        values((1, kv_heads, end - kv_len, head_dim)), and taken into the memory: a context of
+        `end` tokens for a benchmark, without running them through the graph."""
+        if end > self.capacity:
+            raise BundleError(f"KV buffer full ({end} > {self.capacity})")
+        for a in self.kv:
+            a[:, :, self.kv_len : end] = values((*a.shape[:2], end - self.kv_len, a.shape[3]))
+        self.kv_len = end
+
     def keep(self, prefix_len: int, start: int, end: int) -> None:
         """Keep [0, prefix_len) + [start, end): move the tail down once (O(end - start))."""
         n = end - start
@@ -212,6 +228,16 @@ class PortableDecoder:
         return StepOut(
             logits[0, -1].astype(np.float32, copy=False), hidden[0, -1], float(p.reshape(-1)[-1])
         )
+
+    def fill_kv(self, end: int, values: Callable[[tuple[int, ...]], np.ndarray]) -> None:
+        """As GqaDecoder.fill_kv: values((1, kv_heads, end - kv_len, head_dim)) appended to
+        every past key and value (layer order)."""
+        n = end - self.kv_len
+        self.past = [
+            np.concatenate([a, values((*a.shape[:2], n, a.shape[3])).astype(a.dtype)], 2)
+            for a in self.past
+        ]
+        self.kv_len = end
 
     def keep(self, prefix_len: int, start: int, end: int) -> None:
         self.past = [
