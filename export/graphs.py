@@ -38,8 +38,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class PortableDecoder(nn.Module):
-    """(inputs_embeds (1, S, H), past k/v per layer (1, KVH, P, D)) ->
+class PortableDecoderModule(nn.Module):
+    """The torch module that `decoder.onnx` is exported from (the runtime drives that graph with
+    `runtime.backend.PortableDecoder`).
+
+    (inputs_embeds (1, S, H), past k/v per layer (1, KVH, P, D)) ->
     (logits (1, 1, V), p_not_talk (1, 1), hidden (1, 1, H), present k/v (1, KVH, P+S, D)).
 
     Only the last position's logits are computed: the loop reads nothing else.

@@ -18,7 +18,7 @@ from transformers import LlamaForCausalLM
 
 from proassist_edge.errors import ExportError
 from proassist_edge.export.fuse import fuse_gate_up
-from proassist_edge.export.graphs import PortableDecoder, VisionGraph
+from proassist_edge.export.graphs import PortableDecoderModule, VisionGraph
 from proassist_edge.export.model import ProAssistModel
 
 
@@ -88,7 +88,7 @@ def export_vision(model: ProAssistModel, path: Path, opset: int = 18) -> GraphSp
 
 
 def export_portable_decoder(model: ProAssistModel, path: Path, opset: int = 18) -> GraphSpec:
-    dec = PortableDecoder(model).eval()
+    dec = PortableDecoderModule(model).eval()
     c: Any = model.llm.config
     layers, kvh, hd = c.num_hidden_layers, c.num_key_value_heads, dec.head_dim
     spec = portable_spec(layers)

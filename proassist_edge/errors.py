@@ -31,10 +31,6 @@ class VerificationError(ExportError):
     """An exported or quantized graph does not match its reference."""
 
 
-class OutputMismatchError(VerificationError):
-    """Outputs differ in names or shapes."""
-
-
 class ToleranceError(VerificationError):
     """Outputs agree in shape but differ by more than the tolerance."""
 

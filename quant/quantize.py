@@ -135,23 +135,12 @@ def quantize_bundle(
     t0 = time.time()
     parent, out = Path(parent), Path(out)
     check_options(precision, skip, block_size, accuracy_level, streams, frames, embeddings)
-    if keep_8bit and precision != "int4":
-        raise QuantizeError("keep_8bit applies to int4 only: use keep_fp32 for int8 and fp16")
-    if out.exists():
-        raise QuantizeError(f"{out} already exists: choose a new folder or remove it first")
-    if eval_data is not None and not Path(eval_data).is_dir():
-        raise DataError(f"eval data {eval_data} is not a folder: pass a task-world split folder")
+    check_request(precision, out, keep_8bit, eval_data)
     pm = load_manifest(parent, verify=True)  # BundleError on sha256 or schema before any write
     check_parent(pm, parent, out)
     recipe = Recipe(precision, block_size, accuracy_level, per_channel, tuple(keep_8bit))
     jobs = plan(pm, precision, skip, recipe)
-    synthetic = calibration is None or str(calibration) == "synthetic"
-    # calibration and report use different streams: the report never grades its own calibration
-    cal = frame_streams(calibration, streams, frames, offset=100 if synthetic else 0)
-    # with labelled data the comparison runs on its episodes (the data the model is graded
-    # on, each with its own system prompt and turns), else on held-out calibration streams
-    test = episode_streams(eval_data, None) if eval_data is not None else plain_streams(
-        frame_streams(calibration, streams, frames, offset=0 if synthetic else streams), pm.model.fps)
+    cal, test = choose_streams(calibration, eval_data, streams, frames, pm.model.fps)
     compared = [j for j in jobs if pm.graphs[j.source].variant in ("portable", "optimized")]
     bar = tqdm(total=3 + len(jobs) + len(compared), desc=f"quantize {precision}", unit="step",
                disable=not progress)
@@ -190,10 +179,7 @@ def quantize_bundle(
         data = Path(eval_data) if eval_data else None
         report["eval"] = paper_metrics(parent, tmp, data, evaluator)
         report["elapsed_s"] = round(time.time() - t0, 1)
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        keys = ("decision_agreement", "p_not_talk_mae", "logit_cosine", "token_match_rate", "targets_met")
-        manifest.verify = {"against": "fp32 parent", "report": REPORT, **{k: report[k] for k in keys}}
-        write_manifest(tmp, manifest)
+        write_report(tmp, manifest, report)
         bar.update()
         bar.close()
         tmp.chmod(0o755)  # mkdtemp made it 0700: the bundle is read by whoever runs it
@@ -203,6 +189,37 @@ def quantize_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"bundle": str(out), **report}
+
+
+def check_request(precision: str, out: Path, keep_8bit: Sequence[str], eval_data: str | Path | None) -> None:
+    if keep_8bit and precision != "int4":
+        raise QuantizeError("keep_8bit applies to int4 only: use keep_fp32 for int8 and fp16")
+    if out.exists():
+        raise QuantizeError(f"{out} already exists: choose a new folder or remove it first")
+    if eval_data is not None and not Path(eval_data).is_dir():
+        raise DataError(f"eval data {eval_data} is not a folder: pass a task-world split folder")
+
+
+def choose_streams(
+    calibration: str | None, eval_data: str | Path | None, streams: int, frames: int, fps: float,
+) -> tuple[list[np.ndarray], list[Stream]]:
+    """(calibration frames, comparison streams). They never overlap: the report never grades
+    its own calibration. With labelled data the comparison runs on its episodes (the data the
+    model is graded on, each with its own system prompt and turns), else on held-out
+    calibration streams."""
+    synthetic = calibration is None or str(calibration) == "synthetic"
+    cal = frame_streams(calibration, streams, frames, offset=100 if synthetic else 0)
+    test = episode_streams(eval_data, None) if eval_data is not None else plain_streams(
+        frame_streams(calibration, streams, frames, offset=0 if synthetic else streams), fps)
+    return cal, test
+
+
+def write_report(tmp: Path, manifest: Manifest, report: dict[str, Any]) -> None:
+    """quant_report.json, and its headline figures in the manifest's `verify`."""
+    (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    keys = ("decision_agreement", "p_not_talk_mae", "logit_cosine", "token_match_rate", "targets_met")
+    manifest.verify = {"against": "fp32 parent", "report": REPORT, **{k: report[k] for k in keys}}
+    write_manifest(tmp, manifest)
 
 
 def build_graphs(

@@ -9,11 +9,12 @@ come back as keep-fp32 patterns ("layers.3.", "lm_head") for `quantize_bundle(ke
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from proassist_edge.manifest import load_manifest
@@ -92,12 +93,7 @@ def layer_sensitivity(
     feeds: list[dict[str, Any]] = []
     if precision == "int8-qdq":
         cal = frame_streams(calibration, streams, frames, offset=100 if synthetic else 0)
-        if vision:
-            feeds = vision_feeds(cal)
-        elif entry.variant != "portable":
-            raise QuantizeError(f"static QDQ needs the portable decoder, {name!r} is {entry.variant}")
-        else:
-            feeds = [s.feeds for s in record_feeds(base, cal, reply_tokens, pm.model.fps, 48, 16).samples()]
+        feeds = qdq_feeds(base, name, entry.variant, cal, reply_tokens, pm.model.fps)
     recipe = Recipe(precision, block_size, accuracy_level, per_channel, tuple(keep_8bit))
     fps = pm.model.fps
     bar = tqdm(total=len(groups) + (mode == "exclude"), desc=f"sensitivity {name} {precision}",
@@ -117,23 +113,43 @@ def layer_sensitivity(
             bar.update()
             return figures
 
-        baseline = run(nodes) if mode == "exclude" else None
-        ranked = []
-        for group, members in groups.items():
-            bar.set_postfix_str(group)
-            chosen = members if mode == "only" else [n for n in nodes if n not in members]
-            f = run(chosen)
-            cost = damage(f) if baseline is None else damage(baseline) - damage(f)
-            ranked.append({"group": f"vision:{group}" if vision else group, "nodes": len(members),
-                           "cost": cost, **f})
+        baseline, ranked = rank_groups(run, groups, nodes, mode, "vision:" if vision else "", bar)
         bar.close()
-    ranked.sort(key=lambda r: r["cost"], reverse=True)
     return {
         "graph": name, "precision": precision, "mode": mode, "streams": len(test),
         "frames": sum(len(t.frames) for t in test), "baseline": baseline, "kept_fp32": kept, "groups": ranked,
         "costliest": [r["group"] for r in ranked[:top] if r["cost"] > 0],
         "cost": COST + ("" if mode == "only" else ", recovered by keeping the block fp32"),
     }
+
+
+def qdq_feeds(
+    base: Bundle, name: str, variant: str, cal: list[np.ndarray], reply_tokens: int, fps: float,
+) -> list[dict[str, Any]]:
+    """Calibration feeds for static QDQ of graph NAME: frames for the vision graph, recorded
+    StreamCore feeds for the portable decoder."""
+    if name == "vision":
+        return vision_feeds(cal)
+    if variant != "portable":
+        raise QuantizeError(f"static QDQ needs the portable decoder, {name!r} is {variant}")
+    return [s.feeds for s in record_feeds(base, cal, reply_tokens, fps, 48, 16).samples()]
+
+
+def rank_groups(
+    run: Callable[[list[str]], dict[str, Any]], groups: dict[str, list[str]], nodes: list[str],
+    mode: str, scope: str, bar: tqdm,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Try each block ("only": it alone quantized; "exclude": all but it), costliest first."""
+    baseline = run(nodes) if mode == "exclude" else None
+    ranked = []
+    for group, members in groups.items():
+        bar.set_postfix_str(group)
+        chosen = members if mode == "only" else [n for n in nodes if n not in members]
+        f = run(chosen)
+        cost = damage(f) if baseline is None else damage(baseline) - damage(f)
+        ranked.append({"group": scope + group, "nodes": len(members), "cost": cost, **f})
+    ranked.sort(key=lambda r: r["cost"], reverse=True)
+    return baseline, ranked
 
 
 def explain_misses(

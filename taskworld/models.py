@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -188,6 +187,8 @@ def materialise_lite(weights: Path, meta: dict[str, Any], root: Path) -> None:
     write_config(ckpt, LlamaConfig.from_pretrained(str(llm_dir)).to_dict(), fields)
 
 
-def common_logit_offset(vocab: int, used: int) -> float:
-    """log of how many vocabulary rows share the common LM-head row (the compact softmax term)."""
-    return math.log(vocab - used)
+def ship_run(run_dir: Path, name: str) -> None:
+    """Copy a training run's compact pair RUN_DIR/NAME.{safetensors,json} into the assets."""
+    ASSETS.mkdir(exist_ok=True)
+    for suffix in (".safetensors", ".json"):
+        (ASSETS / (name + suffix)).write_bytes((run_dir / (name + suffix)).read_bytes())

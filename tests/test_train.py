@@ -164,7 +164,7 @@ def test_sequence_equals_what_the_reference_loop_feeds(pb: PromptBuilder, tiny_c
 # --- optimisation and shipping on a micro tiny model ----------------------------------------
 @pytest.fixture(scope="module")
 def micro():
-    from proassist_edge.taskworld.train import PRESETS, TinyTrainee
+    from proassist_edge.taskworld.trainees import PRESETS, TinyTrainee
 
     torch.manual_seed(0)
     preset = replace(PRESETS["tiny"], hidden=32, layers=1, vision_width=16, vision_layers=1, tie=0,
@@ -255,7 +255,8 @@ def test_tied_head_trains_on_text_only_sequences_and_ships_exactly(micro, tmp_pa
     trains it without touching the vision tower, and the packed file rebuilds the same model."""
     from proassist_edge.export.checkpoint import load_checkpoint
     from proassist_edge.taskworld.models import materialise_tiny
-    from proassist_edge.taskworld.train import PRESETS, TinyTrainee, sequence_loss
+    from proassist_edge.taskworld.train import sequence_loss
+    from proassist_edge.taskworld.trainees import PRESETS, TinyTrainee
 
     _, convs = micro
     torch.manual_seed(0)
