@@ -17,6 +17,8 @@ from typing import Any
 
 from proassist_edge.errors import ProAssistEdgeError
 from proassist_edge.events import Event, FrameEvent
+from proassist_edge.runtime.conversation import MessageSchedule
+from proassist_edge.runtime.messages import TextMessage
 
 # The quantization recipes that met their targets on the test episodes (README): int8 keeps the
 # vision projector fp32 (its outputs reach the hundreds), int4 keeps vision fp32 and the head and
@@ -58,19 +60,18 @@ def cached_bundles(model: str, precision: str, short: bool) -> Path:
     return out
 
 
-class MessageScheduler:
-    """Feeds the episode's user messages to the assistant when their frame is due (an observer)."""
+class MessageFeed:
+    """Feeds the episode's messages to the assistant (an observer of its events): after each
+    frame, those due with the next one (runtime/conversation.py MessageSchedule)."""
 
-    def __init__(self, assistant: Any, messages: list[Any], message_frames: list[int]) -> None:
-        self.assistant = assistant
-        self.due = sorted(zip(message_frames, messages, strict=True), key=lambda x: x[0])
+    def __init__(self, assistant: Any, messages: list[TextMessage], fps: float) -> None:
+        self.assistant, self.fps = assistant, fps
+        self.schedule = MessageSchedule(messages)
 
     def on_event(self, event: Event) -> None:
         if not isinstance(event, FrameEvent):
             return
-        nxt = event.index + 1
-        while self.due and self.due[0][0] <= nxt:
-            _, m = self.due.pop(0)
+        for m in self.schedule.due((event.index + 1) / self.fps):
             self.assistant.inject(m.role, m.content)
 
 
@@ -119,7 +120,7 @@ def run_demo(args: argparse.Namespace) -> int:
     printer = DialoguePrinter(reference)
     bus.add(printer)
     if args.source is None:
-        bus.add(MessageScheduler(assistant, conv.messages, conv.message_frames))
+        bus.add(MessageFeed(assistant, conv.messages, episode.fps))
     print(f"bundle {bundle_dir} ({bundle.manifest.graphs[bundle.decoder_name].precision}); source: {name}")
     print(f"{'time':>7}  {'assistant':<60}  reference")
     try:

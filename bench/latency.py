@@ -34,6 +34,7 @@ import numpy as np
 
 from proassist_edge.runtime.backend import StepOut
 from proassist_edge.runtime.bundle import Bundle
+from proassist_edge.runtime.conversation import MessageSchedule
 from proassist_edge.runtime.core import StreamCore
 from proassist_edge.runtime.messages import TextMessage
 from proassist_edge.runtime.prompt import StreamSettings
@@ -71,13 +72,6 @@ class Workload:
     reply_tokens: int
     messages: tuple[TextMessage, ...] = ()
     warmup: int = 3
-
-    def due(self, index: int, queue_: list[TextMessage]) -> list[TextMessage]:
-        """Messages entering before frame `index` (replay semantics of StreamCore.replay)."""
-        t = index / self.fps
-        out = [m for m in queue_ if m.t <= t + 1e-9]
-        del queue_[: len(out)]
-        return out
 
 
 def collect_frames(spec: str, n: int, fps: float) -> np.ndarray:
@@ -393,7 +387,7 @@ def run_lockstep(work: Workload, steppers: Sequence[OursStepper | ReferenceStepp
     ratios hold on a busy machine even when the absolute times do not."""
     for s in steppers:
         s.warm_up()
-    queues = [sorted(work.messages, key=lambda m: m.t) for _ in steppers]
+    schedules = [MessageSchedule(work.messages) for _ in steppers]
     for i in range(len(work.frames)):
         order = list(range(len(steppers)))
         if i % 2:
@@ -401,7 +395,7 @@ def run_lockstep(work: Workload, steppers: Sequence[OursStepper | ReferenceStepp
         for k in order:
             for other in steppers:
                 other.idle()
-            steppers[k].step(i, work.due(i, queues[k]))
+            steppers[k].step(i, schedules[k].due(i / work.fps))
 
 
 # --- memory of the runtime alone -----------------------------------------------------------------

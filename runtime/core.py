@@ -18,6 +18,7 @@ from proassist_edge.manifest import DEFAULT_THRESHOLD
 from proassist_edge.runtime.backend import StepOut
 from proassist_edge.runtime.bundle import Bundle
 from proassist_edge.runtime.context import ContextStrategy, find_knowledge, reduction
+from proassist_edge.runtime.conversation import MessageSchedule
 from proassist_edge.runtime.messages import FrameResult, TextMessage
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings, decide_talk
 from proassist_edge.runtime.stages import Stage, StageName, StageObserver
@@ -283,13 +284,12 @@ class StreamCore:
     def replay(
         self, frames: np.ndarray, messages: Iterable[TextMessage] = (), fps: float = 2.0
     ) -> Iterator[FrameResult]:
-        """Every frame in order, one per step, none dropped: deterministic."""
-        queue = sorted(messages, key=lambda m: m.t)
+        """Every frame in order, one per step, none dropped: deterministic. A message goes with
+        the first frame at or after its time (runtime/conversation.py MessageSchedule)."""
+        schedule = MessageSchedule(messages)
         for i in range(len(frames)):
             t = i / fps
-            due = [m for m in queue if m.t <= t + 1e-9]
-            queue = queue[len(due) :]
-            yield self.step(frames[i : i + 1], i, t, due)
+            yield self.step(frames[i : i + 1], i, t, schedule.due(t))
 
 
 SUMMARY_THRESHOLD = DEFAULT_THRESHOLD  # the authors' summary call passes none: their default decides

@@ -12,9 +12,10 @@ import pytest
 from proassist_edge.errors import DataError
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.core import StreamCore
+from proassist_edge.runtime.episode import episode_inputs, load_episode
 from proassist_edge.runtime.messages import TextMessage
 from proassist_edge.runtime.prompt import StreamSettings
-from proassist_edge.runtime.replay import load_episode, replay_episode
+from proassist_edge.runtime.replay import replay_episode
 
 N, SIZE = 10, 32
 SYSTEM, KNOWLEDGE = "You guide the user.", "1. Take the red block. 2. Put it on the base."
@@ -70,8 +71,9 @@ def test_load_episode_frames_npy_both_layouts(tmp_path: Path) -> None:
     assert a.frames.shape == (N, SIZE, SIZE, 3) and a.frames.dtype == np.uint8
     np.testing.assert_array_equal(a.frames, nhwc)
     np.testing.assert_array_equal(b.frames, nhwc)
-    assert a.messages == EXPECTED and a.system == SYSTEM and a.knowledge == KNOWLEDGE
-    assert a.fps == 2.0
+    inputs = episode_inputs(a)
+    assert inputs.messages == EXPECTED and inputs.system == SYSTEM
+    assert inputs.knowledge == KNOWLEDGE and a.fps == 2.0
 
 
 def test_load_episode_image_folder(tmp_path: Path) -> None:
@@ -85,15 +87,17 @@ def test_load_episode_image_folder(tmp_path: Path) -> None:
                                                         "metadata": {"knowledge": KNOWLEDGE}}))
     ep = load_episode(root)
     np.testing.assert_array_equal(ep.frames, frames)
-    assert ep.messages == EXPECTED and ep.knowledge == KNOWLEDGE
+    inputs = episode_inputs(ep)
+    assert inputs.messages == EXPECTED and inputs.knowledge == KNOWLEDGE
 
 
 def test_knowledge_already_in_the_system_turn_is_not_doubled(tmp_path: Path) -> None:
     conv = [{"role": "system", "content": f"{SYSTEM}\n\n{KNOWLEDGE}"}, *CONVERSATION[1:]]
     ep = load_episode(write_episode(tmp_path / "ep", conversation={"conversation": conv,
                                                                    "fps": 4}))
-    assert (ep.system, ep.knowledge, ep.fps) == (SYSTEM, KNOWLEDGE, 4.0)
-    assert [m.t for m in ep.messages] == [0.0, 1.0, 1.75, 1.75]
+    inputs = episode_inputs(ep)
+    assert (inputs.system, inputs.knowledge, ep.fps) == (SYSTEM, KNOWLEDGE, 4.0)
+    assert [m.t for m in inputs.messages] == [0.0, 1.0, 1.75, 1.75]
 
 
 def test_bad_episodes_raise_data_errors(tmp_path: Path) -> None:
@@ -131,7 +135,7 @@ def test_replay_writes_every_frame_and_is_deterministic(tiny, tmp_path: Path) ->
     episode = load_episode(ep)
     core = StreamCore(open_bundle(bundle), StreamSettings(threshold=thr, max_reply_tokens=4),
                       SYSTEM, KNOWLEDGE)
-    assert list(core.replay(episode.frames, episode.messages)) == first
+    assert list(core.replay(episode.frames, episode_inputs(episode).messages)) == first
 
 
 def test_replay_cli(tiny, tmp_path: Path, capsys) -> None:
