@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from proassist_edge.errors import ProAssistEdgeError
-from proassist_edge.fmt import human_bytes, table  # noqa: F401 - re-exported for callers
+from proassist_edge.fmt import human_bytes, table
 
 
 # --- fixture -------------------------------------------------------------------------------
