@@ -78,11 +78,12 @@ class MessageFeed:
 def run_demo(args: argparse.Namespace) -> int:
     from proassist_edge.device.sources import SyntheticSource, open_source
     from proassist_edge.device.speech import open_sink
+    from proassist_edge.runtime.assistant import build_assistant
     from proassist_edge.runtime.bundle import open_bundle
     from proassist_edge.runtime.conversation import parse_conversation
-    from proassist_edge.runtime.core import StreamCore, settings_from_manifest
-    from proassist_edge.runtime.events import EventBus, EventLog, LatencyObserver
-    from proassist_edge.runtime.loop import Assistant, LoopOptions, format_summary
+    from proassist_edge.runtime.core import settings_from_manifest
+    from proassist_edge.runtime.events import EventLog
+    from proassist_edge.runtime.loop import LoopOptions, format_summary
     from proassist_edge.taskworld.splits import EpisodeRenderer, make_episode
 
     t0 = time.perf_counter()
@@ -96,31 +97,26 @@ def run_demo(args: argparse.Namespace) -> int:
         frames = frames[:40]
     conv = parse_conversation(episode.conversation, episode.fps)
     system = conv.system if args.source is None else bundle.manifest.model.system_prompt
-    core = StreamCore(bundle, settings_from_manifest(bundle, threshold=args.threshold), system)
     events_path = out / "events.jsonl"
     log = EventLog(events_path, console=False)
-    latency = LatencyObserver()
-    bus = EventBus([log, latency])
     if args.source is None:
         renderer = EpisodeRenderer(episode)
         source = SyntheticSource(
-            fps=episode.fps,
-            size=frames.shape[1:3],
-            n_frames=len(frames),
-            renderer=renderer,
-            on_event=bus.emit,
+            fps=episode.fps, size=frames.shape[1:3], n_frames=len(frames), renderer=renderer
         )
         name = f"task-world episode {episode.uid} ({episode.task})"
     else:
-        source = open_source(args.source, bundle.manifest.model.fps, on_event=bus.emit)
+        source = open_source(args.source, bundle.manifest.model.fps)
         name = args.source
     sink = open_sink(f"wav:{out / 'speech'}")
-    assistant = Assistant(core, source, sink, bus, LoopOptions(realtime=args.realtime), latency)
     reference = episode.reference() if args.source is None else []
     printer = DialoguePrinter(reference)
-    bus.add(printer)
+    assistant = build_assistant(
+        bundle, source, sink, settings_from_manifest(bundle, threshold=args.threshold),
+        system=system, events=[log, printer], options=LoopOptions(realtime=args.realtime),
+    )
     if args.source is None:
-        bus.add(MessageFeed(assistant, conv.messages, episode.fps))
+        assistant.bus.add(MessageFeed(assistant, conv.messages, episode.fps))
     print(f"bundle {bundle_dir} ({bundle.manifest.graphs[bundle.decoder_name].precision}); source: {name}")
     print(f"{'time':>7}  {'assistant':<60}  reference")
     try:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from proassist_edge.runtime.assistant import build_assistant
 from proassist_edge.runtime.backend import StepOut
 from proassist_edge.runtime.bundle import Bundle
 from proassist_edge.runtime.conversation import MessageSchedule
@@ -105,7 +106,7 @@ def calibrate_threshold(
     untrained projector puts P(not talk) far from the manifest's threshold either way. The
     calibration replays the same frames and messages, so the measured stream follows it up to
     its first reply: at least one frame talks."""
-    core = StreamCore(bundle, settings_for(bundle, -1.0, 1))  # threshold -1: never talk
+    core = build_assistant(bundle, settings=settings_for(bundle, -1.0, 1)).core  # -1: never talk
     ps = [r.p_not_talk for r in core.replay(frames, messages, fps)]
     return float(np.quantile(ps, talk_fraction))
 
@@ -308,7 +309,7 @@ class OursStepper:
         self.work, self.speech = work, speech
         settings = settings_for(bundle, work.threshold, work.reply_tokens)
         self.clock = _Clock()
-        self.core = StreamCore(bundle, settings, system, observers=[self.clock])
+        self.core = build_assistant(bundle, settings=settings, system=system, stages=[self.clock]).core
         self.run = StreamRun(budget_ms=1e3 / work.fps)
 
     def warm_up(self) -> None:
@@ -402,11 +403,12 @@ def run_lockstep(work: Workload, steppers: Sequence[OursStepper | ReferenceStepp
 _PROBE = """
 import json, resource, sys
 import numpy as np
+from proassist_edge.runtime.assistant import build_assistant
 from proassist_edge.runtime.bundle import open_bundle
-from proassist_edge.runtime.core import StreamCore, settings_from_manifest
+from proassist_edge.runtime.core import settings_from_manifest
 a = json.loads(sys.argv[1])
 b = open_bundle(a["bundle"], a["decoder"], verify=False, threads=a["threads"])
-core = StreamCore(b, settings_from_manifest(b, threshold=2.0, max_reply_tokens=a["reply"]))
+core = build_assistant(b, settings=settings_from_manifest(b, threshold=2.0, max_reply_tokens=a["reply"])).core
 rng = np.random.default_rng(0)
 frames = rng.integers(0, 256, (a["frames"], a["size"], a["size"], 3), dtype=np.uint8)
 list(core.replay(frames))

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from proassist_edge.runtime.assistant import build_assistant
 from proassist_edge.runtime.bundle import open_bundle
-from proassist_edge.runtime.core import StreamCore, settings_from_manifest
+from proassist_edge.runtime.core import settings_from_manifest
 from proassist_edge.runtime.prompt import CONTEXT_STRATEGIES
 
 
@@ -96,7 +97,7 @@ def soak(
         max_reply_tokens=reply_tokens,
         drop_middle_tail=min(512, (max_seq_len or 4096) // 4),
     )
-    core = StreamCore(bundle, s)
+    core = build_assistant(bundle, settings=s).core
     fps = bundle.manifest.model.fps
     rep = SoakReport(strategy, frames, frames / fps, capacity=s.kv_capacity)
     get = frame_source(bundle.manifest.model.image_size, seed, source)

@@ -20,9 +20,10 @@ from tqdm import tqdm
 from proassist_edge.errors import DataError
 from proassist_edge.eval.metrics import DEFAULT_WINDOW, Metrics, PairSimilarity, aggregate, compute_metrics
 from proassist_edge.eval.score import add_embedder_argument, add_window_argument
+from proassist_edge.runtime.assistant import build_assistant
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 from proassist_edge.runtime.conversation import parse_conversation
-from proassist_edge.runtime.core import StreamCore, settings_from_manifest
+from proassist_edge.runtime.core import settings_from_manifest
 from proassist_edge.runtime.episode import Episode, Turn, read_split
 
 
@@ -66,7 +67,8 @@ def evaluator_reference(conversation: Sequence[Turn], num_frames: int) -> list[s
 def run_episode(bundle: Bundle, ep: Episode, **overrides: Any) -> list[str]:
     """The text the assistant says after each frame ("" when silent)."""
     conv = parse_conversation(ep.conversation, ep.fps)
-    core = StreamCore(bundle, settings_from_manifest(bundle, **overrides), system=conv.system)
+    settings = settings_from_manifest(bundle, **overrides)
+    core = build_assistant(bundle, settings=settings, system=conv.system).core
     return [r.text if r.talk else "" for r in core.replay(ep.frames, conv.messages, ep.fps)]
 
 

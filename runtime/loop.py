@@ -37,7 +37,6 @@ from proassist_edge.runtime.core import NonFiniteOutputError, StreamCore
 from proassist_edge.runtime.events import (
     EventBus,
     LatencyObserver,
-    StageTimer,
     live_frame_event,
     reduction_events,
 )
@@ -134,7 +133,8 @@ class _Reply:
 
 
 class Assistant:
-    """Runs a StreamCore on a live FrameSource and speaks through a SpeechSink.
+    """Runs a StreamCore on a live FrameSource and speaks through a SpeechSink; built by
+    runtime/assistant.py `build_assistant` (without a source it only holds the core and bus).
 
     `run()` blocks until the stream ends, `stop()` is called (any thread; signal handlers), a
     `max_seconds` limit passes, or a fatal error happens; it always shuts the threads down,
@@ -144,7 +144,7 @@ class Assistant:
     def __init__(
         self,
         core: StreamCore,
-        source: FrameSource,
+        source: FrameSource | None,
         sink: SpeechSink | None,
         bus: EventBus,
         options: LoopOptions | None = None,
@@ -158,7 +158,6 @@ class Assistant:
         self._messages: list[tuple[str, str]] = []
         self._msg_lock = threading.Lock()
         self._fatal: BaseException | None = None
-        core.observers.append(StageTimer(bus.emit))
         self._grabber: ThreadedSource | None = None
         self._speaker: Speaker | None = None
         self._core_thread: threading.Thread | None = None
@@ -227,6 +226,8 @@ class Assistant:
 
     # --- the run ------------------------------------------------------------------------------
     def run(self) -> RunSummary:
+        if self.source is None:
+            raise ValueError("this assistant has no source: step assistant.core instead")
         o = self.options
         t0 = time.monotonic()
         grabber = ThreadedSource(self.source, o.source_capacity, o.realtime, self.bus.emit)

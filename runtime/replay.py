@@ -21,6 +21,7 @@ from proassist_edge.events import (
     ReplayStopEvent,
     UtteranceEvent,
 )
+from proassist_edge.runtime.assistant import build_assistant
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.conversation import MessageSchedule
 from proassist_edge.runtime.core import NonFiniteOutputError, StreamCore, settings_from_manifest
@@ -85,9 +86,10 @@ def replay_episode(
     bundle = open_bundle(bundle_path, decoder, threads=threads)
     settings = settings_from_manifest(bundle, **dict(overrides or {}))
     system = inputs.system if inputs.has_system else None
-    core = StreamCore(bundle, settings, system, inputs.knowledge)
     log = EventLog(events_path, console)
-    bus = EventBus([log, *observers])
+    assistant = build_assistant(bundle, settings=settings, system=system,
+                                knowledge=inputs.knowledge, events=[log, *observers])
+    core, bus = assistant.core, assistant.bus
     t0 = time.monotonic()
     bus.emit(ReplayStartEvent(
         bundle=str(bundle_path), decoder=bundle.decoder_name, episode=str(episode_dir),

@@ -20,10 +20,10 @@ import pytest
 from proassist_edge.device.sources import SyntheticSource
 from proassist_edge.errors import SourceError, SpeechError
 from proassist_edge.events import Event, SpeechEvent, StageEvent, to_record
+from proassist_edge.runtime.assistant import build_assistant
 from proassist_edge.runtime.bundle import open_bundle
 from proassist_edge.runtime.core import StreamCore
 from proassist_edge.runtime.events import (
-    EventBus,
     EventLog,
     LatencyObserver,
     frame_event,
@@ -64,13 +64,12 @@ def make_assistant(
     bundle: Path, source: FrameSource, sink: SpeechSink | None = None, threshold: float = 1.0,
     events: Path | str | None = None, **options: object,
 ) -> tuple[Assistant, Recorder, EventLog]:
-    core = StreamCore(open_bundle(bundle), StreamSettings(threshold=threshold,
-                                                          max_reply_tokens=REPLY_TOKENS))
+    settings = StreamSettings(threshold=threshold, max_reply_tokens=REPLY_TOKENS)
     rec, log = Recorder(), EventLog(events)
-    bus = EventBus([log, rec])
-    source.on_event = bus.emit
     opts = LoopOptions(**{"realtime": False, **options})  # type: ignore[arg-type]
-    return Assistant(core, source, sink, bus, opts, LatencyObserver()), rec, log
+    assistant = build_assistant(open_bundle(bundle), source, sink, settings, events=[log, rec],
+                                options=opts)
+    return assistant, rec, log
 
 
 def read_log(path: Path) -> list[dict]:

@@ -126,10 +126,11 @@ def install_stop_handlers(stop: Callable[[], None]) -> Callable[[], None]:
 def run_run(args: argparse.Namespace) -> int:
     from proassist_edge.device.sources import open_source
     from proassist_edge.device.speech import open_sink
+    from proassist_edge.runtime.assistant import build_assistant
     from proassist_edge.runtime.bundle import decoder_line, open_bundle
-    from proassist_edge.runtime.core import StreamCore, settings_from_manifest
-    from proassist_edge.runtime.events import EventBus, EventLog, LatencyObserver
-    from proassist_edge.runtime.loop import Assistant, LoopOptions, format_summary
+    from proassist_edge.runtime.core import settings_from_manifest
+    from proassist_edge.runtime.events import EventLog
+    from proassist_edge.runtime.loop import LoopOptions, format_summary
 
     knowledge = args.knowledge
     if args.knowledge_file is not None:
@@ -137,18 +138,15 @@ def run_run(args: argparse.Namespace) -> int:
     bundle = open_bundle(args.bundle, args.decoder, threads=args.threads)
     print(decoder_line(bundle, args.decoder), file=sys.stderr, flush=True)
     settings = settings_from_manifest(bundle, **_overrides(args))
-    core = StreamCore(bundle, settings, args.system, knowledge)
     log = EventLog(args.events, console=not args.quiet)
-    latency = LatencyObserver()
-    bus = EventBus([log, latency])
-    fps = args.fps or bundle.manifest.model.fps
-    source = open_source(args.source, fps, on_event=bus.emit)
+    source = open_source(args.source, args.fps or bundle.manifest.model.fps)
     sink = open_sink(args.tts)
     options = LoopOptions(
         realtime=args.realtime, max_seconds=args.max_seconds, speech_mode=args.speech_mode,
         source_capacity=args.queue_size,
     )
-    assistant = Assistant(core, source, sink, bus, options, latency)
+    assistant = build_assistant(bundle, source, sink, settings, system=args.system,
+                                knowledge=knowledge, events=[log], options=options)
     restore = install_stop_handlers(assistant.stop)
     try:
         if args.stdin_messages:
