@@ -49,7 +49,7 @@ def parse_conversation(
 ) -> ConversationInputs:
     """The conversation as stream inputs. With `num_frames`, turns due at or after that frame
     (past the video) are dropped. Raises DataError on an unknown role, a frames turn without an
-    integer start, or a text turn without text."""
+    integer start, or a system or user turn without text."""
     system: str | None = None
     pending: list[tuple[str, str]] = []
     out = ConversationInputs(system="")
@@ -72,8 +72,8 @@ def parse_conversation(
                 system = content
             else:
                 pending.append((str(role), content))
-        elif role == "assistant":
-            text = _content(turn, i).strip()
+        elif role == "assistant":  # an output, not an input: read as leniently as ever
+            text = str(turn.get("content", "")).strip()
             prev = out.replies.get(last_frame)
             out.replies[last_frame] = f"{prev} {text}" if prev else text
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -41,6 +42,7 @@ class NonFiniteOutputError(ProAssistEdgeError):
 
 
 TokenCallback = Callable[[int], None]
+_Out = TypeVar("_Out", bound=StepOut | np.ndarray | None)  # what a stage gives its observers
 
 
 def settings_from_manifest(bundle: Bundle, **overrides: object) -> StreamSettings:
@@ -108,16 +110,19 @@ class StreamCore:
         return self.dec.kv_len
 
     # --- the stages, each seen by the observers --------------------------------------------
+    def _staged(self, stage: Stage, run: Callable[[], _Out]) -> _Out:
+        for o in self.observers:
+            o.stage_started(stage)
+        out = run()
+        for o in self.observers:
+            o.stage_ended(stage, out)
+        return out
+
     def _encode(self, frames: np.ndarray) -> np.ndarray:
         if not self.observers:
             return self.b.encode_frames(frames)
-        stage = Stage("encode", len(frames), frames=frames)
-        for o in self.observers:
-            o.stage_started(stage)
-        tokens = self.b.encode_frames(frames)
-        for o in self.observers:
-            o.stage_ended(stage, tokens)
-        return tokens
+        return self._staged(Stage("encode", len(frames), frames=frames),
+                            lambda: self.b.encode_frames(frames))
 
     def _feed(
         self, name: StageName, embeds: np.ndarray, ids: Sequence[int] = (),
@@ -126,24 +131,14 @@ class StreamCore:
         if not self.observers:
             return self.dec.append(embeds)
         stage = Stage(name, embeds.shape[1], embeds, tuple(ids), frames)
-        for o in self.observers:
-            o.stage_started(stage)
-        out = self.dec.append(embeds)
-        for o in self.observers:
-            o.stage_ended(stage, out)
-        return out
+        return self._staged(stage, lambda: self.dec.append(embeds))
 
     def _change_memory(self, keep: tuple[int, int, int] | None) -> None:
         """Empty the memory (keep None), or keep [0, prefix_len) + [start, end)."""
-        stage = Stage("reset") if keep is None else Stage("keep", keep=keep)
-        for o in self.observers:
-            o.stage_started(stage)
         if keep is None:
-            self.dec.reset()
+            self._staged(Stage("reset"), self.dec.reset)
         else:
-            self.dec.keep(*keep)
-        for o in self.observers:
-            o.stage_ended(stage, None)
+            self._staged(Stage("keep", keep=keep), lambda: self.dec.keep(*keep))
 
     def _append(
         self, name: StageName, inputs: np.ndarray, text: Sequence[int], frames: np.ndarray

@@ -34,6 +34,7 @@ from proassist_edge.runtime.messages import Frame, FrameResult
 from proassist_edge.runtime.prompt import StreamSettings
 from proassist_edge.runtime.source_base import FrameSource
 from proassist_edge.runtime.speech_base import SpeechSink
+from proassist_edge.runtime.stages import Stage, StageObserver
 from proassist_edge.runtime.stream_text import SentenceSplitter
 
 REPLY_TOKENS = 4
@@ -300,23 +301,22 @@ def test_nan_from_the_graph_skips_the_frame_and_keeps_the_memory(tiny, tmp_path:
                                                                abs=1e-6)
 
 
-class SlowStep:
-    """Makes the vision encode slow, as a loaded device would."""
+class SlowEncode(StageObserver):
+    """Makes the vision encode slow, as a loaded device would (a stage observer that waits)."""
 
-    def __init__(self, encode, seconds: float) -> None:
-        self.encode, self.seconds, self.done = encode, seconds, threading.Event()
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.done = seconds, threading.Event()
 
-    def __call__(self, frames: np.ndarray) -> np.ndarray:
-        self.done.wait(self.seconds)  # never set: a bounded, interruptible delay
-        return self.encode(frames)
+    def stage_started(self, stage: Stage) -> None:
+        if stage.name == "encode":
+            self.done.wait(self.seconds)  # never set: a bounded, interruptible delay
 
 
 def test_frames_dropped_under_load_are_counted(tiny) -> None:
     source = SyntheticSource(20.0, size=(32, 32), n_frames=30)
     assistant, rec, _ = make_assistant(tiny[0], source, threshold=1e-9, realtime=True,
                                        source_capacity=2)
-    b = assistant.core.b
-    b.encode_frames = SlowStep(b.encode_frames, 0.25)  # type: ignore[method-assign]
+    assistant.core.observers.append(SlowEncode(0.25))
     summary = assistant.run()
     assert summary.dropped > 0 and summary.frames + summary.dropped == 30
     assert sum(e["count"] for e in rec.of("frames_dropped")) == summary.dropped
