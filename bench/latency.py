@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,14 +151,14 @@ class _Clock(StageObserver):
             self.appends.append((self._t, t1, stage.tokens))
 
 
-def _timed(fn: Callable[[Any], Any], clock: _Clock) -> Callable[[Any], Any]:
-    def wrapper(x: Any) -> Any:
-        t0 = time.monotonic()
-        out = fn(x)
-        clock.encode_ms = 1e3 * (time.monotonic() - t0)
-        return out
+class _ReferenceClock(_Clock):
+    """The reference loop hands no token out before it is appended: its first reply token is
+    out when the first decode append ends."""
 
-    return wrapper
+    def stage_ended(self, stage: Stage, out: StepOut | np.ndarray | None) -> None:
+        super().stage_ended(stage, out)
+        if stage.name == "decode" and self.first_token is None:
+            self.first_token = time.monotonic()
 
 
 # --- speech on its own thread --------------------------------------------------------------------
@@ -347,21 +347,9 @@ class ReferenceStepper:
         from proassist_edge.export.reference import ReferenceLoop
 
         self.work, self.ckpt = work, ckpt
-        self.loop = ReferenceLoop(ckpt.model, ckpt.tokenizer, ckpt.chat, settings, system)
-        self.clock = clock = _Clock()
-        forward = self.loop._forward
-
-        def timed_forward(embeds: Any) -> Any:
-            t0 = time.monotonic()
-            out = forward(embeds)
-            clock.appends.append((t0, time.monotonic(), int(embeds.shape[1])))
-            if len(clock.appends) == 2:
-                clock.first_token = time.monotonic()  # the reference hands no tokens out early
-            return out
-
-        self.loop._forward = timed_forward  # type: ignore[method-assign]
-        self.encode = ckpt.model.encode_frames
-        ckpt.model.encode_frames = _timed(self.encode, clock)
+        self.clock = clock = _ReferenceClock()
+        self.loop = ReferenceLoop(ckpt.model, ckpt.tokenizer, ckpt.chat, settings, system,
+                                  observers=[clock])
         self.run = StreamRun(budget_ms=1e3 / work.fps)
 
     def warm_up(self) -> None:
@@ -378,7 +366,6 @@ class ReferenceStepper:
         pass
 
     def finish(self) -> StreamRun:
-        del self.ckpt.model.encode_frames  # back to the class's method
         return self.run
 
 

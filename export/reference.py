@@ -21,6 +21,7 @@ from proassist_edge.runtime.context import ContextStrategy, find_knowledge, redu
 from proassist_edge.runtime.core import SUMMARY_THRESHOLD
 from proassist_edge.runtime.messages import FrameResult, TextMessage
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings, decide_talk
+from proassist_edge.runtime.stages import Stage, StageName, StageObserver
 
 
 class ReferenceLoop:
@@ -35,8 +36,12 @@ class ReferenceLoop:
         settings: StreamSettings | None = None,
         system: str = "",
         knowledge: str = "",
+        observers: Sequence[StageObserver] = (),
     ) -> None:
         self.model = model.eval()
+        # told about each stage as the runtime core tells its own (runtime/stages.py): the
+        # benchmark times the PyTorch loop with the same observer as ours
+        self.observers: list[StageObserver] = list(observers)
         self.pb = PromptBuilder(tokenizer, chat)
         self.s = settings or StreamSettings()
         self.system, self.knowledge = system, knowledge
@@ -59,12 +64,26 @@ class ReferenceLoop:
         self.fed_last = True
 
     # --- the cache -------------------------------------------------------------------------
-    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
+    def _forward(self, embeds: torch.Tensor, name: StageName = "decode") -> torch.Tensor:
+        stage = Stage(name, int(embeds.shape[1]))
+        for o in self.observers:
+            o.stage_started(stage)
         out = self.model(embeds, self.past)
         self.past = out.past  # type: ignore[assignment]
         self.kv_len += embeds.shape[1]
         self._last_p = float(out.p_not_talk[0, -1])
+        for o in self.observers:
+            o.stage_ended(stage, None)
         return out.logits[0, -1]
+
+    def _encode(self, frames: np.ndarray) -> torch.Tensor:
+        stage = Stage("encode", len(frames), frames=frames)
+        for o in self.observers:
+            o.stage_started(stage)
+        tokens = self.model.encode_frames(torch.from_numpy(np.ascontiguousarray(frames)))
+        for o in self.observers:
+            o.stage_ended(stage, None)
+        return tokens
 
     def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         assert self.past is not None
@@ -122,8 +141,8 @@ class ReferenceLoop:
         text = list(self.pending)
         for m in messages:
             text += self.pb.message(m.role, m.content)
-        tokens = self.model.encode_frames(torch.from_numpy(np.ascontiguousarray(frames)))
-        logits = self._forward(self._embed(text, tokens))
+        tokens = self._encode(frames)
+        logits = self._forward(self._embed(text, tokens), "append")
         p = self._last_p
         nt = self.model.not_talk_id
         talk = decide_talk(p, self.prev_p, self.s, lambda: int(torch.argmax(logits)) != nt)
@@ -164,8 +183,8 @@ class ReferenceLoop:
 
     def _summarize(self, frames: np.ndarray) -> tuple[str, tuple[int, ...]]:
         """Ask for a progress summary with the frame just processed, then restart from it."""
-        tokens = self.model.encode_frames(torch.from_numpy(np.ascontiguousarray(frames)))
-        logits = self._forward(self._embed(self.pb.summary_request(), tokens))
+        tokens = self._encode(frames)
+        logits = self._forward(self._embed(self.pb.summary_request(), tokens), "summary")
         p = self.prev_p = self._last_p
         out = [] if p > SUMMARY_THRESHOLD else self._greedy(logits, self.s.max_summary_tokens)
         summary = self.pb.reply_text(out)
