@@ -2,23 +2,33 @@
 
 It takes the committed task-world model, exports and quantizes it once (cached), plays a task-world
 episode (or a given source) through the on-device runtime at 2 fps, prints what the assistant says
-next to what the reference says, writes the speech to WAV files, and ends with a one-screen
-summary (latency p50/p95, frames dropped, F1 on the episode). `--record` also writes an annotated
-video; without it no frame touches the disk.
+as it says it, writes the speech to WAV files, then sets what it said beside the reference
+(paired by the paper's matching, each reply marked with the content score's verdict: right step,
+wrong step, an item not in the task) and ends with a one-screen summary (latency p50/p95, frames
+dropped, F1 on the episode with its embedder, the content score). `--record` also writes an
+annotated video; without it no frame touches the disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import textwrap
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proassist_edge.errors import ProAssistEdgeError
 from proassist_edge.events import Event, FrameEvent
 from proassist_edge.runtime.conversation import MessageSchedule
 from proassist_edge.runtime.messages import TextMessage
+
+if TYPE_CHECKING:
+    from proassist_edge.eval.metrics import MatchResult
+    from proassist_edge.taskworld.content import ReplyVerdict
 
 # The quantization recipes that met their targets on the test episodes (README): int8 keeps the
 # vision projector fp32 (its outputs reach the hundreds), int4 keeps vision fp32 and the head and
@@ -109,8 +119,8 @@ def run_demo(args: argparse.Namespace) -> int:
         source = open_source(args.source, bundle.manifest.model.fps)
         name = args.source
     sink = open_sink(f"wav:{out / 'speech'}")
-    reference = episode.reference() if args.source is None else []
-    printer = DialoguePrinter(reference)
+    width = shutil.get_terminal_size((120, 24)).columns
+    printer = ReplyPrinter(width)
     assistant = build_assistant(
         bundle, source, sink, settings_from_manifest(bundle, threshold=args.threshold),
         system=system, events=[log, printer], options=LoopOptions(realtime=args.realtime),
@@ -118,7 +128,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.source is None:
         assistant.bus.add(MessageFeed(assistant, conv.messages, episode.fps))
     print(f"bundle {bundle_dir} ({bundle.manifest.graphs[bundle.decoder_name].precision}); source: {name}")
-    print(f"{'time':>7}  {'assistant':<60}  reference")
+    print("the assistant, as it speaks:")
     try:
         summary = assistant.run()
     finally:
@@ -126,41 +136,124 @@ def run_demo(args: argparse.Namespace) -> int:
         sink.close()
     gen = printer.generated(len(frames))
     result: dict[str, Any] = {"run": summary.to_dict(), "wall_s": time.perf_counter() - t0}
-    if reference:
-        from proassist_edge.eval.metrics import compute_metrics
-        from proassist_edge.eval.textsim import SentenceSimilarity
-
-        m = compute_metrics(gen, reference[: len(frames)], SentenceSimilarity(), fps=episode.fps)
-        result["metrics"] = m.to_dict()
+    reference: list[str] = []
+    if args.source is None:
+        reference, rows = score_episode(gen, episode, args.embedder, result)
+        print(f"\nwhat it said beside the reference (paired by the paper's matching):\n"
+              f"{side_by_side(rows, width)}")
     if args.record:
         result["video"] = str(record_video(frames, gen, reference, episode.fps, out / "annotated.mp4"))
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     print(format_summary(summary))
     if "metrics" in result:
-        m = result["metrics"]
-        print(
-            f"episode F1 {m['F1']:.2f} (precision {m['precision']:.2f}, recall {m['recall']:.2f}); "
-            f"speech in {out / 'speech'}; events in {events_path}; {result['wall_s']:.0f} s in all"
-        )
+        print(score_line(result))
+    print(f"speech in {out / 'speech'}; events in {events_path}; {result['wall_s']:.0f} s in all")
     return summary.exit_code
 
 
-class DialoguePrinter:
-    """Prints each reply with its stream time beside the reference of that frame."""
+def score_episode(
+    gen: list[str], episode: Any, embedder: str | None, result: dict[str, Any]
+) -> tuple[list[str], list[DialogueRow]]:
+    """The paper's metrics and the content score of the replies (into `result`), the reference
+    per frame as the paper's evaluator reads it, and the rows of the side-by-side table."""
+    from proassist_edge.eval.evaluate import evaluator_reference
+    from proassist_edge.eval.metrics import match_utterances, metrics_from_tally, tally_from_match
+    from proassist_edge.eval.textsim import describe_similarity, make_similarity
+    from proassist_edge.taskworld.content import content_tally, pairs_of, reply_verdicts
 
-    def __init__(self, reference: list[str]) -> None:
-        self.reference = reference
+    reference = evaluator_reference(episode.conversation, len(gen))
+    similarity = make_similarity(embedder)
+    match = match_utterances(gen, reference, similarity, fps=episode.fps)
+    result["metrics"] = metrics_from_tally(tally_from_match(match, gen, reference, fps=episode.fps)).to_dict()
+    result["embedder"] = describe_similarity(similarity)
+    pairs = pairs_of(match)
+    result["content"] = content_tally(gen, episode.metadata, pairs).to_dict()
+    verdicts = {v.frame: v for v in reply_verdicts(gen, episode.metadata, pairs)}
+    return reference, dialogue_rows(gen, reference, match, verdicts, episode.fps)
+
+
+def score_line(result: Mapping[str, Any]) -> str:
+    """The summary's scores: F1 with its embedder, and the content score."""
+    from proassist_edge.taskworld.content import content_line
+
+    m = result["metrics"]
+    return (f"episode F1 {m['F1']:.2f} (precision {m['precision']:.2f}, recall {m['recall']:.2f}; "
+            f"embedder {result['embedder']['name']}); {content_line(result['content'])}")
+
+
+@dataclass(frozen=True)
+class DialogueRow:
+    """One row of the side-by-side table: a reply and the reference it was paired with, a reply
+    paired with none, or a reference nobody answered."""
+
+    t: float  # seconds: the reply's time, or the missed reference's
+    said: str
+    reference: str
+    mark: str
+
+
+def verdict_mark(verdict: ReplyVerdict | None, paired: bool) -> str:
+    """The content score's verdict on a reply, in a few words."""
+    marks = [] if paired else ["redundant"]
+    if verdict is not None and verdict.right_step is not None:
+        marks.append("✓ right step" if verdict.right_step else "✗ wrong step")
+    if verdict is not None and verdict.foreign:
+        marks.append("✗ not in task: " + ", ".join(sorted(verdict.foreign)))
+    return "; ".join(marks)
+
+
+def dialogue_rows(
+    gen: Sequence[str], ref: Sequence[str], match: MatchResult,
+    verdicts: Mapping[int, ReplyVerdict], fps: float,
+) -> list[DialogueRow]:
+    """Every reply beside the reference the matching paired it with, and every missed reference,
+    in time order."""
+    rows = [(p.gen_frame, DialogueRow(p.gen_frame / fps, gen[p.gen_frame], ref[p.ref_frame],
+                                      verdict_mark(verdicts.get(p.gen_frame), paired=True)))
+            for p in match.pairs]
+    rows += [(i, DialogueRow(i / fps, gen[i], "", verdict_mark(verdicts.get(i), paired=False)))
+             for i in match.redundant]
+    rows += [(j, DialogueRow(j / fps, "", ref[j], "missed")) for j in match.missed]
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """Lines of at most `width` at word boundaries; a word longer than that keeps its own line."""
+    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False) or [""]
+
+
+def side_by_side(rows: Sequence[DialogueRow], width: int = 120) -> str:
+    """The table, each text wrapped at word boundaries into its column (nothing is cut)."""
+    mark_w = max([len("verdict"), *(len(r.mark) for r in rows)])
+    text_w = max(20, (width - 7 - mark_w - 6) // 2)  # time, three gaps of two, the marks
+
+    def line(t: str, a: str, b: str, mark: str) -> str:
+        return f"{t:>7}  {a:<{text_w}}  {b:<{text_w}}  {mark}".rstrip()
+
+    out = [line("time", "assistant", "reference", "verdict")]
+    for r in rows:
+        said = wrap(r.said, text_w)
+        ref = wrap(r.reference, text_w)
+        for k in range(max(len(said), len(ref))):
+            out.append(line(f"{r.t:.1f}s" if k == 0 else "", said[k] if k < len(said) else "",
+                            ref[k] if k < len(ref) else "", r.mark if k == 0 else ""))
+    return "\n".join(out)
+
+
+class ReplyPrinter:
+    """Prints each reply as it is said, with its stream time, wrapped to the terminal."""
+
+    def __init__(self, width: int = 120) -> None:
+        self.width = max(40, width)
         self.said: dict[int, str] = {}
 
     def on_event(self, event: Event) -> None:
-        if not isinstance(event, FrameEvent):
+        if not isinstance(event, FrameEvent) or not (event.talk and event.text):
             return
-        i, text = event.index, event.text
-        ref = self.reference[i] if i < len(self.reference) else ""
-        if event.talk and text:
-            self.said[i] = text
-        if text or ref:
-            print(f"{event.t:6.1f}s  {text[:60]:<60}  {ref}", flush=True)
+        self.said[event.index] = event.text
+        stamp = f"{event.t:6.1f}s  "
+        print(textwrap.fill(event.text, self.width, initial_indent=stamp, break_long_words=False,
+                            subsequent_indent=" " * len(stamp)), flush=True)
 
     def generated(self, n: int) -> list[str]:
         return [self.said.get(i, "") for i in range(n)]
@@ -204,6 +297,8 @@ def record_video(frames: Any, gen: list[str], ref: list[str], fps: float, path: 
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    from proassist_edge.eval.score import add_embedder_argument
+
     p = sub.add_parser("demo", help="the main job: a task-world episode end to end")
     p.add_argument(
         "--model", default="taskworld-tiny", help="shipped model (taskworld-tiny | taskworld-lite)"
@@ -222,5 +317,6 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         help="pace frames at 2 fps like a camera (default) or run as fast as possible",
     )
     p.add_argument("--record", action="store_true", help="also write an annotated video (opt-in)")
+    add_embedder_argument(p)
     p.add_argument("-o", "--out", type=Path, default=Path("out/demo"))
     p.set_defaults(func=run_demo)

@@ -1,30 +1,59 @@
-"""`proassist-edge eval`: run a bundle over every episode of a split and score it with the paper's
-metrics; a threshold sweep gives the precision/recall curve.
+"""Run a bundle over every episode of a split and score it with the paper's metrics; a
+threshold sweep gives the precision/recall curve. The `eval` command that calls it is
+`proassist_edge/cli/eval.py`.
 
 Data: a task-world split folder (`index.jsonl` + `episodes/<uid>/frames.npy`,
 `conversation.json`), or the ProAssist dataset's released format: a
 `processed_data/<dataset>/prepared/<split>.jsonl` file (frames read from the Arrow files it names,
 see `proassist_data.py`).
+
+Other per-episode scores ride along through `scorers` (name -> `EpisodeScorer`): each sees the
+episode, the generated texts and the paper's matching of that episode, and returns a tally that
+adds up over the split (or None where it does not apply), so a part above eval (the task world's
+content score) adds its figures without eval importing it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from collections.abc import Iterator, Sequence
+import functools
+import operator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from proassist_edge.errors import DataError
-from proassist_edge.eval.metrics import DEFAULT_WINDOW, Metrics, PairSimilarity, aggregate, compute_metrics
-from proassist_edge.eval.score import add_embedder_argument, add_window_argument
+from proassist_edge.eval.metrics import (
+    DEFAULT_WINDOW,
+    MatchResult,
+    Metrics,
+    PairSimilarity,
+    Tally,
+    aggregate,
+    match_utterances,
+    metrics_from_tally,
+    tally_from_match,
+)
 from proassist_edge.runtime.assistant import build_assistant
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 from proassist_edge.runtime.conversation import parse_conversation
 from proassist_edge.runtime.core import settings_from_manifest
 from proassist_edge.runtime.episode import Episode, Turn, read_split
+
+
+class ScoreTally(Protocol):
+    """What a scorer returns for one episode: tallies add up (``a + b``) over a split, and
+    ``to_dict`` gives the JSON-ready figures of a tally (one episode's or the pooled split's)."""
+
+    def __add__(self, other: Any, /) -> Any: ...
+
+    def to_dict(self) -> Mapping[str, Any]: ...
+
+
+# (episode, generated text per frame ("" silent), the paper's matching of that episode) -> its
+# tally, or None where the score does not apply to the episode (e.g. not a task-world episode)
+EpisodeScorer = Callable[[Episode, Sequence[str], MatchResult], "ScoreTally | None"]
 
 
 def iter_data(data: str | Path, limit: int | None = None) -> Iterator[Episode]:
@@ -81,14 +110,21 @@ def evaluate(
     limit: int | None = None,
     decoder: str | None = None,
     context: str | None = None,
+    scorers: Mapping[str, EpisodeScorer] | None = None,
 ) -> dict[str, Any]:
     """Metrics per threshold (episodes pooled) and per episode at the first threshold.
 
     ``similarity`` defaults to ``textsim.make_similarity()`` (the paper's all-mpnet-base-v2, or
-    MiniLM with a note); the report names it under ``embedder``.
+    MiniLM with a note); the report names it under ``embedder``. Each of ``scorers`` puts its
+    pooled figures under its name beside the metrics (top level and per threshold) and its
+    episode's figures in ``per_episode``; a scorer that applied to no episode adds nothing.
     """
     from proassist_edge.eval.textsim import describe_similarity, make_similarity
 
+    scorers = dict(scorers or {})
+    taken = {"episode", "frames", *metrics_from_tally(Tally()).to_dict()}
+    if clash := sorted(taken & set(scorers)):
+        raise ValueError(f"scorer names {clash} would overwrite the report's figures: rename them")
     if similarity is None:
         similarity = make_similarity()
     bundle = open_bundle(bundle_path, decoder=decoder)
@@ -101,15 +137,23 @@ def evaluate(
     bar = tqdm(total=len(thresholds) * len(episodes), desc="eval", unit="episode")
     for k, thr in enumerate(thresholds):
         scores: list[Metrics] = []
+        extra: dict[str, list[ScoreTally]] = {name: [] for name in scorers}
         for ep in episodes:
             gen = run_episode(bundle, ep, threshold=thr, context_strategy=context)
             ref = evaluator_reference(ep.conversation, ep.num_frames)
-            m = compute_metrics(gen, ref, similarity, fps=ep.fps, window=window)
+            match = match_utterances(gen, ref, similarity, fps=ep.fps, window=window)
+            m = metrics_from_tally(tally_from_match(match, gen, ref, fps=ep.fps))
             scores.append(m)
+            row: dict[str, Any] = {"episode": ep.uid, "frames": ep.num_frames, **m.to_dict()}
+            for name, scorer in scorers.items():
+                tally = scorer(ep, gen, match)
+                if tally is not None:
+                    extra[name].append(tally)
+                    row[name] = dict(tally.to_dict())
             if k == 0:
-                per_episode.append({"episode": ep.uid, "frames": ep.num_frames, **m.to_dict()})
+                per_episode.append(row)
             bar.update()
-        sweep[f"{thr:g}"] = aggregate(scores).to_dict()
+        sweep[f"{thr:g}"] = {**aggregate(scores).to_dict(), **pooled(extra)}
     bar.close()
     head = sweep[f"{thresholds[0]:g}"]
     return {
@@ -123,6 +167,12 @@ def evaluate(
         "sweep": sweep,
         "per_episode": per_episode,
     }
+
+
+def pooled(tallies: Mapping[str, Sequence[ScoreTally]]) -> dict[str, dict[str, Any]]:
+    """Each scorer's tallies added up over the episodes it scored, as figures."""
+    return {name: dict(functools.reduce(operator.add, ts).to_dict())
+            for name, ts in tallies.items() if ts}
 
 
 def plot_sweep(report: dict[str, Any], out: str | Path) -> None:
@@ -149,56 +199,3 @@ def plot_sweep(report: dict[str, Any], out: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-
-
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a bundle on a task-world split (paper's metrics)")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--data", required=True, type=Path, help="split folder or ProAssist prepared .jsonl")
-    p.add_argument("--threshold", type=float, nargs="+", help="one or more (a sweep)")
-    p.add_argument("--json", type=Path, help="write every figure here")
-    p.add_argument("--plot", type=Path, help="precision/recall PNG (with a sweep)")
-    p.add_argument("--limit", type=int, help="first N episodes only")
-    p.add_argument("--decoder", help="decoder graph (default: the manifest's)")
-    p.add_argument("--context", choices=["drop_all", "drop_middle", "summarize_and_drop"])
-    add_window_argument(p)
-    add_embedder_argument(p)
-    p.set_defaults(func=run_eval)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from proassist_edge.eval.score import parse_window
-    from proassist_edge.eval.textsim import make_similarity
-
-    report = evaluate(
-        args.bundle,
-        args.data,
-        args.threshold,
-        make_similarity(args.embedder),
-        DEFAULT_WINDOW if args.window is None else parse_window(args.window),
-        args.limit,
-        args.decoder,
-        args.context,
-    )
-    from proassist_edge.fmt import table
-
-    rows = [
-        (e["episode"], e["frames"], f"{e['F1']:.3f}", f"{e['precision']:.3f}", f"{e['recall']:.3f}")
-        for e in report["per_episode"]
-    ]
-    print(table(rows, ["episode", "frames", "F1", "precision", "recall"]))
-    sweep = [
-        (t, f"{m['F1']:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['semantic_score']:.3f}")
-        for t, m in report["sweep"].items()
-    ]
-    print(table(sweep, ["threshold", "F1", "precision", "recall", "semantic"]))
-    lo, hi = report["window"]
-    print(f"F1 {report['F1']:.3f} at threshold {report['threshold']:g} over {report['episodes']} episodes"
-          f" (embedder {report['embedder']['name']}, window {lo:g} {hi:g} s)")
-    if report["embedder"]["note"]:
-        print(f"note: {report['embedder']['note']}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    if args.plot:
-        plot_sweep(report, args.plot)
-    return 0

@@ -423,6 +423,18 @@ def episode_tally(
 ) -> Tally:
     """The matched pairs and counts of one episode, ready to be pooled."""
     result = match_utterances(gen, ref, similarity, fps=fps, window=window, config=config)
+    return tally_from_match(result, gen, ref, fps=fps, config=config)
+
+
+def tally_from_match(
+    result: MatchResult,
+    gen: Sequence[str],
+    ref: Sequence[str],
+    *,
+    fps: float = DEFAULT_FPS,
+    config: MatchConfig = DEFAULT_CONFIG,
+) -> Tally:
+    """The tally of a matching already made (``match_utterances`` on the same texts and fps)."""
     thr = config.semantic_threshold
     above = [p for p in result.pairs if p.score > thr]
     return Tally(

@@ -163,7 +163,9 @@ def component_costs(
     }
 
 
-Evaluator = Callable[[Path, Path], dict[str, Any]]  # (bundle, data) -> the paper's metrics
+# (bundle, data) -> the paper's metrics (and what else the caller's evaluator adds: the CLI's
+# adds the task world's content score on a task-world split)
+Evaluator = Callable[[Path, Path], dict[str, Any]]
 
 
 def paper_metrics(

@@ -14,7 +14,9 @@ the item just placed), so each reply paired with a reference can be checked exac
   the user wrongly placed in this episode (which a correction names).
 
 `content_tally` scores one episode's replies against the pairs the paper's matching made
-(`proassist_edge.eval.metrics.match_utterances`); tallies add up over a split.
+(`proassist_edge.eval.metrics.match_utterances`); tallies add up over a split. `content_scorer`
+is that score as `evaluate`'s per-episode scorer; `reply_verdicts` says it reply by reply (the
+demo marks the replies that name the wrong step).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proassist_edge.eval.metrics import MatchResult
+from proassist_edge.runtime.episode import Episode
 from proassist_edge.taskworld.world import BLOCKS, FAMILY_ITEMS, INGREDIENTS, VARIANTS, Item
 
 DONE_WORDS = re.compile(r"\b(done|complete|completed|finished|last step)\b", re.IGNORECASE)
@@ -107,14 +111,69 @@ def names_right_step(reply: str, want: Expected) -> bool:
     return not want.places or any(p.lower() in low for p in want.places)
 
 
+@dataclass(frozen=True)
+class ReplyVerdict:
+    """The content score's view of one reply."""
+
+    frame: int  # the frame it was said on
+    ref_frame: int | None  # the reference utterance the matching paired it with (None: unpaired)
+    right_step: bool | None  # names that reference's step (None: unpaired, or no task-world event)
+    foreign: frozenset[str]  # items it names that are not in the task (hallucinated when any)
+
+    @property
+    def hallucinated(self) -> bool:
+        return bool(self.foreign)
+
+
+def reply_verdicts(
+    gen: Sequence[str], metadata: Mapping[str, Any], paired: Sequence[tuple[int, int]]
+) -> list[ReplyVerdict]:
+    """One verdict per reply, in frame order; arguments as `content_tally`'s."""
+    task = set(metadata["items"]) | {str(m["item"]) for m in metadata.get("mistakes", [])}
+    want = expectations(metadata)
+    ref_of = dict(paired)
+    out = []
+    for i, text in enumerate(gen):
+        if not text:
+            continue
+        r = ref_of.get(i)
+        right = names_right_step(text, want[r]) if r is not None and r in want else None
+        out.append(ReplyVerdict(i, r, right, frozenset(named_items(text) - task)))
+    return out
+
+
 def content_tally(
     gen: Sequence[str], metadata: Mapping[str, Any], paired: Sequence[tuple[int, int]]
 ) -> ContentTally:
     """One episode: `gen` per frame ("" silent), `paired` the (generated frame, reference frame)
     pairs of the paper's matching."""
-    task = set(metadata["items"]) | {str(m["item"]) for m in metadata.get("mistakes", [])}
-    replies = [t for t in gen if t]
-    hallucinated = sum(bool(named_items(t) - task) for t in replies)
-    want = expectations(metadata)
-    right = sum(names_right_step(gen[g], want[r]) for g, r in paired if r in want)
-    return ContentTally(len(paired), right, len(replies), hallucinated)
+    verdicts = reply_verdicts(gen, metadata, paired)
+    right = sum(v.right_step is True for v in verdicts)
+    return ContentTally(len(paired), right, len(verdicts), sum(v.hallucinated for v in verdicts))
+
+
+def is_taskworld(metadata: Mapping[str, Any]) -> bool:
+    """Whether an episode's metadata is the task world's (its events say what each reference asks)."""
+    return {"events", "family", "variant", "items"} <= metadata.keys()
+
+
+def pairs_of(match: MatchResult) -> list[tuple[int, int]]:
+    """(generated frame, reference frame) of every pair the paper's matching made."""
+    return [(p.gen_frame, p.ref_frame) for p in match.pairs]
+
+
+def content_scorer(episode: Episode, gen: Sequence[str], match: MatchResult) -> ContentTally | None:
+    """The content score as `evaluate`'s per-episode scorer (`scorers={"content": content_scorer}`);
+    None for an episode that is not from the task world."""
+    if not is_taskworld(episode.metadata):
+        return None
+    return content_tally(gen, episode.metadata, pairs_of(match))
+
+
+def content_line(figures: Mapping[str, Any]) -> str:
+    """`ContentTally.to_dict()` figures in words, for a summary line."""
+    return (
+        f"right step {figures['right_step_rate']:.2f} ({figures['num_right_step']} of "
+        f"{figures['num_paired']} paired replies), hallucinated {figures['hallucination_rate']:.2f} "
+        f"({figures['num_hallucinated']} of {figures['num_replies']} replies)"
+    )

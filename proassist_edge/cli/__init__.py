@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optional(taskworld, sub, "taskworld", "generate task-world episodes")
 
     def evaluate() -> Callable:
-        from proassist_edge.eval.evaluate import add_eval_parser
+        from proassist_edge.cli.eval import add_eval_parser
 
         return add_eval_parser
 

@@ -48,7 +48,7 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from proassist_edge.eval.evaluate import evaluate
+    from proassist_edge.cli.eval import evaluate_with_content
     from proassist_edge.quant.quantize import quantize_bundle
     from proassist_edge.quant.report import render
 
@@ -58,9 +58,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         keep_fp32=args.keep_fp32, eval_data=args.eval, streams=args.streams, frames=args.frames,
         embeddings=args.embeddings, reply_tokens=args.reply_tokens, per_channel=not args.per_tensor,
         sensitivity_on_miss=not args.no_sensitivity, threads=args.threads, keep_8bit=args.keep_8bit,
-        evaluator=evaluate,
+        evaluator=evaluate_with_content,
     )
     print(render(report))
+    print_eval(report.get("eval"))
     if isinstance(report.get("vision"), dict):
         v = report["vision"]
         print(f"vision ({v['precision']}): frame-token cosine {v['frame_token_cosine']:.4f}, "
@@ -77,3 +78,15 @@ def run_quantize(args: argparse.Namespace) -> int:
             print(f"rerun with: {' '.join(report['suggested_options'])}", file=sys.stderr)
     print(f"bundle: {report['bundle']} (report: quant_report.json)")
     return 3 if args.strict and not report["targets_met"] else 0
+
+
+def print_eval(figures: object) -> None:
+    """The paper's F1 of parent and child on --eval DATA, with the content score on a task-world split."""
+    if not isinstance(figures, dict):
+        return
+    from proassist_edge.taskworld.content import content_line
+
+    for side in ("parent", "child"):
+        e = figures[side]
+        extra = f"; {content_line(e['content'])}" if "content" in e else ""
+        print(f"{side} on {e['data']}: F1 {e['F1']:.3f} (embedder {e['embedder']['name']}){extra}")
