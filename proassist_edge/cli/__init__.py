@@ -120,13 +120,13 @@ def _optional(
     name: str,
     help: str,
 ) -> None:
+    # a part's parser may import what its extra brings (scipy for the metrics) before it adds
+    # its subcommand: both the module and its parser builder are guarded
     try:
-        add = register()
+        register()(sub)
     except ImportError as e:
         p = sub.add_parser(name, help=f"{help} (unavailable: {e.name} not installed)")
         p.set_defaults(func=lambda a, e=e: _unavailable(name, e))
-        return
-    add(sub)
 
 
 def _unavailable(name: str, e: ImportError) -> int:
