@@ -5,14 +5,19 @@ made the int4 decode step 2.5-3x slower here, while a large-array read lost only
 bandwidth, so a decode-over-floor ratio measured on a busy machine says more about the neighbours
 than about the runtime. The benchmark therefore records the CPU time every other process used
 during each measurement (the machine's busy time from /proc/stat, hypervisor steal included,
-minus this process's own), in cores, and warns above `BUSY_CORES`.
+minus this process's own), in cores, and warns above `BUSY_CORES`. `burn_cores` makes such a
+neighbour on purpose (the lag benchmark and the lag controller's tests).
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 BUSY_CORES = 0.25  # other processes' average cores above which figures are flagged
@@ -65,3 +70,17 @@ def busy_note(what: str, cores: float | None) -> str | None:
         return None
     return (f"other processes used {cores:.2f} cores on average during {what}: its figures are "
             "slower than this machine can do; rerun on a quiet machine to compare runs")
+
+
+@contextmanager
+def burn_cores(n: int = 1) -> Iterator[list[int]]:
+    """`n` other processes, each spinning one core at 100% until the block ends (a busy
+    neighbour: SLAM, the display, another model); yields their pids."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()

@@ -12,10 +12,11 @@ it. A change that renames, removes or retypes a field raises the version; a new 
 new optional field does not.
 
 Kinds written by the stream (runtime): `start`, `stop`, `frame`, `utterance`, `message`,
-`summary`, `context_reset`, `frames_dropped`, `error`; by the source threads: `source_end`,
-`source_error`, `source_truncated`, `frame_dropped`, `frame_unreadable`, `camera_read_failed`,
-`camera_reconnected`; by the speaker thread: `speech`, `speech_error`, `speech_cut`,
-`speech_dropped`. `stage` events carry timings for observers and are not written to the log.
+`summary`, `context_reset`, `frames_dropped`, `error`, and by its lag controller `lag_level` and
+`decoder_switch`; by the source threads: `source_end`, `source_error`, `source_truncated`,
+`frame_dropped`, `frame_unreadable`, `camera_read_failed`, `camera_reconnected`; by the speaker
+thread: `speech`, `speech_error`, `speech_cut`, `speech_dropped`. `stage` events carry timings
+for observers and are not written to the log.
 
 Variants of one kind (a live run's `start` and a replay's) are two classes with one `type`.
 A field made with `optional()` is left out of the record while it holds its default, so a
@@ -98,6 +99,7 @@ class StopEvent(Event):
     error: str | None
     event_write_errors: int
     latency: Mapping[str, Mapping[str, float]]
+    lag: Mapping[str, Any] | None = optional()  # runtime/lag.py LagController.summary()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,6 +197,42 @@ class FramesDroppedEvent(Event):
     type: ClassVar[str] = "frames_dropped"
     count: int
     total: int
+    t: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class LagLevelEvent(Event):
+    """The lag controller (runtime/lag.py) changed its level: it degraded because the core fell
+    behind the camera, or recovered because it had room again; `reason` gives the measurements
+    that decided it. What the next steps run: `reply_cap` (None: the stream's own), every
+    `stride`-th frame (`frame_mode` "append" or "drop"), `decoder` (None: the bundle's own).
+    `hold_s` is the calm time the next recovery needs."""
+
+    type: ClassVar[str] = "lag_level"
+    level: int
+    name: str
+    previous: str
+    reason: str
+    t: float
+    age_ms: float
+    step_ms: float
+    budget_ms: float
+    deadline_ms: float
+    reply_cap: int | None
+    stride: int
+    frame_mode: str
+    decoder: str | None
+    hold_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderSwitchEvent(Event):
+    """The core now runs on another decoder graph of its bundle (`reason`: why now is safe)."""
+
+    type: ClassVar[str] = "decoder_switch"
+    decoder: str
+    previous: str
+    reason: str
     t: float
 
 

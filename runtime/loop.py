@@ -11,6 +11,12 @@ while it was busy in one step, otherwise one frame per step; injected text messa
 `max_pending_messages`, more are refused and reported) until the next step; the speaker drops
 its oldest waiting utterance when full (device Speaker). Only the core thread touches the KV
 memory.
+
+In real time a lag controller (runtime/lag.py) measures every step against the deadline; with
+`lag_control` it also degrades (reply cap, every k-th frame, a cheaper decoder) when the core
+falls behind and recovers with hysteresis. At a stride of k the core holds at most k frames
+itself before stepping them (or, in drop mode, only the newest of them: the rest are counted as
+`skipped` in the run summary's `lag`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from proassist_edge.runtime.events import (
     reduction_events,
 )
 from proassist_edge.runtime.grabber import ThreadedSource
+from proassist_edge.runtime.lag import LagOptions, LiveLag, lag_lines
 from proassist_edge.runtime.messages import Frame, TextMessage, Utterance
 from proassist_edge.runtime.source_base import FrameSource
 from proassist_edge.runtime.speaker import Speaker, SpeakerMode
@@ -63,6 +70,8 @@ class LoopOptions:
     drain_timeout_s: float = 10.0  # how long the speaker may finish speaking at the end
     wait_s: float = 0.25  # longest wait for a frame before the core looks at the stop flag
     min_sentence_chars: int = 8
+    lag_control: bool = False  # degrade when behind (real time only); off: the lag is only measured
+    lag: LagOptions = field(default_factory=LagOptions)
 
 
 @dataclass
@@ -83,6 +92,7 @@ class RunSummary:
     error: str | None = None
     event_write_errors: int = 0
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    lag: dict[str, Any] | None = None  # real time: deadline misses, seconds at each level
 
     @property
     def exit_code(self) -> int:
@@ -164,6 +174,7 @@ class Assistant:
         self._reported_drops = 0
         self._readers: list[IO[str]] = []
         self._started = threading.Event()
+        self._lag: LiveLag | None = None  # real time only
 
     # --- inputs from other threads ------------------------------------------------------------
     def stop(self) -> None:
@@ -232,6 +243,8 @@ class Assistant:
         t0 = time.monotonic()
         grabber = ThreadedSource(self.source, o.source_capacity, o.realtime, self.bus.emit)
         self._grabber = grabber
+        if grabber.realtime:
+            self._lag = LiveLag(self.core, self.source.fps, o.lag, o.lag_control, self.bus.emit)
         if self.sink is not None:
             self._speaker = Speaker(self.sink, o.speech_mode, o.speaker_capacity, self.bus.emit)
         self.bus.emit(StartEvent(
@@ -295,6 +308,8 @@ class Assistant:
     def _next_frames(self, grabber: ThreadedSource) -> list[Frame]:
         # Live: every frame that arrived while the core was busy, in one step. Not real time
         # (files, synthetic): one frame per step, nothing dropped, the same steps every run.
+        if grabber.realtime and self._lag is not None:  # at the lag controller's stride
+            return self._lag.next_frames(grabber, self.options.wait_s)
         if grabber.realtime:
             return grabber.get_batch(timeout=self.options.wait_s)
         frame = grabber.get(timeout=self.options.wait_s)
@@ -326,6 +341,8 @@ class Assistant:
         lag = self._grabber.lag_s(last)
         messages = self._take_messages(last.t)
         reply = _Reply(self, last.index, last.t, self.summary.replies + 1)
+        if self._lag is not None:
+            self._lag.before_step(last.t)
         t0 = time.perf_counter()
         try:
             pixels = np.stack([f.pixels for f in frames])
@@ -349,6 +366,8 @@ class Assistant:
         self.bus.emit(live_frame_event(r, tuple(f.index for f in frames), lag, step_ms, ttft))
         for event in reduction_events(r):
             self.bus.emit(event)
+        if self._lag is not None:
+            self._lag.after_step(frames, lag, t0, step_ms, len(r.token_ids), self._grabber.stats.dropped)
 
     def _shutdown(self, t0: float) -> None:
         o = self.options
@@ -369,6 +388,8 @@ class Assistant:
             self.summary.reason = self.summary.reason or "error"
         if self.latency is not None:
             self.summary.latency = self.latency.summary()
+        if self._lag is not None:
+            self.summary.lag = self._lag.close(self.summary.dropped)
         self.bus.emit(StopEvent(**self.summary.to_dict()))
 
 
@@ -398,6 +419,9 @@ def format_summary(s: RunSummary) -> str:
         f"  first token     {ms('ttft')}",
         f"time to 1st audio {ms('ttfa')}",
     ]
+    if s.lag is not None:
+        lines += lag_lines(s.lag)
     if s.event_write_errors:
         lines.append(f"event log         {s.event_write_errors} write errors (events lost)")
     return "\n".join(lines)
+
