@@ -88,11 +88,30 @@ def add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "--no-realtime processes every frame as fast as possible")
     p.add_argument("--fps", type=float, help="frame rate (default: the bundle's, 2)")
     p.add_argument("--queue-size", type=int, default=4, help="frames the source keeps (newest)")
+    p.add_argument("--deadline-ms", type=positive_ms,
+                   help="how old a frame may be when its decision is known (default: the frame "
+                        "period, 500 ms at 2 fps)")
+    p.add_argument("--lag-control", action=argparse.BooleanOptionalAction, default=True,
+                   help="when the core falls behind the camera: cap replies, step every 2nd then "
+                        "4th frame, then the bundle's cheaper decoder, and recover as it catches up "
+                        "(default; it changes nothing while the core keeps up); --no-lag-control "
+                        "only measures the lag")
     p.add_argument("--system", help="system prompt (default: the bundle's)")
     p.add_argument("--knowledge", default="", help="task knowledge added to the system prompt")
     p.add_argument("--knowledge-file", type=Path, help="read the task knowledge from a file")
     p.set_defaults(func=run_run)
     return p
+
+
+def positive_ms(text: str) -> float:
+    """argparse type of --deadline-ms: milliseconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a deadline in milliseconds > 0, e.g. 500")
+    return value
 
 
 def install_stop_handlers(stop: Callable[[], None]) -> Callable[[], None]:
@@ -130,6 +149,7 @@ def run_run(args: argparse.Namespace) -> int:
     from proassist_edge.runtime.bundle import decoder_line, open_bundle
     from proassist_edge.runtime.core import settings_from_manifest
     from proassist_edge.runtime.events import EventLog
+    from proassist_edge.runtime.lag import LagOptions
     from proassist_edge.runtime.loop import LoopOptions, format_summary
 
     knowledge = args.knowledge
@@ -143,7 +163,8 @@ def run_run(args: argparse.Namespace) -> int:
     sink = open_sink(args.tts)
     options = LoopOptions(
         realtime=args.realtime, max_seconds=args.max_seconds, speech_mode=args.speech_mode,
-        source_capacity=args.queue_size,
+        source_capacity=args.queue_size, lag_control=args.lag_control,
+        lag=LagOptions(deadline_ms=args.deadline_ms),
     )
     assistant = build_assistant(bundle, source, sink, settings, system=args.system,
                                 knowledge=knowledge, events=[log], options=options)
