@@ -499,5 +499,5 @@ def lag_lines(lag: dict[str, Any]) -> list[str]:
         f"{lag['late']} of {lag['decisions']} decisions late ({lag['late_source']} the source's)"
         + ("" if p95 is None else f", decision age p95 {p95:.0f} ms"),
         f"lag control       {'on' if lag['control'] else 'off'}: {levels}; {lag['changes']} "
-        "changes",
+        + ("change" if lag["changes"] == 1 else "changes"),
     ]
