@@ -111,8 +111,10 @@ def evaluate(
     decoder: str | None = None,
     context: str | None = None,
     scorers: Mapping[str, EpisodeScorer] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics per threshold (episodes pooled) and per episode at the first threshold.
+    ``settings``: more StreamSettings overrides for every episode (diff_margin, feed_eos, ...).
 
     ``similarity`` defaults to ``textsim.make_similarity()`` (the paper's all-mpnet-base-v2, or
     MiniLM with a note); the report names it under ``embedder``. Each of ``scorers`` puts its
@@ -139,7 +141,8 @@ def evaluate(
         scores: list[Metrics] = []
         extra: dict[str, list[ScoreTally]] = {name: [] for name in scorers}
         for ep in episodes:
-            gen = run_episode(bundle, ep, threshold=thr, context_strategy=context)
+            gen = run_episode(bundle, ep, **{**dict(settings or {}), "threshold": thr,
+                                             "context_strategy": context})
             ref = evaluator_reference(ep.conversation, ep.num_frames)
             match = match_utterances(gen, ref, similarity, fps=ep.fps, window=window)
             m = metrics_from_tally(tally_from_match(match, gen, ref, fps=ep.fps))

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from proassist_edge.chat import ChatFormat
 from proassist_edge.export.model import ProAssistModel
 from proassist_edge.runtime.context import ContextStrategy, find_knowledge, reduction
-from proassist_edge.runtime.core import SUMMARY_THRESHOLD
+from proassist_edge.runtime.core import SUMMARY_THRESHOLD, fed_token
 from proassist_edge.runtime.messages import FrameResult, TextMessage
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings, decide_talk
 from proassist_edge.runtime.stages import Stage, StageName, StageObserver
@@ -106,15 +106,18 @@ class ReferenceLoop:
     # --- decoding ----------------------------------------------------------------------------
     def _greedy(self, logits: torch.Tensor, cap: int) -> list[int]:
         """Greedy decode; the first token may not be the not-talk token. Generated tokens stay
-        in the cache except the last (the eos, or the cap's); feed_eos feeds a final eos."""
+        in the cache except the last (the eos, or the cap's); feed_eos feeds a final eos. The
+        cache grows without bound, as the authors'; the runtime's bound (`kv_capacity`) is
+        applied by the same rule (`fed_token`), and within the contract it never binds."""
         logits = logits.clone()
         logits[self.model.not_talk_id] = -float("inf")
         ids: list[int] = []
+        capacity = self.s.kv_capacity
         for i in range(cap):
             t = int(torch.argmax(logits))
             ids.append(t)
-            done = t == self.eos_id or i == cap - 1
-            self.fed_last = not done or (t == self.eos_id and self.s.feed_eos)
+            done = t == self.eos_id or i == cap - 1 or self.kv_len >= capacity
+            self.fed_last = fed_token(t, i, cap, self.kv_len, capacity, self.eos_id, self.s.feed_eos)
             if not self.fed_last:
                 break
             logits = self._forward(self.model.embed_ids(torch.tensor([[t]])))

@@ -41,6 +41,10 @@ class ModelFacts:
     img_token_id: int
     sep_token_id: int | None = None  # the frame separator (the not-talk token) of SEP models
     default_threshold: float = DEFAULT_THRESHOLD
+    # the authors' "diff" talk rule when set: talk when P(not talk) fell by more than this since
+    # the previous decision, else silent iff P > 0.5 (it replaces default_threshold)
+    diff_margin: float | None = None
+    feed_eos: bool = False  # feed a reply's final eos back (False: the authors' loop)
     fps: float = 2.0
     context_strategy: str = "summarize_and_drop"
     context_reserve: int = 128

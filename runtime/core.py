@@ -46,6 +46,9 @@ _Out = TypeVar("_Out", bound=StepOut | np.ndarray | None)  # what a stage gives 
 
 
 def settings_from_manifest(bundle: Bundle, **overrides: object) -> StreamSettings:
+    """The bundle's stream settings (its decision rule, context strategy and caps), with each
+    override that is not None in their place. A diff margin, the manifest's or given, replaces
+    the threshold (`decide_talk`)."""
     m = bundle.manifest.model
     base = dict(
         threshold=m.default_threshold,
@@ -55,6 +58,8 @@ def settings_from_manifest(bundle: Bundle, **overrides: object) -> StreamSetting
         drop_middle_tail=m.drop_middle_tail,
         max_reply_tokens=m.max_reply_tokens,
         max_summary_tokens=m.max_summary_tokens,
+        diff_margin=m.diff_margin,
+        feed_eos=m.feed_eos,
     )
     base.update({k: v for k, v in overrides.items() if v is not None})
     return StreamSettings(**base)  # type: ignore[arg-type]
@@ -149,16 +154,16 @@ class StreamCore:
     def _greedy(self, logits: np.ndarray, cap: int) -> Iterator[int]:
         """Greedy tokens, the first forced away from not-talk; each is in the cache once yielded
         except the last (the eos or the cap's token), as in the authors' loop; `feed_eos` feeds
-        a final eos too. Raises _NonFinite before using bad logits."""
+        a final eos too (`fed_token`). Raises _NonFinite before using bad logits."""
         _require_finite(logits, "logits")
         logits = logits.copy()
         logits[self.not_talk] = -np.inf
         for i in range(cap):
             t = int(np.argmax(logits))
-            full = self.kv_len >= self.dec.capacity
-            done = t == self.eos or i == cap - 1 or full
-            self.fed_last = not done or (t == self.eos and self.s.feed_eos and not full)
-            if done and not self.fed_last:
+            done = t == self.eos or i == cap - 1 or self.kv_len >= self.dec.capacity
+            self.fed_last = fed_token(t, i, cap, self.kv_len, self.dec.capacity, self.eos,
+                                      self.s.feed_eos)
+            if not self.fed_last:  # (implies done)
                 yield t
                 return
             # a reply token needs no decision: skip P(not talk) (a softmax over the
@@ -288,6 +293,17 @@ class StreamCore:
 
 
 SUMMARY_THRESHOLD = DEFAULT_THRESHOLD  # the authors' summary call passes none: their default decides
+
+
+def fed_token(t: int, i: int, cap: int, kv_len: int, capacity: int, eos: int, feed_eos: bool) -> bool:
+    """Whether greedy token `t`, the i-th of at most `cap`, enters a memory of `kv_len` positions:
+    every token but the last (an eos, or the cap's), as the authors' loop; with `feed_eos` a
+    final eos too. The core and the reference loop share it. A full memory takes nothing (the
+    reply ends there); `StreamSettings.kv_capacity` leaves room for every fed token, eos
+    included, so within it this never changes a stream (the authors' cache has no bound)."""
+    if kv_len >= capacity:
+        return False
+    return not (t == eos or i == cap - 1) or (t == eos and feed_eos)
 
 
 def frame_inputs(bundle: Bundle, sep: int | None, text: Sequence[int], tokens: np.ndarray) -> np.ndarray:

@@ -23,14 +23,18 @@ class StreamSettings:
     """How a stream runs: the decision rule, the context strategy and the caps."""
 
     threshold: float = DEFAULT_THRESHOLD
-    diff_margin: float | None = None  # the "diff" rule: talk when P drops by more than this
+    # the authors' "diff" rule: talk when P(not talk) fell by more than this since the previous
+    # decision, else silent iff P > 0.5; it replaces `threshold` (see decide_talk)
+    diff_margin: float | None = None
     context_strategy: str = "summarize_and_drop"
     max_seq_len: int = 4096
     reserve: int = 128
     drop_middle_tail: int = 512
     max_reply_tokens: int = 100
     max_summary_tokens: int = 512
-    feed_eos: bool = False  # authors' default: the final eos of a reply is not fed back
+    # False, the authors' loop: a reply's final eos is not fed back; True feeds it, as training
+    # sequences hold it (one more position per reply or summary that ends in eos)
+    feed_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.context_strategy not in CONTEXT_STRATEGIES:
@@ -39,6 +43,10 @@ class StreamSettings:
             )
         if self.max_seq_len <= self.reserve + 16:
             raise ValueError(f"max_seq_len {self.max_seq_len} leaves no room past the reserve")
+        if self.diff_margin is not None and not 0.0 <= self.diff_margin < 1.0:
+            raise ValueError(
+                f"diff margin {self.diff_margin}: give a drop of P(not talk) in [0, 1), e.g. 0.1"
+            )
 
     @property
     def strategy(self) -> ContextStrategy:
@@ -51,17 +59,26 @@ class StreamSettings:
         step's inputs and a whole reply, then the summary request with the frame again and a
         whole summary: max_seq_len + the reply + the summary + one reserve more holds it
         while a step's inputs and the summary request together stay within twice the reserve
-        (258 tokens at the default; a longer user message there raises ContextOverflowError)."""
-        return self.max_seq_len + self.max_reply_tokens + self.max_summary_tokens + self.reserve
+        (258 tokens at the default; a longer user message there raises ContextOverflowError).
+        With `feed_eos`, a reply and a summary that end in eos at their cap keep one position
+        more each, so a fed eos always fits and the memory never cuts a reply short."""
+        fed_eos = 2 if self.feed_eos else 0
+        return (self.max_seq_len + self.max_reply_tokens + self.max_summary_tokens + self.reserve
+                + fed_eos)
 
 
 def decide_talk(
     p: float, prev_p: float | None, s: StreamSettings, lm_talks: Callable[[], bool] = lambda: True
 ) -> bool:
-    """True to talk. Silent iff P(not talk) exceeds the threshold in force (the authors' rule).
+    """True to talk. Silent iff P(not talk) exceeds the threshold in force (the authors' rule,
+    `fast_greedy_generate` in pro-assist/ProAssist).
 
-    With the diff rule, a drop of more than `diff_margin` since the previous frame sets the
-    threshold to 1 (talk); otherwise it is 0.5. A threshold <= 0 forces nothing in the authors'
+    With the diff rule (their threshold "diff<margin>"), `prev_p` is the P of the previous
+    decision append: the previous frame's, or the summary request's when a summary came between
+    (their model keeps the last P of every call). A drop of more than the margin sets the
+    threshold to 1 (talk); otherwise it is 0.5, whatever `s.threshold` is. With no previous P
+    (a stream's first frame) it is 0.5: their code compares with the last P of the previous
+    video there, or fails on the first video. A threshold <= 0 forces nothing in the authors'
     loop: the LM's own greedy choice decides (`lm_talks`: its argmax is not the not-talk token).
     """
     threshold = s.threshold

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from proassist_edge.cli.run import add_talk_rule_arguments, talk_rule_overrides
 from proassist_edge.eval.evaluate import EpisodeScorer, evaluate, plot_sweep
 from proassist_edge.eval.metrics import DEFAULT_WINDOW
 from proassist_edge.eval.score import add_embedder_argument, add_window_argument, parse_window
@@ -34,7 +35,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a bundle on a task-world split (paper's metrics)")
     p.add_argument("bundle", type=Path)
     p.add_argument("--data", required=True, type=Path, help="split folder or ProAssist prepared .jsonl")
-    p.add_argument("--threshold", type=float, nargs="+", help="one or more (a sweep)")
+    add_talk_rule_arguments(p, "one or more (a sweep)", many=True)
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--plot", type=Path, help="precision/recall PNG (with a sweep)")
     p.add_argument("--limit", type=int, help="first N episodes only")
@@ -58,8 +59,13 @@ def run_eval(args: argparse.Namespace) -> int:
         args.decoder,
         args.context,
         scorers=task_scorers(),
+        settings=talk_rule_overrides(args),
     )
+    report["settings"] = {k: v for k, v in talk_rule_overrides(args).items() if v is not None}
     print(render_report(report))
+    if args.diff_margin is not None:
+        print(f"talk rule: diff, margin {args.diff_margin:g} (talk when P(not talk) fell by more, "
+              "else when P <= 0.5; no threshold is used)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.plot:

@@ -17,9 +17,37 @@ from proassist_edge.runtime.prompt import CONTEXT_STRATEGIES
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
+def diff_margin(text: str) -> float:
+    """argparse type of --diff-margin: a drop of P(not talk) in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a drop of P(not talk) in [0, 1), e.g. 0.1")
+    return value
+
+
+def add_talk_rule_arguments(p: argparse.ArgumentParser, threshold_help: str, many: bool = False) -> None:
+    """--threshold (one, or with `many` a sweep) or --diff-margin, and --feed-eos: the talk
+    rule's options, shared by run, replay and eval (None when not given: the bundle's)."""
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--threshold", type=float, nargs="+" if many else None, help=threshold_help)
+    rule.add_argument("--diff-margin", type=diff_margin, metavar="M",
+                      help="the authors' diff rule instead of a threshold: talk when P(not talk) "
+                           "fell by more than M since the previous frame, else when P <= 0.5")
+    p.add_argument("--feed-eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed a reply's final eos back, as training sequences hold it "
+                        "(default: the bundle's; the authors' loop does not)")
+
+
+def talk_rule_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"diff_margin": args.diff_margin, "feed_eos": args.feed_eos}
+
+
 def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder (proassist-edge export)")
-    p.add_argument("--threshold", type=float, help="talk when P(not talk) <= T (default: bundle's)")
+    add_talk_rule_arguments(p, "talk when P(not talk) <= T (default: bundle's)")
     p.add_argument("--context", choices=CONTEXT_STRATEGIES, help="what to do when memory is full")
     p.add_argument("--max-seq-len", type=int, help="memory length in tokens (<= the bundle's)")
     p.add_argument("--max-reply-tokens", type=int, help="cap on one reply (default: bundle's)")
@@ -32,6 +60,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "threshold": args.threshold, "context_strategy": args.context,
         "max_seq_len": args.max_seq_len, "max_reply_tokens": args.max_reply_tokens,
+        **talk_rule_overrides(args),
     }
 
 
