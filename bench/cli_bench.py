@@ -402,10 +402,19 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bandwidth-mib", type=int, help="array size for the bandwidth test (1024)")
     p.add_argument("--no-memory-probe", action="store_true", help="skip the peak-memory subprocess")
     p.add_argument("--quick", action="store_true", help="few frames and reps (tests, smoke runs)")
+    p.add_argument("--lag", type=Path, metavar="DATA",
+                   help="instead: the lag controller on task-world episodes of DATA played live, "
+                        "idle, with one core busy, and busy with the controller (bench/lag.py)")
+    p.add_argument("--lag-episodes", type=int, default=2, help="episodes of --lag (default 2)")
+    p.add_argument("--deadline-ms", type=float, help="--lag's deadline (default: the frame period)")
+    p.add_argument("--threshold", type=float, help="--lag's talk threshold (default: the bundle's)")
+    p.add_argument("--embedder", help="--lag's F1 embedder (default: mpnet, else MiniLM)")
     p.set_defaults(func=run_bench_cli)
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
+    if args.lag is not None:
+        return run_lag_cli(args)
     opts = options_from_args(args)
     result = run_bench(opts)
     report.print_report(result)
@@ -417,4 +426,22 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         print(f"plot: {args.plot}")
     if args.markdown:
         args.markdown.write_text(result["projection_markdown"] + "\n")
+    return 0
+
+
+def run_lag_cli(args: argparse.Namespace) -> int:
+    from proassist_edge.bench.lag import LagBenchOptions, lag_table, run_lag_bench
+
+    if len(args.bundles) != 1:
+        raise SystemExit("--lag takes one bundle")
+    opts = LagBenchOptions(args.bundles[0], args.lag, args.lag_episodes, args.threshold,
+                           args.deadline_ms, args.threads, args.embedder)
+    result = run_lag_bench(opts, progress)
+    result["command"] = " ".join(["proassist-edge", *sys.argv[1:]])
+    print(lag_table(result))
+    print(f"episodes {', '.join(result['episodes'])}; decoder {result['decoder']}; "
+          f"F1 by {result['embedder'].get('name')}; {result['elapsed_s']:.0f} s")
+    if args.json:
+        report.write_json(args.json, result)
+        print(f"JSON: {args.json}")
     return 0

@@ -6,17 +6,26 @@ What it measures (the loop hands it one `StepTiming` per step):
 - age: how old the newest frame of a step was when its decision was known (its capture time to
   the end of the decision append); a frame decided later than the deadline after its capture,
   or never (dropped, skipped), is a deadline miss;
-- busy: the whole step (encode, append, decide, reply) against its budget, stride x frame period:
-  a core busier than that cannot keep up and its next frames will be late;
+- busy: the whole step (encode, append, decide, reply) against its budget, stride x frame period
+  + deadline - the decision's time: a step longer than that makes the next frame's decision
+  late; and the decision alone (encode and append) against `cap_share` of stride x period;
 - idle: how long the core waited for its frames before the step. A core that waited did not make
   its frame old (the source delivered it late): such a miss is the source's, and nothing the core
-  can drop would help, so the controller does not degrade for it.
+  can drop would help, so the controller neither degrades for it nor counts it as calm.
+
+Which level answers what: a step that overruns its budget with a reply is answered by the reply
+cap; a core whose decisions alone cannot keep up with the frame rate by the stride, then the
+decoder. A stride holds frames back by design (up to stride - 1 periods, so those frames miss a
+deadline of one period), and does not shorten a reply: it is not used against replies, and the
+loop already appends together the frames that waited during one.
 
 The ladder (level: name); each level keeps the ones below it, and each keeps the model's semantics:
 - 0 `full`: the model as shipped.
-- 1 `reply_cap`: replies capped to what fits the budget at the measured ms per token (at least
-   `min_reply_tokens`). A capped reply is a prefix of the full one, cut as the authors' loop cuts
-   at max_reply_tokens.
+- 1 `reply_cap`: replies capped to what fits the budget at the measured ms per token, and the
+   share of steps that reply (at least `min_reply_tokens`). A capped reply is a prefix of the
+   full one, cut as the authors' loop cuts at max_reply_tokens; but the cut reply stays in the
+   memory, and a model whose instruction was cut tends to say it again, so the floor keeps whole
+   instructions and the cap bounds runaway replies.
 - 2 `stride2`, 3 `stride4`: the core steps every k-th frame. "append": the k frames go in one append,
    which is the token sequence of k silent steps (no separator: frames back to back; a separator
    model feeds its separator, the not-talk token, after a silent frame and between joined
@@ -36,12 +45,11 @@ so the decoder level is left out of its ladder, as it is for a bundle with no ch
 Hysteresis: the controller degrades one level after `up_after` steps in a row were behind (a
 step that took k budgets counts as k), counting only frames captured after its last change (a
 backlog from before it is no evidence against the new level); it recovers one level after the
-core was calm (it waited for its frames, and its steps fit `calm_ratio` of the lower level's
-budget) for `hold_s` seconds of its clock; a degradation soon after a recovery doubles the hold
-(up to `max_hold_s`), so a load at the edge does not make it flap. Every change is a `lag_level`
-event with its reason; the run summary (`summary()`) reports the seconds spent at each level and
-the deadline misses: frames not decided within the deadline of their capture (decided late,
-dropped by the source, or skipped at a stride in drop mode).
+core was calm (it waited for its frames, and the lower level's step, projected from the measured
+decision and token times, fits `calm_ratio` of that level's budget) for `hold_s` seconds of its
+clock; a degradation soon after a recovery doubles the hold (up to `max_hold_s`), so a load at
+the edge does not make it flap. Every change is a `lag_level` event with its reason; the run
+summary (`summary()`) reports the seconds spent at each level and the deadline misses.
 """
 
 from __future__ import annotations
@@ -83,9 +91,11 @@ class LagOptions:
     up_after: int = 2  # steps in a row behind before degrading one level
     hold_s: float = 4.0  # calm seconds before recovering one level
     max_hold_s: float = 32.0  # the hold doubles after a bounce, up to this
-    calm_ratio: float = 0.6  # calm: busy under this share of the lower level's budget
+    calm_ratio: float = 0.6  # calm: the lower level's step under this share of its budget
     cap_share: float = 0.8  # level 1 caps replies to fill this share of the budget
-    min_reply_tokens: int = 12  # never cap a reply below this (a short sentence)
+    # never cap a reply below this: a whole instruction (task-world replies: 13-24 tokens); a
+    # cut one stays in the memory and the model says it again (docs/benchmarks.md)
+    min_reply_tokens: int = 32
     strides: tuple[int, ...] = (2, 4)
     frame_mode: Literal["auto", "append", "drop"] = "auto"
     fallback_decoder: str | None = None  # None: the bundle's cheaper decoder, if any
@@ -198,6 +208,11 @@ class DecisionClock:
             self.decided = time.perf_counter()
 
 
+def mean(old: float | None, x: float, a: float = 0.3) -> float:
+    """An exponential running mean (`x` alone at first)."""
+    return x if old is None else (1 - a) * old + a * x
+
+
 class LagController:
     """Chooses the level from the measured steps (see the module docstring).
 
@@ -231,6 +246,7 @@ class LagController:
         self._recovered_at: float | None = None
         self._seconds = {name: 0.0 for name in ladder.names}
         self._decision_ms: float | None = None
+        self._talk: float | None = None  # the share of steps that reply
         self._token_ms: float | None = None
         self.ages: deque[float] = deque(maxlen=keep_ages)
         self.steps = self.late = self.late_source = self.changes = self.skipped = 0
@@ -242,16 +258,25 @@ class LagController:
         return self.ladder.rungs[self.level]
 
     def budget_ms(self, level: int | None = None) -> float:
-        return self.ladder.rungs[self.level if level is None else level].stride * self.period_ms
+        """How long a step may take at `level` (default: the current one). Replies uncapped: the
+        whole step, so that the next frame's decision is still within the deadline (stride x
+        period + deadline - the decision's time). Replies capped: the frames' decision alone,
+        `cap_share` of stride x period, so that it keeps up with room for the replies."""
+        rung = self.ladder.rungs[self.level if level is None else level]
+        if rung.reply_cap:
+            return self.options.cap_share * rung.stride * self.period_ms
+        d = self._decision_ms or 0.0
+        return max(d, rung.stride * self.period_ms + self.deadline_ms - d)
 
     # --- measuring -----------------------------------------------------------------------------
     def observe(self, s: StepTiming) -> list[LagLevelEvent]:
         """Account one step; degrade or recover when it is due. Returns the change events.
 
-        Behind: the source dropped frames, or the step took longer than its budget, or the core
-        found frames waiting (it did not wait for them) and either more than its stride or a
-        late one. Calm: none of that, the core waited, and the step fits `calm_ratio` of the
-        lower level's budget."""
+        Behind, with replies uncapped: the step overran its budget, or the source dropped
+        frames. Behind, with replies capped: the frames' own decision overran `cap_share` of
+        stride x period (the core cannot decide at this rate, whatever it says). Calm: the core
+        waited for its frames, and the lower level's step, projected from the measured times,
+        fits `calm_ratio` of that level's budget."""
         self.steps += 1
         self.frames += len(s.frames)
         self.late_frames += s.late_frames(self.deadline_ms)
@@ -263,21 +288,24 @@ class LagController:
         self._learn(s)
         if s.t < self._settle_t or len(self.ladder.rungs) == 1:
             return []
-        stride, budget = self.rung.stride, self.budget_ms()
-        piled = core_bound and (len(s.frames) > stride or late)
-        if s.dropped or s.busy_ms > budget or piled:
+        capped = self.rung.reply_cap
+        cost, budget = (s.decision_ms if capped else s.busy_ms), self.budget_ms()
+        if cost > budget or (s.dropped and not capped):
             # a step that took several budgets is as much evidence as several steps behind
-            self._behind += max(1, min(self.options.up_after, int(s.busy_ms // budget)))
+            self._behind += max(1, min(self.options.up_after, int(cost // budget)))
             self._calm_since = None
             if self._behind < self.options.up_after or self.level + 1 == len(self.ladder.rungs):
                 return []
-            why = (f"{self._behind} steps behind: step {s.busy_ms:.0f} ms (budget {budget:.0f} ms), "
-                   f"decision age {s.age_ms:.0f} ms (deadline {self.deadline_ms:.0f} ms), "
-                   f"{len(s.frames)} frames waiting, {s.dropped} dropped")
+            why = (f"behind: {'decision' if capped else 'step'} {cost:.0f} ms against a "
+                   f"{budget:.0f} ms budget" + (f", {s.dropped} frames dropped" if s.dropped else "")
+                   + f"; decision age {s.age_ms:.0f} ms (deadline {self.deadline_ms:.0f} ms)")
             return [self._change(self.level + 1, why, s)]
         self._behind = 0
-        lower = self.options.calm_ratio * self.budget_ms(self.level - 1) if self.level else 0.0
-        if self.level == 0 or late or core_bound or s.busy_ms > lower:
+        if self.level == 0:
+            return []
+        lower = self.level - 1
+        projected, room = self._projected_ms(lower), self.options.calm_ratio * self.budget_ms(lower)
+        if core_bound or projected > room:
             self._calm_since = None
             return []
         now = self.clock()
@@ -285,28 +313,40 @@ class LagController:
             self._calm_since = now
         if now - self._calm_since < self.hold_s:
             return []
-        why = (f"calm for {now - self._calm_since:.1f} s: step {s.busy_ms:.0f} ms under "
-               f"{self.options.calm_ratio:.0%} of the {lower / self.options.calm_ratio:.0f} ms budget "
-               f"below, decision age {s.age_ms:.0f} ms, the core waiting for frames")
-        return [self._change(self.level - 1, why, s)]
+        why = (f"calm for {now - self._calm_since:.1f} s: at {self.ladder.rungs[lower].name} "
+               f"{'a decision' if self.ladder.rungs[lower].reply_cap else 'a reply step'} would "
+               f"take about {projected:.0f} ms, under {self.options.calm_ratio:.0%} of its "
+               f"{self.budget_ms(lower):.0f} ms budget; the core waits for frames")
+        return [self._change(lower, why, s)]
+
+    def _projected_ms(self, level: int) -> float:
+        """A step at `level` from the running means: the frames' decision as measured at the
+        current stride (more frames than a lower stride's: an overestimate), plus, when that
+        level does not cap replies, a reply of the current cap's length (a lower bound)."""
+        d = self._decision_ms or 0.0
+        if self.ladder.rungs[level].reply_cap:
+            return d
+        return d + (self._token_ms or 0.0) * (self.reply_cap or self.full_reply_tokens)
 
     def _learn(self, s: StepTiming) -> None:
-        """Running means of the decision's time and of a reply token's (for the reply cap)."""
-        a = 0.3
-        self._decision_ms = s.decision_ms if self._decision_ms is None else (
-            (1 - a) * self._decision_ms + a * s.decision_ms)
+        """Running means of the decision's time, a reply token's, and the share of steps that
+        reply (for the reply cap)."""
+        self._decision_ms = mean(self._decision_ms, s.decision_ms)
+        self._talk = mean(self._talk, float(s.reply_tokens > 0))
         if s.reply_tokens >= 2:
-            per = max(0.0, s.busy_ms - s.decision_ms) / s.reply_tokens
-            self._token_ms = per if self._token_ms is None else (1 - a) * self._token_ms + a * per
+            self._token_ms = mean(self._token_ms, max(0.0, s.busy_ms - s.decision_ms) / s.reply_tokens)
 
     def _cap(self) -> int:
-        """Reply tokens that fit `cap_share` of the step budget after the decision."""
-        o = self.options
+        """Reply tokens whose time fits `cap_share` of the step budget after the decision, and
+        keeps the core's average step (the decision, and a reply on the share of steps that
+        reply) within `cap_share` of stride x period."""
+        o, d = self.options, self._decision_ms or 0.0
         if self._token_ms is None or self._token_ms <= 0:
-            cap = self.full_reply_tokens // 4  # no reply seen yet
-        else:
-            room = o.cap_share * self.budget_ms(1) - (self._decision_ms or 0.0)
-            cap = int(room / self._token_ms)
+            return max(min(o.min_reply_tokens, self.full_reply_tokens), self.full_reply_tokens // 4)
+        latency = o.cap_share * self.budget_ms(0) - d
+        talk = 1.0 if self._talk is None else max(self._talk, 0.05)
+        throughput = (o.cap_share * self.rung.stride * self.period_ms - d) / talk
+        cap = int(min(latency, throughput) / self._token_ms)
         return max(min(o.min_reply_tokens, self.full_reply_tokens), min(cap, self.full_reply_tokens))
 
     def _change(self, level: int, reason: str, s: StepTiming) -> LagLevelEvent:
