@@ -1,55 +1,46 @@
-"""The lag controller: keeps the live loop's decisions within a deadline of the camera by degrading
-in steps that keep the model's semantics when the core falls behind, and recovering with
+"""The lag controller: keeps the live loop's decisions within a deadline of the camera, degrading
+in steps that keep the model's semantics when the core falls behind and recovering with
 hysteresis when it has room again.
 
 What it measures (the loop hands it one `StepTiming` per step):
-- age: how old the newest frame of a step was when its decision was known (its capture time to
-  the end of the decision append); a frame decided later than the deadline after its capture,
-  or never (dropped, skipped), is a deadline miss;
-- busy: the whole step (encode, append, decide, reply) against its budget, stride x frame period
-  + deadline - the decision's time: a step longer than that makes the next frame's decision
-  late; and the decision alone (encode and append) against `cap_share` of stride x period;
-- idle: how long the core waited for its frames before the step. A core that waited did not make
-  its frame old (the source delivered it late): such a miss is the source's, and nothing the core
-  can drop would help, so the controller neither degrades for it nor counts it as calm.
+- age: how old the newest frame of a step was when its decision was known; a frame decided
+  later than the deadline after its capture, or never (dropped, skipped), is a deadline miss;
+- busy: the whole step (encode, append, decide, reply) against its budget, stride x period +
+  deadline - the decision's time (longer, and the next frame's decision is late); and the
+  decision alone (encode and append) against `cap_share` of stride x period;
+- idle: how long the core waited for its frames. A core that waited did not make its frame old
+  (the source delivered it late): nothing the core could drop would help, so the controller
+  neither degrades for such a miss (counted as the source's) nor counts the step as calm.
 
-Which level answers what: a step that overruns its budget with a reply is answered by the reply
-cap; a core whose decisions alone cannot keep up with the frame rate by the stride, then the
-decoder. A stride holds frames back by design (up to stride - 1 periods, so those frames miss a
-deadline of one period), and does not shorten a reply: it is not used against replies, and the
-loop already appends together the frames that waited during one.
-
-The ladder (level: name); each level keeps the ones below it, and each keeps the model's semantics:
+The ladder (level: name); each level keeps the ones below it:
 - 0 `full`: the model as shipped.
-- 1 `reply_cap`: replies capped to what fits the budget at the measured ms per token, and the
-   share of steps that reply (at least `min_reply_tokens`). A capped reply is a prefix of the
-   full one, cut as the authors' loop cuts at max_reply_tokens; but the cut reply stays in the
-   memory, and a model whose instruction was cut tends to say it again, so the floor keeps whole
-   instructions and the cap bounds runaway replies.
-- 2 `stride2`, 3 `stride4`: the core steps every k-th frame. "append": the k frames go in one append,
-   which is the token sequence of k silent steps (no separator: frames back to back; a separator
-   model feeds its separator, the not-talk token, after a silent frame and between joined
-   frames), so the memory is what it would have been had the model kept silent at the skipped
-   frames; only their decisions are not taken. "drop" (a separator that is not the not-talk
-   token, or a TensorRT profile that cannot take k frames in one append): only the newest of
-   each k frames is stepped, the others never enter the memory, and every frame keeps its true
-   index and capture time, so decisions are taken at a lower rate with true timestamps.
+- 1 `reply_cap`: answers a step that overran with a reply. Replies are capped to what fits the
+  budget at the measured ms per token and share of replying steps, never below
+  `min_reply_tokens`: a capped reply is a prefix of the full one, cut as the authors' loop cuts
+  at max_reply_tokens, but it stays in the memory, and a model whose instruction was cut tends
+  to say it again, so the floor keeps whole instructions and the cap bounds runaway replies.
+- 2 `stride2`, 3 `stride4`: answer decisions that cannot keep up with the frame rate (not
+  replies: a stride shortens none, holds frames back by up to stride - 1 periods, and the loop
+  already joins the frames that waited during a reply). The core steps every k-th frame.
+  "append": the k frames go in one append, which is the token sequence of k silent steps (no
+  separator: frames back to back; a separator model feeds its separator, the not-talk token,
+  after a silent frame and between joined frames): the memory is what it would have been, only
+  the skipped frames' decisions are not taken. "drop" (a separator that is not the not-talk
+  token, or a TensorRT profile too small for k frames): only the newest of each k frames is
+  stepped, the others never enter the memory, and every frame keeps its true index and time.
 - 4 `decoder`: the bundle's cheaper decoder graph (a lower precision), if it holds one.
+  Switching decoders mid-stream is not safe: the KV one graph computed is not what another
+  (other weights, another precision) would have, and the backends lay their buffers out
+  differently. The switch waits until the memory is empty, after a drop_all or
+  summarize_and_drop reset; drop_middle never empties it, so its ladder has no decoder level.
 
-Switching decoders mid-stream is not safe: the KV memory one graph computed is not what another
-(other weights, another precision) would have computed, and the backends lay their buffers out
-differently. The switch therefore waits until the memory is empty, after a drop_all or
-summarize_and_drop reset, where nothing needs carrying over. drop_middle never empties the memory,
-so the decoder level is left out of its ladder, as it is for a bundle with no cheaper decoder.
-
-Hysteresis: the controller degrades one level after `up_after` steps in a row were behind (a
-step that took k budgets counts as k), counting only frames captured after its last change (a
-backlog from before it is no evidence against the new level); it recovers one level after the
-core was calm (it waited for its frames, and the lower level's step, projected from the measured
-decision and token times, fits `calm_ratio` of that level's budget) for `hold_s` seconds of its
-clock; a degradation soon after a recovery doubles the hold (up to `max_hold_s`), so a load at
-the edge does not make it flap. Every change is a `lag_level` event with its reason; the run
-summary (`summary()`) reports the seconds spent at each level and the deadline misses.
+Hysteresis: it degrades one level after `up_after` steps in a row behind (a step that took k
+budgets counts as k), counting only frames captured after the last change (a backlog from before
+it is no evidence against the new level); it recovers one level after the core was calm (it waited for its
+frames, and the lower level's step, projected from the measured times, fits `calm_ratio` of its
+budget) for `hold_s` seconds; a degradation soon after a recovery doubles the hold (up to
+`max_hold_s`), so a load at the edge does not make it flap. Every change is a `lag_level` event
+with its reason; `summary()` gives the seconds at each level and the deadline misses.
 """
 
 from __future__ import annotations
@@ -73,7 +64,7 @@ from proassist_edge.runtime.engine import INPUTS_EMBEDS
 from proassist_edge.runtime.grabber import ThreadedSource
 from proassist_edge.runtime.messages import Frame
 from proassist_edge.runtime.prompt import StreamSettings
-from proassist_edge.runtime.stages import Stage
+from proassist_edge.runtime.stages import Stage, StageObserver
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +185,11 @@ def build_ladder(
     return Ladder(tuple(rungs), mode, tuple(notes))
 
 
-class DecisionClock:
+class DecisionClock(StageObserver):
     """A stage observer that notes when each step's decision append ends (perf_counter)."""
 
     def __init__(self) -> None:
         self.decided = 0.0
-
-    def stage_started(self, stage: Stage) -> None:
-        return None
 
     def stage_ended(self, stage: Stage, out: StepOut | np.ndarray | None) -> None:
         if stage.name == "append":
@@ -270,13 +258,9 @@ class LagController:
 
     # --- measuring -----------------------------------------------------------------------------
     def observe(self, s: StepTiming) -> list[LagLevelEvent]:
-        """Account one step; degrade or recover when it is due. Returns the change events.
-
-        Behind, with replies uncapped: the step overran its budget, or the source dropped
-        frames. Behind, with replies capped: the frames' own decision overran `cap_share` of
-        stride x period (the core cannot decide at this rate, whatever it says). Calm: the core
-        waited for its frames, and the lower level's step, projected from the measured times,
-        fits `calm_ratio` of that level's budget."""
+        """Account one step; degrade or recover when it is due (the module's rules: behind is
+        a step over `budget_ms()`, or frames dropped with replies uncapped). Returns the change
+        events."""
         self.steps += 1
         self.frames += len(s.frames)
         self.late_frames += s.late_frames(self.deadline_ms)
@@ -340,14 +324,13 @@ class LagController:
         """Reply tokens whose time fits `cap_share` of the step budget after the decision, and
         keeps the core's average step (the decision, and a reply on the share of steps that
         reply) within `cap_share` of stride x period."""
-        o, d = self.options, self._decision_ms or 0.0
-        if self._token_ms is None or self._token_ms <= 0:
-            return max(min(o.min_reply_tokens, self.full_reply_tokens), self.full_reply_tokens // 4)
-        latency = o.cap_share * self.budget_ms(0) - d
-        talk = 1.0 if self._talk is None else max(self._talk, 0.05)
-        throughput = (o.cap_share * self.rung.stride * self.period_ms - d) / talk
-        cap = int(min(latency, throughput) / self._token_ms)
-        return max(min(o.min_reply_tokens, self.full_reply_tokens), min(cap, self.full_reply_tokens))
+        o, d, full = self.options, self._decision_ms or 0.0, self.full_reply_tokens
+        cap = full // 4  # no reply timed yet
+        if self._token_ms:
+            talk = 1.0 if self._talk is None else max(self._talk, 0.05)
+            throughput = (o.cap_share * self.rung.stride * self.period_ms - d) / talk
+            cap = int(min(o.cap_share * self.budget_ms(0) - d, throughput) / self._token_ms)
+        return max(min(o.min_reply_tokens, full), min(cap, full))
 
     def _change(self, level: int, reason: str, s: StepTiming) -> LagLevelEvent:
         now = self.clock()
@@ -528,16 +511,3 @@ class LiveLag:
             self.decoders.close()
         return self.controller.summary(dropped)
 
-
-def lag_lines(lag: dict[str, Any]) -> list[str]:
-    """The run summary's lines on the deadline and the controller's levels."""
-    p95 = lag["age_ms_p95"]
-    levels = ", ".join(f"{k} {v:.1f} s" for k, v in lag["seconds"].items())
-    return [
-        f"deadline          {lag['deadline_ms']:.0f} ms: {lag['missed']} of {lag['offered']} frames "
-        f"missed it ({lag['late_frames']} late, {lag['skipped']} skipped, the rest dropped); "
-        f"{lag['late']} of {lag['decisions']} decisions late ({lag['late_source']} the source's)"
-        + ("" if p95 is None else f", decision age p95 {p95:.0f} ms"),
-        f"lag control       {'on' if lag['control'] else 'off'}: {levels}; {lag['changes']} "
-        + ("change" if lag["changes"] == 1 else "changes"),
-    ]

@@ -47,7 +47,7 @@ from proassist_edge.runtime.events import (
     reduction_events,
 )
 from proassist_edge.runtime.grabber import ThreadedSource
-from proassist_edge.runtime.lag import LagOptions, LiveLag, lag_lines
+from proassist_edge.runtime.lag import LagOptions, LiveLag
 from proassist_edge.runtime.messages import Frame, TextMessage, Utterance
 from proassist_edge.runtime.source_base import FrameSource
 from proassist_edge.runtime.speaker import Speaker, SpeakerMode
@@ -425,3 +425,16 @@ def format_summary(s: RunSummary) -> str:
         lines.append(f"event log         {s.event_write_errors} write errors (events lost)")
     return "\n".join(lines)
 
+
+def lag_lines(lag: dict[str, Any]) -> list[str]:
+    """The run summary's lines on the deadline and the controller's levels."""
+    p95 = lag["age_ms_p95"]
+    levels = ", ".join(f"{k} {v:.1f} s" for k, v in lag["seconds"].items())
+    return [
+        f"deadline          {lag['deadline_ms']:.0f} ms: {lag['missed']} of {lag['offered']} frames "
+        f"missed it ({lag['late_frames']} late, {lag['skipped']} skipped, the rest dropped); "
+        f"{lag['late']} of {lag['decisions']} decisions late ({lag['late_source']} the source's)"
+        + ("" if p95 is None else f", decision age p95 {p95:.0f} ms"),
+        f"lag control       {'on' if lag['control'] else 'off'}: {levels}; {lag['changes']} "
+        + ("change" if lag["changes"] == 1 else "changes"),
+    ]
