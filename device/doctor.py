@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from proassist_edge.device.gst import INSTALL as GST_INSTALL
+from proassist_edge.device.gst import camera_specs, probe_gst
 from proassist_edge.device.jetson import probe
 
 PRIVACY = "frames stay in memory; nothing is written unless --record"
@@ -48,7 +50,8 @@ def _try_import(module: str) -> tuple[Any, str]:
 def _onnxruntime() -> list[Check]:
     ort, why = _try_import("onnxruntime")
     if ort is None:
-        fix = "pip install onnxruntime (on Jetson: NVIDIA's onnxruntime-gpu wheel)"
+        fix = ("pip install 'proassist-edge[cpu]' (or [gpu]); on a Jetson scripts/install.sh "
+               "installs NVIDIA's onnxruntime-gpu wheel")
         return [Check("onnxruntime", False, f"not importable ({why})", fix, required=True)]
     providers = list(ort.get_available_providers())
     cuda = "CUDAExecutionProvider" in providers
@@ -108,6 +111,34 @@ def _cameras() -> list[Check]:
         "python3-picamera2`); elsewhere use --source camera:N",
     )
     return [cams, pi]
+
+
+def _gstreamer(root: Path = Path("/")) -> list[Check]:
+    """GStreamer + PyGObject (gst:, csi:), the Jetson CSI camera element, and which --source
+    specs will work on this machine."""
+    facts = probe_gst()
+    on_jetson = bool(probe().get("jetson"))
+    elements = facts.elements
+    checks = [Check(
+        "GStreamer + PyGObject",
+        facts.available,
+        f"{facts.version}; elements: " + ", ".join(k for k, v in elements.items() if v)
+        if facts.available else f"not importable ({facts.why})",
+        "" if facts.available else "needed for --source gst:PIPELINE and csi:N. " + GST_INSTALL,
+    )]
+    argus = bool(elements.get("nvarguscamerasrc") and elements.get("nvvidconv"))
+    checks.append(Check(
+        "CSI camera (nvarguscamerasrc)",
+        argus,
+        "nvarguscamerasrc and nvvidconv present" if argus else
+        "no GStreamer" if not facts.available else "nvarguscamerasrc or nvvidconv missing",
+        "" if argus else "comes with JetPack: sudo apt install nvidia-l4t-gstreamer" if on_jetson
+        else "only on Jetson boards (JetPack); here use --source gst:v4l2src or camera:N",
+    ))
+    specs = camera_specs(facts, root, opencv=_try_import("cv2")[0] is not None,
+                         picamera2=_try_import("picamera2")[0] is not None)
+    checks.append(Check("camera specs", True, "--source " + " | ".join(specs)))
+    return checks
 
 
 def _audio() -> Check:
@@ -230,6 +261,7 @@ def doctor_report(bundle: Path | None = None) -> list[Check]:
                               "pip install opencv-python-headless"),
         lambda: _module_check("PyAV", "av", "av", "pip install av"),
         _cameras,
+        _gstreamer,
         _audio,
         _speech_engines,
         _platform,

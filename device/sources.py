@@ -1,7 +1,8 @@
 """Frame sources: synthetic pattern, video file, image folder, cameras, and `open_source`.
 
 Every source yields `runtime.messages.Frame` (uint8 RGB, H x W x 3). Optional
-packages (PyAV, OpenCV, picamera2) are imported only when a source needs them.
+packages (PyAV, OpenCV, picamera2, GStreamer's PyGObject) are imported only when a source
+needs them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from proassist_edge.device.cameras import CameraSource, Picamera2Source
+from proassist_edge.device.gst import GstSource, csi_pipeline, parse_csi
 from proassist_edge.errors import MissingDependencyError, SourceError
 from proassist_edge.events import (
     FrameUnreadableEvent,
@@ -32,6 +34,7 @@ __all__ = [
     "FolderSource",
     "FrameGrabber",
     "FrameSource",
+    "GstSource",
     "Picamera2Source",
     "SourceStats",
     "SyntheticSource",
@@ -260,13 +263,17 @@ class FolderSource(FrameSource):
         self._report(SourceEndEvent(source=self.name, delivered=self.stats.delivered))
 
 
-SPECS = "synthetic, synthetic:SECONDS, file:PATH, folder:DIR, camera:N, picamera2"
+SPECS = (
+    "synthetic, synthetic:SECONDS, file:PATH, folder:DIR, camera:N, picamera2, "
+    "gst:PIPELINE (everything before the sink), csi:N[,WxH@FPS] (Jetson CSI camera)"
+)
 
 
 def open_source(spec: str, fps: float, on_event: EventCallback | None = None) -> FrameSource:
     """Make a source from a command-line spec (see SPECS); a bare path means file or folder.
 
     `synthetic` runs until closed; `synthetic:SECONDS` ends after SECONDS.
+    `gst:` takes the rest of the spec as the pipeline (colons included).
     The source is returned unopened: use it as a context manager.
     """
     kind, _, arg = spec.partition(":")
@@ -281,6 +288,12 @@ def open_source(spec: str, fps: float, on_event: EventCallback | None = None) ->
         return CameraSource(device, fps, on_event=on_event)
     if kind == "picamera2" and not arg:
         return Picamera2Source(fps, on_event=on_event)
+    if kind == "gst":
+        return GstSource(arg, fps, on_event=on_event)
+    if kind == "csi":
+        csi = parse_csi(arg)
+        return GstSource(csi_pipeline(csi), fps, name=f"csi:{csi.sensor_id}", live=True,
+                         on_event=on_event)
     path = Path(spec)
     if path.is_dir():
         return FolderSource(path, fps, on_event)
