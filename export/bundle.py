@@ -26,6 +26,7 @@ from proassist_edge.export.onnx_export import (
 )
 from proassist_edge.export.verify import Tolerance, verify_bundle
 from proassist_edge.manifest import GraphEntry, Manifest, ModelFacts, sha256_file, write_manifest
+from proassist_edge.progress import Stages
 from proassist_edge.runtime.backend import Decoder
 from proassist_edge.runtime.prompt import StreamSettings
 
@@ -37,14 +38,56 @@ DEFAULT_SYSTEM = (
 
 @dataclass(frozen=True)
 class ExportOptions:
+    """`verify`: "quick" (the default: a stream that ends a few frames after its first context
+    reset, reached early by a small context, replies capped short), "full" (a long stream at the
+    bundle's own context and reply caps) or "none". `verify_frames` and `max_reply_tokens` are
+    the mode's caps unless given."""
+
     max_seq_len: int | None = None
     opset: int = 18
-    verify: bool = True
-    verify_frames: int = 300
+    verify: str | bool = "quick"  # True means "quick", False "none"
+    verify_frames: int | None = None
     variants: tuple[str, ...] = ("portable", "optimized")
-    max_reply_tokens: int = 100
+    max_reply_tokens: int | None = None
     threshold: float | None = None  # the manifest's default (else the checkpoint's, else 0.5)
     tolerance: Tolerance | None = None
+
+    @property
+    def verify_mode(self) -> str:
+        mode = self.verify if isinstance(self.verify, str) else ("quick" if self.verify else "none")
+        if mode not in VERIFY_MODES:
+            raise ExportError(f"verify mode {self.verify!r}: choose one of {', '.join(VERIFY_MODES)}")
+        return str(mode)
+
+
+VERIFY_MODES = ("quick", "full", "none")
+# The quick check: a context of 512 positions whose reduction (at 384, drop_middle keeping the
+# last 256) comes after ~60 frames of a 5-token-per-frame model, replies and summaries capped,
+# and the stream ends 8 frames after the first reset: the reset path runs, at a fraction of the
+# cost of 300 frames with 100-token replies (`--verify full`).
+QUICK = {"max_seq_len": 512, "drop_middle_tail": 256, "max_reply_tokens": 8,
+         "max_summary_tokens": 16, "frames": 240, "after_reset": 8}
+FULL_FRAMES, FULL_REPLY_TOKENS = 300, 100
+
+
+def verify_settings(opts: ExportOptions, facts: ModelFacts) -> tuple[StreamSettings, int, int | None]:
+    """The verification stream's settings, its frame cap, and frames after the first reset."""
+    if opts.verify_mode == "full":
+        settings = StreamSettings(
+            context_strategy=facts.context_strategy, max_seq_len=facts.max_seq_len,
+            max_reply_tokens=opts.max_reply_tokens or FULL_REPLY_TOKENS,
+            threshold=facts.default_threshold,
+        )
+        return settings, opts.verify_frames or FULL_FRAMES, None
+    settings = StreamSettings(
+        context_strategy=facts.context_strategy,
+        max_seq_len=min(QUICK["max_seq_len"], facts.max_seq_len),
+        drop_middle_tail=QUICK["drop_middle_tail"],
+        max_reply_tokens=opts.max_reply_tokens or QUICK["max_reply_tokens"],
+        max_summary_tokens=QUICK["max_summary_tokens"],
+        threshold=facts.default_threshold,
+    )
+    return settings, opts.verify_frames or QUICK["frames"], QUICK["after_reset"]
 
 
 def model_facts(
@@ -116,11 +159,12 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Export CKPT into the bundle folder OUT (which must not exist). Returns the summary."""
     opts = options or ExportOptions()
+    mode = opts.verify_mode  # a bad mode fails before any work
     out = Path(out)
     if out.exists():
         raise ExportError(f"{out} already exists: choose a new folder or remove it first")
-    steps = tqdm(total=6 + len(opts.variants), desc="export", unit="step")
-    steps.set_postfix_str("loading checkpoint")
+    steps = Stages(6 + len(opts.variants), "export")
+    steps.stage("loading checkpoint")
     ck = load_checkpoint(ckpt, llm_from, vision_from, tokens_per_frame)
     steps.update()
     max_len = opts.max_seq_len or ck.config.max_seq_len
@@ -129,10 +173,12 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         graphs, left_out = _export_graphs(ck, tmp, opts, steps)
+        steps.stage("embeddings, tokenizer")
         table = ck.model.llm.get_input_embeddings().weight.detach().float().numpy()  # type: ignore[operator]
         np.save(tmp / "embeddings.npy", table)
         shutil.copy(ck.tokenizer_path, tmp / "tokenizer.json")
         steps.update()
+        steps.stage("manifest, decoders' first run")
         facts = model_facts(ck, max_len, system, opts.threshold)
         manifest = Manifest(
             model=facts,
@@ -150,15 +196,9 @@ def export_bundle(
             notes=[n for _, n in left_out],
         )
         left_out += check_decoders_run(tmp, manifest)
-        if opts.verify:
-            steps.set_postfix_str("verifying against PyTorch")
-            settings = StreamSettings(
-                context_strategy=facts.context_strategy,
-                max_seq_len=max_len,
-                max_reply_tokens=opts.max_reply_tokens,
-                threshold=facts.default_threshold,
-            )
-            report, dropped = verify_decoders(ck, tmp, manifest, settings, opts, system)
+        if mode != "none":
+            steps.stage(f"verifying against PyTorch ({mode})")
+            report, dropped = verify_decoders(ck, tmp, manifest, opts, system)
             left_out += dropped
             (tmp / "verify.json").write_text(json.dumps(report, indent=2))
             manifest.verify = {k: v for k, v in report.items() if k != "decoders"}
@@ -166,6 +206,7 @@ def export_bundle(
             tmp, manifest, decoder_names(manifest), steps, [name for name, _ in left_out]
         )
         manifest.notes.append(note)
+        steps.stage("writing")
         write_manifest(tmp, manifest)
         steps.update()
         steps.close()
@@ -175,32 +216,33 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         steps.close()
         raise
-    return summarize(out, manifest)
+    return {**summarize(out, manifest), **steps.summary()}
 
 
 def _export_graphs(
-    ck: LoadedCheckpoint, root: Path, opts: ExportOptions, steps: tqdm
+    ck: LoadedCheckpoint, root: Path, opts: ExportOptions, steps: Stages
 ) -> tuple[dict[str, GraphEntry], list[tuple[str, str]]]:
     """The graphs, and (name, note) for each optional decoder that could not be built."""
     graphs: dict[str, GraphEntry] = {}
     left_out: list[tuple[str, str]] = []
-    steps.set_postfix_str("vision graph")
+    steps.stage("vision graph")
     graphs["vision"] = _entry(
         root, "vision.onnx", export_vision(ck.model, root / "vision.onnx", opts.opset)
     )
     steps.update()
     if ck.model.decision_head is not None:
+        steps.stage("head graph")
         graphs["head"] = _entry(
             root, "head.onnx", export_head(ck.model, root / "head.onnx", opts.opset)
         )
     steps.update()
     if "portable" in opts.variants:
-        steps.set_postfix_str("portable decoder")
+        steps.stage("portable decoder")
         spec = export_portable_decoder(ck.model, root / "decoder.onnx", opts.opset)
         graphs["decoder"] = _entry(root, "decoder.onnx", spec, "portable")
         steps.update()
     if "optimized" in opts.variants:
-        steps.set_postfix_str("optimized decoder (onnxruntime-genai builder)")
+        steps.stage("optimized decoder (onnxruntime-genai builder)")
         try:
             file, data, spec = build_optimized_decoder(ck.model, ck.tokenizer_path, root)
         except ExportError as e:
@@ -309,7 +351,6 @@ def verify_decoders(
     ck: LoadedCheckpoint,
     root: Path,
     manifest: Manifest,
-    settings: StreamSettings,
     opts: ExportOptions,
     system: str,
 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -319,11 +360,12 @@ def verify_decoders(
     decoders = decoder_names(manifest)
     manifest.default_decoder = decoders[0]  # provisional: vision_diff opens the default
     write_manifest(root, manifest)
+    settings, frames, after_reset = verify_settings(opts, manifest.model)
 
     def verify(names: list[str]) -> dict[str, Any]:
-        return verify_bundle(
-            ck, root, names, settings, opts.verify_frames, system, tol=opts.tolerance
-        )
+        report = verify_bundle(ck, root, names, settings, frames, system, tol=opts.tolerance,
+                               after_reset=after_reset, progress=True)
+        return {"mode": opts.verify_mode, **report}
 
     try:
         return verify(decoders), []
@@ -355,7 +397,7 @@ def data_files(graphs: dict[str, GraphEntry]) -> list[str]:
 
 
 def choose_default(
-    root: Path, manifest: Manifest, decoders: list[str], steps: tqdm, left_out: list[str] | None = None
+    root: Path, manifest: Manifest, decoders: list[str], steps: Stages, left_out: list[str] | None = None
 ) -> tuple[str, str]:
     if len(decoders) == 1:
         why = "the only one exported"
@@ -363,7 +405,7 @@ def choose_default(
             why = f"the only one left ({', '.join(left_out)} left out: see its note)"
         return decoders[0], f"default decoder {decoders[0]}: {why}"
     write_manifest(root, manifest)
-    steps.set_postfix_str("timing decoders")
+    steps.stage("timing decoders")
     timings = {d: time_decoder(root, d, manifest.model.tokens_per_frame) for d in decoders}
     best = min(timings, key=lambda k: timings[k])
     figures = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in timings.items())

@@ -90,6 +90,31 @@ def decoder_logit_diff(ck: LoadedCheckpoint, bundle: Path, decoder: str) -> floa
     return worst
 
 
+def reference_stream(
+    ck: LoadedCheckpoint, settings: StreamSettings, system: str, knowledge: str,
+    stream: np.ndarray, messages: list[TextMessage], after_reset: int | None, progress: bool,
+    fps: float = 2.0,
+) -> list[FrameResult]:
+    """The PyTorch reference loop over STREAM, stopped `after_reset` frames after its first
+    context reset when that is given."""
+    from tqdm import tqdm
+
+    loop = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, settings, system, knowledge)
+    queue = sorted(messages, key=lambda m: m.t)
+    results: list[FrameResult] = []
+    stop = len(stream)
+    for i in tqdm(range(len(stream)), desc="verify: PyTorch reference", unit="frame",
+                  disable=not progress, leave=False):
+        if i >= stop:
+            break
+        due = [m for m in queue if m.t <= i / fps + 1e-9]
+        queue = queue[len(due) :]
+        results.append(loop.step(stream[i : i + 1], i, i / fps, due))
+        if after_reset is not None and results[-1].reset and stop == len(stream):
+            stop = min(stop, i + 1 + after_reset)
+    return results
+
+
 def verify_bundle(
     ck: LoadedCheckpoint,
     bundle: Path,
@@ -99,14 +124,18 @@ def verify_bundle(
     system: str = "",
     knowledge: str = "",
     tol: Tolerance | None = None,
+    after_reset: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Run every check; raise ToleranceError on a miss; return the figures for verify.json."""
+    """Run every check; raise ToleranceError on a miss; return the figures for verify.json.
+
+    The stream is `frames` long, or with `after_reset` it ends that many frames after the first
+    context reset (at most `frames`): the quick check, whose settings put the reset early."""
     tol = tol or Tolerance()
     stream = synthetic_stream(frames)
     messages = [TextMessage("user", "What should I do next?", t=min(5.0, frames / 4))]
-    ref = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, settings, system, knowledge).run(
-        stream, messages
-    )
+    ref = reference_stream(ck, settings, system, knowledge, stream, messages, after_reset, progress)
+    stream = stream[: len(ref)]
     v_abs, v_rel = vision_diff(ck, bundle)
     report: dict[str, Any] = {"vision_max_abs_diff": v_abs, "vision_max_rel_diff": v_rel, "decoders": {}}
     for name in decoders:
@@ -119,6 +148,7 @@ def verify_bundle(
             **compare_streams(ref, got),
         }
         report["decoders"][name] = figures
+    frames = len(stream)
     worst = {
         "max_abs_logit_diff": max(d["max_abs_logit_diff"] for d in report["decoders"].values()),
         "max_abs_p_not_talk_diff": max(
@@ -128,6 +158,10 @@ def verify_bundle(
         "token_match_rate": min(d["token_match_rate"] for d in report["decoders"].values()),
         "frames": frames,
         "talk_frames_reference": sum(r.talk for r in ref),
+        "resets_reference": sum(r.reset is not None for r in ref),
+        "max_seq_len": settings.max_seq_len,
+        "max_reply_tokens": settings.max_reply_tokens,
+        "reference_dtype": str(next(ck.model.parameters()).dtype).removeprefix("torch."),
     }
     report.update(worst)
     fails = []

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from proassist_edge.errors import DataError
 from proassist_edge.manifest import (
@@ -28,6 +27,7 @@ from proassist_edge.manifest import (
     sha256_file,
     write_manifest,
 )
+from proassist_edge.progress import Stages
 from proassist_edge.quant import graphs as G
 from proassist_edge.quant.calibration import (
     FeedReader,
@@ -55,6 +55,26 @@ from proassist_edge.quant.sensitivity import explain_misses
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 
 PRECISIONS = ("int8", "int4", "fp16")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much the comparison costs: held-out streams and their frames (calibration draws as
+    many), the frames the non-default decoder variants replay (None: all of every stream;
+    the QDQ graph, TensorRT's form, runs several times slower than the others on CPU), and
+    whether a missed target starts the per-layer sensitivity scan."""
+
+    streams: int
+    frames: int
+    other_frames: int | None
+    sensitivity: bool
+
+
+BUDGETS = {
+    "quick": Budget(1, 40, 16, False),
+    "standard": Budget(2, 60, 20, True),
+    "thorough": Budget(3, 120, None, True),
+}
 SKIPPABLE = ("vision", "decoder")
 REPORT = "quant_report.json"
 
@@ -117,11 +137,12 @@ def check_parent(pm: Manifest, parent: Path, out: Path) -> None:
 def quantize_bundle(
     parent: str | Path, out: str | Path, precision: str = "int8", calibration: str | None = None,
     block_size: int = 32, accuracy_level: int | None = 4, skip: Collection[str] = (),
-    keep_fp32: Sequence[str] = (), eval_data: str | Path | None = None, streams: int = 3,
-    frames: int = 120, *, embeddings: str | None = None, reply_tokens: int = 16,
+    keep_fp32: Sequence[str] = (), eval_data: str | Path | None = None, streams: int | None = None,
+    frames: int | None = None, *, budget: str = "standard", embeddings: str | None = None,
+    reply_tokens: int = 16,
     per_channel: bool = True, keep_8bit: Sequence[str] = (), max_calibration_samples: int = 128,
     targets: Targets | None = None,
-    sensitivity_on_miss: bool = True, threads: int = 0, progress: bool = True,
+    sensitivity_on_miss: bool | None = None, threads: int = 0, progress: bool = True,
     evaluator: Evaluator | None = None,
 ) -> dict[str, Any]:
     """Write the quantized child of the fp32 bundle PARENT into OUT (which must not exist).
@@ -131,8 +152,15 @@ def quantize_bundle(
     patterns ("lm_head", "layers.3.", "decoder:layers.0.*", "vision:projector"). `keep_8bit`:
     patterns whose nodes an int4 decoder keeps in 8-bit blocks ("lm_head"). `evaluator` (bundle,
     data) -> metrics gives the paper's metrics of both bundles on `eval_data` (the CLI passes the
-    eval part's; quant does not import it)."""
+    eval part's; quant does not import it). `budget` (BUDGETS) sizes the comparison; `streams`,
+    `frames` and `sensitivity_on_miss` override it."""
     t0 = time.time()
+    if budget not in BUDGETS:
+        raise QuantizeError(f"budget {budget!r}: choose one of {', '.join(BUDGETS)}")
+    b = BUDGETS[budget]
+    streams, frames = streams or b.streams, frames or b.frames
+    if sensitivity_on_miss is None:
+        sensitivity_on_miss = b.sensitivity
     parent, out = Path(parent), Path(out)
     check_options(precision, skip, block_size, accuracy_level, streams, frames, embeddings)
     check_request(precision, out, keep_8bit, eval_data)
@@ -142,8 +170,7 @@ def quantize_bundle(
     jobs = plan(pm, precision, skip, recipe)
     cal, test = choose_streams(calibration, eval_data, streams, frames, pm.model.fps)
     compared = [j for j in jobs if pm.graphs[j.source].variant in ("portable", "optimized")]
-    bar = tqdm(total=3 + len(jobs) + len(compared), desc=f"quantize {precision}", unit="step",
-               disable=not progress)
+    bar = Stages(3 + len(jobs) + len(compared), f"quantize {precision}", progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -162,13 +189,14 @@ def quantize_bundle(
         # every episode for the default decoder (what the bundle runs); `streams` of them for
         # the other variants (the QDQ graph, TensorRT's form, runs ~5x slower on CPU)
         report = build_report(pm, manifest, parent, tmp, base, child, jobs, compared, test,
-                              reply_tokens, bar, streams)
+                              reply_tokens, bar, b.other_frames)
         report.update(
             precision=precision, calibration=str(calibration or "synthetic"), streams=len(test),
             frames=sum(len(t.frames) for t in test), reply_tokens=reply_tokens, embeddings=emb_figures,
             compared_on=str(eval_data) if eval_data else "held-out calibration streams",
             calibration_samples=sample_counts(recorder),
         )
+        bar.stage("explaining misses" if sensitivity_on_miss else "targets")
         explain_misses(
             report, targets or TARGETS[precision], parent, base, child,
             {j.name: j.source for j in compared}, test, sensitivity_on_miss,
@@ -178,10 +206,10 @@ def quantize_bundle(
         bar.set_postfix_str("paper metrics" if eval_data else "writing")
         data = Path(eval_data) if eval_data else None
         report["eval"] = paper_metrics(parent, tmp, data, evaluator)
-        report["elapsed_s"] = round(time.time() - t0, 1)
-        write_report(tmp, manifest, report)
         bar.update()
         bar.close()
+        report.update(budget=budget, elapsed_s=round(time.time() - t0, 1), **bar.summary())
+        write_report(tmp, manifest, report)
         tmp.chmod(0o755)  # mkdtemp made it 0700: the bundle is read by whoever runs it
         tmp.rename(out)
     except BaseException:
@@ -224,7 +252,7 @@ def write_report(tmp: Path, manifest: Manifest, report: dict[str, Any]) -> None:
 
 def build_graphs(
     jobs: list[Job], pm: Manifest, parent: Path, tmp: Path, keep_fp32: Sequence[str],
-    recorder: FeedRecorder | None, cal: list[np.ndarray], bar: tqdm,
+    recorder: FeedRecorder | None, cal: list[np.ndarray], bar: Stages,
 ) -> tuple[dict[str, GraphEntry], list[str]]:
     entries, notes = {}, []
     # prepared graphs live in a scratch folder beside the child, never inside a bundle
@@ -365,9 +393,13 @@ def describe(job: Job, n: int, kept: list[str], fp32_nodes: list[str], rec: Feed
 
 def build_report(
     pm: Manifest, cm: Manifest, parent: Path, child_root: Path, base: Bundle, child: Bundle,
-    jobs: list[Job], compared: list[Job], streams: list[Stream], reply_tokens: int, bar: tqdm,
-    others: int,
+    jobs: list[Job], compared: list[Job], streams: list[Stream], reply_tokens: int, bar: Stages,
+    other_frames: int | None,
 ) -> dict[str, Any]:
+    """The child against the parent. The parent side always replays on its optimized decoder
+    when it has one (the same model as the portable one, verified at export, but without the
+    portable graph's copy of the whole cache at every step); the default decoder is compared on
+    every stream, the other variants on the first stream's first `other_frames` frames."""
     psizes, csizes = graph_sizes(parent, pm), graph_sizes(child_root, cm)
     graphs = {
         j.name: {"file": cm.graphs[j.name].file, "precision": cm.graphs[j.name].precision,
@@ -376,12 +408,15 @@ def build_report(
         for j in jobs
     }
     decoders = {}
+    fast = next((k for k, g in pm.graphs.items() if g.variant == "optimized"), None)
     for j in compared:
-        bar.set_postfix_str(f"comparing {j.name} with {j.source}")
-        on = streams if j.name == cm.default_decoder else streams[:others]
-        figures = compare_decoders(replace(base, decoder_name=j.source), replace(child, decoder_name=j.name),
+        source = fast or j.source
+        bar.stage(f"comparing {j.name} with {source}")
+        on = streams if j.name == cm.default_decoder or other_frames is None else [
+            st._replace(frames=st.frames[:other_frames]) for st in streams[:1]]
+        figures = compare_decoders(replace(base, decoder_name=source), replace(child, decoder_name=j.name),
                                    on, reply_tokens, pm.model.fps)
-        decoders[j.name] = {"parent_graph": j.source, "variant": cm.graphs[j.name].variant,
+        decoders[j.name] = {"parent_graph": source, "variant": cm.graphs[j.name].variant,
                             "precision": cm.graphs[j.name].precision, **figures}
         bar.update()
     vision: dict[str, Any] | str = "not quantized"

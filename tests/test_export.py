@@ -38,8 +38,12 @@ def test_fixture_exports_and_verifies_both_decoders(
         assert figures["decision_agreement"] == 1.0
         assert figures["token_match_rate"] == 1.0
         assert figures["max_abs_logit_diff"] < 1e-3
-    assert report["frames"] == 150
-    assert 0 < report["talk_frames_reference"] < 150, "the stream must exercise talk and silence"
+    # the quick check: a small context whose first reset comes early, the stream ends 8 frames on
+    assert report["mode"] == "quick" and report["resets_reference"] >= 1
+    assert report["max_seq_len"] == 512 and report["max_reply_tokens"] == 6
+    assert 8 < report["frames"] <= 150
+    n = report["frames"]
+    assert 0 < report["talk_frames_reference"] < n, "the stream must exercise talk and silence"
     m = load_manifest(bundle)  # every sha256 checks
     assert m.model.tokens_per_frame == tpf
     assert m.model.w2t_mode == ("lm" if w2t == "lm" else "head")
@@ -54,6 +58,21 @@ def test_fixture_exports_and_verifies_both_decoders(
     assert not any("/gate_proj/" in n or "/up_proj/" in n for n in ops)
     for path in (bundle, *bundle.iterdir()):  # readable by the user the runtime runs as
         assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def test_full_verification_runs_the_bundles_own_context(tiny_ckpt, tmp_path: Path) -> None:
+    ckpt = tiny_ckpt(5, "lm", 1)
+    with pytest.raises(ExportError, match="verify mode"):
+        export_bundle(ckpt, tmp_path / "bad", options=ExportOptions(verify="thorough"))
+    assert not (tmp_path / "bad").exists()
+    opts = ExportOptions(verify="full", verify_frames=12, max_reply_tokens=3, variants=("portable",))
+    summary = export_bundle(ckpt, tmp_path / "full", options=opts)
+    report = json.loads((tmp_path / "full" / "verify.json").read_text())
+    assert report["mode"] == "full" and report["frames"] == 12 and report["resets_reference"] == 0
+    assert report["max_seq_len"] == load_manifest(tmp_path / "full").model.max_seq_len
+    assert report["max_reply_tokens"] == 3
+    assert summary["stages"]["verifying against PyTorch (full)"]["seconds"] > 0
+    assert summary["peak_rss_bytes"] > 0
 
 
 @pytest.mark.parametrize("up_first", [False, True])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,8 +62,14 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--tokens-per-frame", type=int, help="expected tokens per frame (checked)")
     p.add_argument("--variants", default="portable,optimized", help="decoder variants to export")
-    p.add_argument("--verify-frames", type=int, default=300)
-    p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    p.add_argument("--verify", choices=["quick", "full", "none"], default="quick",
+                   help="against PyTorch: quick (default; a short stream through one context "
+                   "reset, replies capped at 8 tokens), full (300 frames at the bundle's own "
+                   "context, 100-token replies) or none (not recommended)")
+    p.add_argument("--verify-frames", type=int, help="frame cap of the verification stream")
+    p.add_argument("--no-verify", action="store_true", help="the same as --verify none")
+    p.add_argument("--json", type=Path, help="also write the summary (files, verification, "
+                   "seconds and peak RSS per stage) to this file")
     p.add_argument("--threshold", type=float,
                    help="the manifest's default talk threshold (default: the checkpoint's, else 0.5)")
     p.set_defaults(func=run_export)
@@ -85,7 +92,7 @@ def run_export(args: argparse.Namespace) -> int:
     opts = ExportOptions(
         max_seq_len=args.max_seq_len,
         opset=args.opset,
-        verify=not args.no_verify,
+        verify="none" if args.no_verify else args.verify,
         verify_frames=args.verify_frames,
         variants=tuple(args.variants.split(",")),
         threshold=args.threshold,
@@ -107,9 +114,16 @@ def run_export(args: argparse.Namespace) -> int:
             "decision_agreement",
             "token_match_rate",
             "frames",
+            "resets_reference",
         ]
-        print(table([(k, v[k]) for k in keys], ["verification (worst decoder)", "value"]))
+        print(table([(k, v.get(k, "")) for k in keys], [f"verification ({v.get('mode', '')}, worst decoder)",
+                                                         "value"]))
+    stages = [(k, f"{r['seconds']:.1f}", human_bytes(int(r["peak_rss_bytes"])))
+              for k, r in summary.get("stages", {}).items()]
+    print(table(stages, ["stage", "seconds", "peak RSS so far"]))
     print(f"default decoder: {summary['default_decoder']}; bundle: {summary['bundle']}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
     return 0
 
 

@@ -33,8 +33,12 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-8bit", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="int4: give these nodes 8-bit weight blocks instead of 4, e.g. lm_head")
     p.add_argument("--eval", type=Path, metavar="DATA", help="task-world split: paper metrics for both")
-    p.add_argument("--streams", type=int, default=3, help="streams to calibrate on and compare (3)")
-    p.add_argument("--frames", type=int, default=120, help="frames per stream (120)")
+    p.add_argument("--budget", choices=["quick", "standard", "thorough"], default="standard",
+                   help="how much the comparison replays: quick (1 stream of 40 frames, no "
+                   "sensitivity scan), standard (2 of 60; the other decoder variants on 20 frames), "
+                   "thorough (3 of 120, every variant on every stream)")
+    p.add_argument("--streams", type=int, help="streams to calibrate on and compare (the budget's)")
+    p.add_argument("--frames", type=int, help="frames per stream (the budget's)")
     p.add_argument("--reply-tokens", type=int, default=16, help="reply cap while comparing (16)")
     p.add_argument("--embeddings", choices=["float32", "float16", "int8"],
                    help="embedding table dtype (default: int8 for int8/int4, float16 for fp16)")
@@ -57,7 +61,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         block_size=args.block_size, accuracy_level=args.accuracy_level, skip=set(args.skip),
         keep_fp32=args.keep_fp32, eval_data=args.eval, streams=args.streams, frames=args.frames,
         embeddings=args.embeddings, reply_tokens=args.reply_tokens, per_channel=not args.per_tensor,
-        sensitivity_on_miss=not args.no_sensitivity, threads=args.threads, keep_8bit=args.keep_8bit,
+        sensitivity_on_miss=False if args.no_sensitivity else None, budget=args.budget,
+        threads=args.threads, keep_8bit=args.keep_8bit,
         evaluator=evaluate_with_content,
     )
     print(render(report))
