@@ -10,9 +10,9 @@ Both expose the same small interface, used only by the core.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import onnxruntime as ort
@@ -34,6 +34,36 @@ class Decoder(Protocol):
     def append(self, embeds: np.ndarray) -> StepOut: ...
     def reset(self) -> None: ...
     def keep(self, prefix_len: int, start: int, end: int) -> None: ...
+
+
+@runtime_checkable
+class KvTransfer(Protocol):
+    """A decoder whose memory can be read out and put back (the warm start, runtime/warm.py):
+    both onnxruntime decoders; TensorRT's keeps its memory on the GPU and has no such path."""
+
+    kv_len: int
+    capacity: int
+    sess: ort.InferenceSession
+
+    def export_kv(self) -> list[np.ndarray]: ...
+    def import_kv(self, kv: Sequence[np.ndarray]) -> None: ...
+
+
+def check_kv(kv: Sequence[np.ndarray], like: Sequence[np.ndarray], capacity: int) -> int:
+    """The length of a memory `kv` to import where buffers of `like`'s type and (1, kv_heads,
+    any, head_dim) shape hold `capacity` positions; a BundleError says what differs."""
+    if len(kv) != len(like):
+        raise BundleError(f"KV of {len(kv)} buffers for a decoder of {len(like)}: it was made "
+                          "for another model; compute it again")
+    n = kv[0].shape[2] if kv and kv[0].ndim == 4 else 0
+    for a, b in zip(kv, like, strict=True):
+        want = (1, b.shape[1], n, b.shape[3])
+        if a.dtype != b.dtype or a.shape != want:
+            raise BundleError(f"KV buffer {a.dtype} {a.shape} where {b.dtype} {want} is due: it "
+                              "was made for another model or precision; compute it again")
+    if n > capacity:
+        raise BundleError(f"KV of {n} positions for a memory of {capacity}: compute it again")
+    return n
 
 
 def providers(prefer: str = "auto") -> list[str]:
@@ -193,6 +223,18 @@ class GqaDecoder:
             a[:, :, prefix_len : prefix_len + n] = a[:, :, start:end]  # numpy handles overlap
         self.kv_len = prefix_len + n
 
+    def export_kv(self) -> list[np.ndarray]:
+        """Copies of the memory: [0, kv_len) of every key and value buffer (layer order, key
+        then value), each (1, kv_heads, kv_len, head_dim) in the graph's KV type."""
+        return [a[:, :, : self.kv_len].copy() for a in self.kv]
+
+    def import_kv(self, kv: Sequence[np.ndarray]) -> None:
+        """Replace the memory with `kv` (as export_kv gives it), copied into the bound buffers."""
+        n = check_kv(kv, self.kv, self.capacity)
+        for a, b in zip(self.kv, kv, strict=True):
+            a[:, :, :n] = b
+        self.kv_len = n
+
 
 class PortableDecoder:
     def __init__(
@@ -244,6 +286,15 @@ class PortableDecoder:
             np.concatenate([a[:, :, :prefix_len], a[:, :, start:end]], axis=2) for a in self.past
         ]
         self.kv_len = prefix_len + end - start
+
+    def export_kv(self) -> list[np.ndarray]:
+        """As GqaDecoder.export_kv: copies of the past keys and values."""
+        return [a.copy() for a in self.past]
+
+    def import_kv(self, kv: Sequence[np.ndarray]) -> None:
+        """Replace the memory with `kv` (as export_kv gives it)."""
+        self.kv_len = check_kv(kv, self.past, self.capacity)
+        self.past = [np.ascontiguousarray(a) for a in kv]
 
 
 IN_PLACE_MAX = 16  # appends up to this many tokens write into buffers kept per length

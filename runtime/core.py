@@ -23,6 +23,7 @@ from proassist_edge.runtime.conversation import MessageSchedule
 from proassist_edge.runtime.messages import FrameResult, TextMessage
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings, decide_talk
 from proassist_edge.runtime.stages import Stage, StageName, StageObserver
+from proassist_edge.runtime.warm import WarmStart, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,12 @@ class StreamCore:
         self.task_knowledge = find_knowledge("", [("system", self.opening)])
         self.prefix_len: int | None = None  # drop_middle's kept prefix, once a user spoke
         self.pending: list[int] = self.pb.opening(self.system, self.knowledge)
+        # the warm start restores the opening's KV (runtime/warm.py); a reduction never does
+        self.warm: WarmStart | None = None
+        if self.s.warm:
+            self.warm = warm_start(self.b, self.dec, self.pending)
+            if self.warm.ready:
+                self.pending = []
         self.prev_p: float | None = None
         self.fed_last = True  # whether the last decoded token entered the cache
 

@@ -35,6 +35,9 @@ class StreamSettings:
     # False, the authors' loop: a reply's final eos is not fed back; True feeds it, as training
     # sequences hold it (one more position per reply or summary that ends in eos)
     feed_eos: bool = False
+    # restore the opening message's KV from the warm-start cache, computing it when missing
+    # (runtime/warm.py); decisions and tokens are those of a cold start
+    warm: bool = False
 
     def __post_init__(self) -> None:
         if self.context_strategy not in CONTEXT_STRATEGIES:

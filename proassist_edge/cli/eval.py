@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from proassist_edge.cli.run import add_talk_rule_arguments, talk_rule_overrides
+from proassist_edge.cli.run import add_talk_rule_arguments, add_warm_argument, talk_rule_overrides
 from proassist_edge.eval.evaluate import EpisodeScorer, evaluate, plot_sweep
 from proassist_edge.eval.metrics import DEFAULT_WINDOW
 from proassist_edge.eval.score import add_embedder_argument, add_window_argument, parse_window
@@ -36,6 +36,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", type=Path)
     p.add_argument("--data", required=True, type=Path, help="split folder or ProAssist prepared .jsonl")
     add_talk_rule_arguments(p, "one or more (a sweep)", many=True)
+    add_warm_argument(p)
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--plot", type=Path, help="precision/recall PNG (with a sweep)")
     p.add_argument("--limit", type=int, help="first N episodes only")
@@ -49,6 +50,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from proassist_edge.eval.textsim import make_similarity
 
+    settings = {**talk_rule_overrides(args), "warm": args.warm or None}
     report = evaluate(
         args.bundle,
         args.data,
@@ -59,9 +61,9 @@ def run_eval(args: argparse.Namespace) -> int:
         args.decoder,
         args.context,
         scorers=task_scorers(),
-        settings=talk_rule_overrides(args),
+        settings=settings,
     )
-    report["settings"] = {k: v for k, v in talk_rule_overrides(args).items() if v is not None}
+    report["settings"] = {k: v for k, v in settings.items() if v is not None}
     print(render_report(report))
     if args.diff_margin is not None:
         print(f"talk rule: diff, margin {args.diff_margin:g} (talk when P(not talk) fell by more, "

@@ -45,6 +45,14 @@ def talk_rule_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"diff_margin": args.diff_margin, "feed_eos": args.feed_eos}
 
 
+def add_warm_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warm", action="store_true",
+                   help="restore the opening prompt's KV from the warm-start cache: BUNDLE/warm, "
+                        "or the user cache (~/.cache/proassist-edge/warm, or under "
+                        "$PROASSIST_EDGE_CACHE), where it is computed and saved when missing; "
+                        "same decisions and replies, a faster first frame")
+
+
 def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder (proassist-edge export)")
     add_talk_rule_arguments(p, "talk when P(not talk) <= T (default: bundle's)")
@@ -54,13 +62,14 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", help="decoder graph of the bundle (default: the bundle's choice)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per physical core)")
     p.add_argument("--quiet", action="store_true", help="no live console lines")
+    add_warm_argument(p)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "threshold": args.threshold, "context_strategy": args.context,
         "max_seq_len": args.max_seq_len, "max_reply_tokens": args.max_reply_tokens,
-        **talk_rule_overrides(args),
+        **talk_rule_overrides(args), "warm": args.warm,
     }
 
 
