@@ -24,7 +24,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,${/^#/!q;p}' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg (use --dry-run)" >&2; exit 2 ;;
   esac
 done
