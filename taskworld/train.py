@@ -114,9 +114,11 @@ def metrics_line(m: Metrics) -> str:
 
 
 def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None,
-          data_seed: int = 0, ship: bool = False, command: str = "", threads: int = 1) -> dict[str, Any]:
+          data_seed: int = 0, ship: bool = False, command: str = "", threads: int = 1,
+          init: Path | None = None) -> dict[str, Any]:
     """Train PRESET, write out/taskworld-<name>.{safetensors,json} (and copy them into
-    taskworld/assets with ship); returns the run summary."""
+    taskworld/assets with ship); returns the run summary. INIT: a lite run's compact weights
+    (or a shipped name's) to start from."""
     from tqdm import tqdm
 
     from proassist_edge.eval.textsim import ExactSimilarity
@@ -135,6 +137,8 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     trainee: Trainee = (TinyTrainee if preset.name == "tiny" else LiteTrainee)(
         preset, convs, lambda i: make_episode("train", i, data_seed).frames
     )
+    if init is not None:
+        trainee.load(init)
     batches = Batches(preset, trainee, convs, rng)
     val = [make_episode("val", i, data_seed) for i in range(preset.val_episodes)]
     params = [p for p in trainee.model.parameters() if p.requires_grad]
@@ -170,7 +174,7 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
         "command": command, "seed": seed, "data_seed": data_seed, "preset": asdict(preset),
         "steps_done": step, "stopped_by": "steps" if step >= preset.steps else "minutes",
         "schedule_time_driven": sched.time_driven, "wall_clock_s": round(wall, 1),
-        "trainable_params": n_params, "threads": threads,
+        "trainable_params": n_params, "threads": threads, "init": str(init) if init else None,
     }
     name = f"taskworld-{preset.name}"
     finish(trainee, out / name, summary, val, val_m, step % preset.val_every != 0)
@@ -191,7 +195,8 @@ class Batches:
         self.builder = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id,
                                        trainee.tokens_per_frame, trainee.not_talk_id)
         self.opts = SeqOptions(preset.neg_rate, preset.eos_drop, "lm" if preset.w2t == "lm" else "head",
-                               preset.keep_after, bool(preset.prompt_loss), preset.text_only)
+                               preset.keep_after, bool(preset.prompt_loss), preset.text_only,
+                               bool(preset.history))
         self.text = replace(self.opts, text_only=1.0)
         self.order: Iterator[int] = epoch_order(len(convs), rng)
 
@@ -265,6 +270,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-seed", type=int, default=0, help="task-world split seed")
     p.add_argument("--ship", action="store_true", help="copy the result into taskworld/assets")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: leave a core to others)")
+    p.add_argument("--init", help="lite: start from a compact checkpoint (a run's .safetensors or a "
+                   "shipped name such as taskworld-lite)")
     for f in fields(Preset):
         if f.name != "name":
             p.add_argument("--" + f.name.replace("_", "-"), type=type(PRESETS["tiny"].__dict__[f.name]),
@@ -289,7 +296,14 @@ def run_train(args: argparse.Namespace) -> int:
             if f.name != "name" and getattr(args, f.name, None) is not None}
     preset = replace(PRESETS[args.preset], **over)
     command = "python -m proassist_edge.taskworld.train " + shlex.join(sys.argv[1:])
-    train(preset, args.out, args.seed, args.minutes, args.data_seed, args.ship, command, args.threads)
+    init = None
+    if args.init:
+        from proassist_edge.taskworld.models import asset_paths
+
+        shipped = asset_paths(args.init)[0]
+        init = shipped if shipped.is_file() else Path(args.init)
+    train(preset, args.out, args.seed, args.minutes, args.data_seed, args.ship, command, args.threads,
+          init)
     return 0
 
 

@@ -50,6 +50,7 @@ class Preset:
     prompt_loss: int = 0  # 1: LM loss on the system prompt's tokens too (trainseq)
     text_only: float = 0.0  # probability of a frameless dialogue-only sequence (trainseq)
     text_batch: int = 1  # dialogue-only sequences per such step (they are short and cheap)
+    history: int = 0  # 1: a window's earlier dialogue goes before it as text (trainseq)
     tie: int = 0  # tiny, 1: the LM head is the embedding table (train.py's docstring)
 
 
@@ -108,6 +109,10 @@ class Trainee:
 
     def pack(self, path: Path, summary: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def load(self, weights: Path) -> None:
+        """Start from a packed run's weights (fine-tuning)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start from packed weights")
 
 
 def _tokenizer(path: Path) -> tuple[Any, Any, int, int]:
@@ -287,3 +292,13 @@ class LiteTrainee(Trainee):
         with tempfile.TemporaryDirectory() as tmp:
             self.peft.save_pretrained(tmp)
             pack_lite(path, Path(tmp), {"proassist": self.fields, "training": summary})
+
+    def load(self, weights: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(str(weights)).items()}
+        result = set_peft_model_state_dict(self.peft, state)
+        missing = [k for k in result.unexpected_keys]
+        if missing:
+            raise ValueError(f"{weights}: tensors the lite model does not have: {missing[:3]}")

@@ -27,6 +27,11 @@ where a reply is ids(assistant_prefix + text) + eos. Labels follow the paper:
   so the model gets many more lookups in the knowledge for the same time (train.py batches
   several per step). Measured on the tiny model: full episodes only, it never copied an item
   from the knowledge in 10 minutes; with 70% dialogue-only steps of 4 it does.
+* `history` (ours, likewise): a window that starts mid-episode gets the dialogue before it
+  (messages and replies, supervised) as text between the opening and its first frame. The
+  streaming loop always has that history in its context; without it a window's model must guess
+  the step from the picture alone, and the lite model trained that way named the wrong step in
+  a fifth of its replies (docs/taskworld.md).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class SeqOptions:
     keep_after: int = 0  # silent frames right after a reply that always keep their label
     prompt_loss: bool = False  # the opening's tokens are supervised too (module docstring)
     text_only: float = 0.0  # probability that a sequence leaves its frames out (module docstring)
+    history: bool = False  # a window's earlier dialogue goes before it as text (module docstring)
 
 
 @dataclass
@@ -94,12 +100,14 @@ class SequenceBuilder:
         start: int = 0,
         end: int | None = None,
     ) -> TrainSequence:
-        """Frames [start, end) of the episode; messages due before `start` are left out (their
-        answers lie before the window too)."""
+        """Frames [start, end) of the episode; the messages and replies due before `start` are
+        left out (their answers lie before the window too), or with `opts.history` put before
+        the window as text."""
         end = num_frames if end is None else min(end, num_frames)
+        lo = 0 if opts.history else start
         due: dict[int, list[int]] = {}
         for m, f in zip(conv.messages, conv.message_frames, strict=True):
-            if start <= f < end:
+            if lo <= f < end:
                 due.setdefault(f, []).extend(self.pb.message(m.role, m.content))
         text = opts.text_only > 0 and rng.random() < opts.text_only
         ids = list(self.pb.opening(conv.system, ""))
@@ -109,11 +117,12 @@ class SequenceBuilder:
         w2t_tgt: list[float] = []
         frame_last: list[int] = []
         last_talk = -(10**9)
-        for f in range(start, end):
+        for f in range(lo, end):
             ids += due.get(f, [])
             reply = conv.replies.get(f)
-            if text:  # the dialogue alone: no placeholders, no frame labels
+            if text or f < start:  # the dialogue alone: no placeholders, no frame labels
                 if reply:
+                    last_talk = f
                     r = self.reply_ids(reply)
                     lm_pos += range(len(ids) - 1, len(ids) + len(r))
                     lm_tgt += r + [self.eos_id]

@@ -124,6 +124,24 @@ def test_text_only_sequence_is_the_dialogue_without_frames(pb: PromptBuilder) ->
             for _ in range(200)]
     assert 0.35 < np.mean(half) < 0.65
 
+def test_history_puts_the_dialogue_before_a_window_as_text(pb: PromptBuilder) -> None:
+    b, img, eot, _ = make_builder(pb)
+    conv = parse_conversation(TURNS)
+    bare = b.build(conv, 8, SeqOptions(1.0, 0.0), np.random.default_rng(0), start=4, end=8)
+    seq = b.build(conv, 8, SeqOptions(1.0, 0.0, history=True), np.random.default_rng(0), start=4, end=8)
+    text = b.build(conv, 8, SeqOptions(1.0, 0.0, text_only=1.0), np.random.default_rng(0), start=0, end=4)
+    ids = seq.ids.tolist()
+    assert seq.frames.tolist() == bare.frames.tolist() == [4, 5, 6, 7]  # the same window of frames
+    first = ids.index(img)
+    assert ids[:first] == text.ids.tolist()  # before it, the dialogue of frames 0-3 as text
+    assert ids[first:] == bare.ids.tolist()[bare.ids.tolist().index(img):]  # then the window as before
+    labels = dict(zip(seq.lm_pos.tolist(), seq.lm_tgt.tolist(), strict=True))
+    hi = b.reply_ids("Hi there.")  # the reply at frame 2 lies before the window: supervised as text
+    s = next(i for i in range(first) if ids[i : i + len(hi)] == hi)
+    assert [labels[p] for p in range(s - 1, s + len(hi))] == hi + [eot]
+    assert len(seq.frame_last) == 4
+
+
 def test_sequence_equals_what_the_reference_loop_feeds(pb: PromptBuilder, tiny_ckpt) -> None:
     """Replay a task-world episode's first frames through ReferenceLoop (kept silent) and record
     the ids it feeds: the training sequence of the same frames (no reply due) is identical."""
