@@ -298,7 +298,6 @@ class LiteTrainee(Trainee):
         from safetensors.torch import load_file
 
         state = {k: v.float() for k, v in load_file(str(weights)).items()}
-        result = set_peft_model_state_dict(self.peft, state)
-        missing = [k for k in result.unexpected_keys]
-        if missing:
-            raise ValueError(f"{weights}: tensors the lite model does not have: {missing[:3]}")
+        result: Any = set_peft_model_state_dict(self.peft, state)
+        if extra := list(result.unexpected_keys):
+            raise ValueError(f"{weights}: tensors the lite model does not have: {extra[:3]}")
