@@ -12,7 +12,9 @@ For each: the frames that missed the deadline (decided later than the deadline a
 capture, dropped by the source, or skipped at a stride), the decisions taken, the seconds at
 each level, and the paper's F1 of what was said against the episodes' references (scored after
 every run, so the embedder never competes with a run for the CPU). A deterministic replay of the
-same episodes (every frame, no clock) gives the F1 the model has when time costs nothing.
+same episodes (every frame, no clock) gives the F1 the model has when time costs nothing. The
+conditions run in turns, episode by episode, so a drift of the machine's other load spreads over
+all of them; each row records the cores other processes used (the burnt core included).
 """
 
 from __future__ import annotations
@@ -134,17 +136,23 @@ def run_lag_bench(opts: LagBenchOptions, progress: Any = print) -> dict[str, Any
     t0 = time.time()
     bundle = open_bundle(opts.bundle, threads=opts.threads)
     episodes = list(iter_data(opts.data, opts.episodes))
-    said: dict[str, list[list[str]]] = {}
-    rows: list[dict[str, Any]] = []
-    for name, burn, control, lag in CONDITIONS:
-        progress(f"lag bench: {name}: {len(episodes)} episodes live at {episodes[0].fps:g} fps")
-        lag = replace(lag, deadline_ms=opts.deadline_ms)
-        with burn_cores(burn):
-            load = OtherLoad()
-            runs = [live_episode(bundle, ep, opts.threshold, control, lag) for ep in episodes]
-            cores = load.cores()
-        said[name] = [gen for gen, _ in runs]
-        rows.append(_condition_row(name, runs, cores))
+    runs: dict[str, list[tuple[list[str], RunSummary]]] = {c[0]: [] for c in CONDITIONS}
+    busy: dict[str, list[float]] = {c[0]: [] for c in CONDITIONS}
+    # the conditions in turns, episode by episode: a shared machine's load drifts in minutes
+    for i, ep in enumerate(episodes):
+        for name, burn, control, lag in CONDITIONS:
+            progress(f"lag bench: episode {i + 1}/{len(episodes)} ({ep.uid}), {name}, live at "
+                     f"{ep.fps:g} fps")
+            with burn_cores(burn):
+                load = OtherLoad()
+                runs[name].append(live_episode(bundle, ep, opts.threshold, control,
+                                               replace(lag, deadline_ms=opts.deadline_ms)))
+                cores = load.cores()
+            if cores is not None:
+                busy[name].append(cores)
+    said = {name: [gen for gen, _ in r] for name, r in runs.items()}
+    rows = [_condition_row(name, r, float(np.mean(busy[name])) if busy[name] else None)
+            for name, r in runs.items()]
     if opts.replay:
         progress("lag bench: replay (every frame, no clock)")
         said["replay"] = [replay_episode(bundle, ep, opts.threshold) for ep in episodes]
