@@ -132,14 +132,16 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    convs = [parse_conversation(build_episode("train", i, data_seed).conversation, 2.0)
-             for i in range(preset.train_episodes)]
+    parts = [build_episode("train", i, data_seed) for i in range(preset.train_episodes)]
+    convs = [parse_conversation(p.conversation, 2.0) for p in parts]
+    corrections = [tuple(int(e["frame"]) for e in p.metadata["events"] if e["type"] == "correct")
+                   for p in parts]
     trainee: Trainee = (TinyTrainee if preset.name == "tiny" else LiteTrainee)(
         preset, convs, lambda i: make_episode("train", i, data_seed).frames
     )
     if init is not None:
         trainee.load(init)
-    batches = Batches(preset, trainee, convs, rng)
+    batches = Batches(preset, trainee, convs, rng, corrections)
     val = [make_episode("val", i, data_seed) for i in range(preset.val_episodes)]
     params = [p for p in trainee.model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=preset.lr, betas=(0.9, 0.98),
@@ -190,8 +192,9 @@ class Batches:
     a dialogue-only draw takes `text_batch` of them (they are short and cheap)."""
 
     def __init__(self, preset: Preset, trainee: Trainee, convs: list[ConversationInputs],
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, corrections: list[tuple[int, ...]] | None = None) -> None:
         self.preset, self.trainee, self.convs, self.rng = preset, trainee, convs, rng
+        self.corrections = corrections or [() for _ in convs]
         self.builder = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id,
                                        trainee.tokens_per_frame, trainee.not_talk_id)
         self.opts = SeqOptions(preset.neg_rate, preset.eos_drop, "lm" if preset.w2t == "lm" else "head",
@@ -206,7 +209,8 @@ class Batches:
         for _ in range(preset.batch):
             idx = next(self.order)
             n = self.trainee.num_frames(idx)
-            start, end = choose_window(n, preset.window, convs[idx], rng)
+            start, end = choose_window(n, preset.window, convs[idx], rng, self.corrections[idx],
+                                       preset.focus)
             batch.append((self.builder.build(convs[idx], n, self.opts, rng, start, end), idx))
         if not len(batch[0][0].frames):  # a dialogue-only step takes text_batch of them
             for _ in range(preset.text_batch - 1):

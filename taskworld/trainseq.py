@@ -164,12 +164,20 @@ class SequenceBuilder:
 
 
 def choose_window(
-    num_frames: int, window: int, conv: ConversationInputs, rng: np.random.Generator
+    num_frames: int, window: int, conv: ConversationInputs, rng: np.random.Generator,
+    focus: tuple[int, ...] = (), focus_rate: float = 0.0,
 ) -> tuple[int, int]:
     """A window of `window` frames (0 = the whole episode); a third of the time it starts at 0
-    (where the greeting and the opening request are), otherwise anywhere."""
+    (where the greeting and the opening request are), otherwise anywhere. With probability
+    `focus_rate` it holds one of the `focus` frames (the episode's corrections) and the frames
+    after it: a missed correction costs every later step of the task (docs/taskworld.md), and
+    corrections are a few percent of the replies."""
     if window <= 0 or num_frames <= window:
         return 0, num_frames
+    if focus and rng.random() < focus_rate:
+        f = int(focus[int(rng.integers(0, len(focus)))])
+        start = min(max(0, f - int(rng.integers(2, max(3, window // 3)))), num_frames - window)
+        return start, start + window
     if rng.random() < 1 / 3:
         return 0, window
     start = int(rng.integers(0, num_frames - window + 1))

@@ -367,3 +367,15 @@ def test_shipped_lite_checkpoint_loads(tmp_path: Path, monkeypatch: pytest.Monke
     with torch.no_grad():
         tokens = ck.model.encode_frames(torch.from_numpy(make_episode("test", 0).frames[:2]))
     assert tokens.shape == (2, TPF, ck.model.llm.config.hidden_size)
+
+
+def test_focus_windows_hold_a_correction_and_what_follows() -> None:
+    from proassist_edge.taskworld.trainseq import choose_window
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        start, end = choose_window(100, 24, None, rng, (50,), 1.0)  # type: ignore[arg-type]
+        assert end - start == 24 and start < 50 and end - 50 >= 16  # the swap and the steps after
+    assert choose_window(60, 24, None, rng, (58,), 1.0) == (36, 60)  # type: ignore[arg-type]
+    plain = {choose_window(100, 24, None, rng, (50,), 0.0)[0] for _ in range(50)}  # type: ignore[arg-type]
+    assert len(plain) > 10  # without focus the windows fall anywhere
