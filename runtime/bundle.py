@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from proassist_edge.errors import BundleError, FrameError, MissingDependencyError
 from proassist_edge.manifest import Manifest, load_manifest
 from proassist_edge.runtime.backend import Decoder, GqaDecoder, PortableDecoder, make_session
+from proassist_edge.runtime.providers import default_ep, session_ep
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Bundle:
     threads: int = 0
     engine: Callable[[int], Decoder] | None = None  # TensorRT: capacity -> decoder
     notes: list[str] = field(default_factory=list)  # why an engine was not used, etc.
+    ep: str = "cpu"  # the execution provider the sessions run on (runtime/providers.py)
 
     def new_decoder(self, capacity: int | None = None) -> Decoder:
         m = self.manifest.model
@@ -38,8 +40,9 @@ class Bundle:
         cap = capacity or m.max_seq_len
         if self.engine is not None:
             return self.engine(cap)
-        sess = make_session(str(self.root / g.file), self.threads)
-        if g.variant == "optimized":
+        optimized = g.variant == "optimized"  # contrib ops: the TensorRT EP leaves it to CUDA
+        sess = make_session(str(self.root / g.file), self.threads, self.ep, contrib_ops=optimized)
+        if optimized:  # KV buffers on the session's device (CUDA memory under CUDA/TensorRT)
             return GqaDecoder(
                 sess, m.num_layers, m.num_kv_heads, m.head_dim, cap, self.head is not None
             )
@@ -101,12 +104,20 @@ def open_bundle(
     verify: bool = True,
     threads: int = 0,
     use_engine: bool = True,
+    ep: str | None = None,
 ) -> Bundle:
-    """Open a bundle for the runtime. With `use_engine`, a TensorRT engine listed in the
-    manifest (build-engine) runs the decoder when it was built for this device."""
+    """Open a bundle for the runtime. `ep`: the execution provider (auto, cpu, cuda, tensorrt;
+    default $PROASSIST_EDGE_EP, else auto): every session runs on it or raises
+    ExecutionProviderError; the decoder is the manifest's for that provider (`ep_decoders`)
+    unless `decoder` names one. With `use_engine` (and ep auto or tensorrt), a TensorRT engine
+    listed in the manifest (build-engine) runs the decoder when it was built for this device."""
     root = Path(path)
     manifest = load_manifest(root, verify=verify)
-    name = decoder or manifest.default_decoder
+    ep = ep or default_ep()
+    # the vision graph picks the provider (auto moves down the order when a library is missing)
+    vision = make_session(str(root / manifest.graphs["vision"].file), threads, ep, spin=False)
+    resolved = session_ep(vision)
+    name = decoder or manifest.decoder_for(resolved)
     if name not in manifest.graphs:
         choices = [k for k in manifest.graphs if k.startswith("decoder")]
         raise BundleError(f"bundle has no graph {name!r}; choose one of {choices}")
@@ -124,13 +135,14 @@ def open_bundle(
     except Exception as e:  # tokenizers raises plain Exception on a bad file
         raise BundleError(f"tokenizer.json is unreadable ({e}): re-export the bundle") from e
     # the small graphs must not leave spinning workers behind for the decoder step that follows
-    vision = make_session(str(root / manifest.graphs["vision"].file), threads, spin=False)
     head = None
     if "head" in manifest.graphs:
-        head = make_session(str(root / manifest.graphs["head"].file), threads, spin=False)
-    engine, why = tensorrt_engine(root, manifest) if use_engine and decoder is None else (None, "")
+        head = make_session(str(root / manifest.graphs["head"].file), threads, resolved, spin=False)
+    engine, why = None, ""
+    if use_engine and decoder is None and ep in ("auto", "tensorrt"):
+        engine, why = tensorrt_engine(root, manifest)
     return Bundle(root, manifest, tok, table, vision, head, name, threads, engine,
-                  [why] if why else [])
+                  [why] if why else [], resolved)
 
 
 def decoder_line(bundle: Bundle, requested: str | None = None) -> str:
@@ -141,9 +153,12 @@ def decoder_line(bundle: Bundle, requested: str | None = None) -> str:
         name = next(iter(m.engines), bundle.decoder_name)
         return f"decoder: TensorRT engine {name} (built on this device by build-engine)"
     g = m.graphs[bundle.decoder_name]
-    line = f"decoder: {bundle.decoder_name} ({g.variant or 'decoder'}, {g.precision})"
+    line = (f"decoder: {bundle.decoder_name} ({g.variant or 'decoder'}, {g.precision}) "
+            f"on the {bundle.ep} execution provider")
     if requested:
         why = ["chosen with --decoder"]
+    elif bundle.ep in m.ep_decoders:
+        why = [f"the manifest's decoder for {bundle.ep}"]
     else:  # the two kinds of note export writes (export/bundle.py): the choice, then what is not there
         why = [n for n in m.notes if n.startswith("default decoder")]
         why += [n for n in m.notes if " left out: " in n]

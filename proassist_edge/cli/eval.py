@@ -12,7 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from proassist_edge.cli.run import add_talk_rule_arguments, add_warm_argument, talk_rule_overrides
+from proassist_edge.cli.run import (
+    add_ep_argument,
+    add_talk_rule_arguments,
+    add_warm_argument,
+    apply_ep,
+    talk_rule_overrides,
+)
 from proassist_edge.eval.evaluate import EpisodeScorer, evaluate, plot_sweep
 from proassist_edge.eval.metrics import DEFAULT_WINDOW
 from proassist_edge.eval.score import add_embedder_argument, add_window_argument, parse_window
@@ -41,6 +47,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, help="precision/recall PNG (with a sweep)")
     p.add_argument("--limit", type=int, help="first N episodes only")
     p.add_argument("--decoder", help="decoder graph (default: the manifest's)")
+    add_ep_argument(p)
     p.add_argument("--context", choices=["drop_all", "drop_middle", "summarize_and_drop"])
     add_window_argument(p)
     add_embedder_argument(p)
@@ -51,6 +58,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from proassist_edge.eval.textsim import make_similarity
 
     settings = {**talk_rule_overrides(args), "warm": args.warm or None}
+    apply_ep(args)
     report = evaluate(
         args.bundle,
         args.data,

@@ -53,6 +53,20 @@ def add_warm_argument(p: argparse.ArgumentParser) -> None:
                         "same decisions and replies, a faster first frame")
 
 
+def add_ep_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ep", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                   help="onnxruntime execution provider (auto: the best this onnxruntime offers, "
+                        "TensorRT > CUDA > CPU; a named one that fails is an error that says why)")
+
+
+def apply_ep(args: argparse.Namespace) -> str:
+    """--ep for every bundle the command opens (the library reads it from the environment)."""
+    from proassist_edge.runtime.providers import set_default_ep
+
+    set_default_ep(args.ep)
+    return str(args.ep)
+
+
 def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder (proassist-edge export)")
     add_talk_rule_arguments(p, "talk when P(not talk) <= T (default: bundle's)")
@@ -61,6 +75,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-reply-tokens", type=int, help="cap on one reply (default: bundle's)")
     p.add_argument("--decoder", help="decoder graph of the bundle (default: the bundle's choice)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per physical core)")
+    add_ep_argument(p)
     p.add_argument("--quiet", action="store_true", help="no live console lines")
     add_warm_argument(p)
 
@@ -91,6 +106,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
     from proassist_edge.runtime.replay import replay_episode
 
+    apply_ep(args)
     t0 = time.monotonic()
     results = replay_episode(
         args.bundle, args.episode, _overrides(args), args.events, args.decoder,
@@ -193,7 +209,7 @@ def run_run(args: argparse.Namespace) -> int:
     knowledge = args.knowledge
     if args.knowledge_file is not None:
         knowledge = args.knowledge_file.read_text(encoding="utf-8").strip()
-    bundle = open_bundle(args.bundle, args.decoder, threads=args.threads)
+    bundle = open_bundle(args.bundle, args.decoder, threads=args.threads, ep=apply_ep(args))
     print(decoder_line(bundle, args.decoder), file=sys.stderr, flush=True)
     settings = settings_from_manifest(bundle, **_overrides(args))
     log = EventLog(args.events, console=not args.quiet)
