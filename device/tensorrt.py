@@ -108,6 +108,42 @@ def optimization_profiles(
     ]
 
 
+# Layers an fp16 build keeps in fp32: norms and softmax, and the pieces of an RMSNorm that the
+# ONNX export decomposes (mean of squares, its square root and reciprocal): fp16's range
+# overflows in x**2 and its precision loses the softmax's small probabilities.
+FP32_KINDS = {"NORMALIZATION", "SOFTMAX", "REDUCE"}
+FP32_OPS = {("UNARY", "SQRT"), ("UNARY", "RECIP"), ("ELEMENTWISE", "POW")}
+
+
+def needs_fp32(kind: str, op: str = "") -> bool:
+    """Whether a layer of TensorRT type `kind` (e.g. "SOFTMAX"; "UNARY" with op "SQRT") stays fp32."""
+    return kind in FP32_KINDS or (kind, op) in FP32_OPS
+
+
+def _layer_kind(layer: Any, trt: Any) -> tuple[str, str]:
+    kind = str(layer.type).rsplit(".", 1)[-1]
+    sub = {"UNARY": getattr(trt, "IUnaryLayer", None), "ELEMENTWISE": getattr(trt, "IElementWiseLayer", None)}
+    cls = sub.get(kind)
+    if cls is None:
+        return kind, ""
+    layer.__class__ = cls  # TensorRT's Python layers come as ILayer: downcast to read the op
+    return kind, str(layer.op).rsplit(".", 1)[-1]
+
+
+def keep_fp32(network: Any, trt: Any) -> list[str]:
+    """Pin the layers `needs_fp32` names to fp32 (their precision and output types) in an fp16
+    build; the builder must obey it (BuilderFlag.OBEY_PRECISION_CONSTRAINTS). Returns their names."""
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if needs_fp32(*_layer_kind(layer, trt)):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned.append(layer.name)
+    return pinned
+
+
 def engine_meta() -> dict[str, Any]:
     """What an engine built here depends on (`engine_identity`), and on Jetson the board's L4T /
     JetPack release, recorded beside the engine."""
@@ -169,8 +205,12 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    pinned: list[str] = []
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+        pinned = keep_fp32(network, trt)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        log.info("fp16 build: %d norm, softmax and reduction layers kept in fp32", len(pinned))
     if int8:
         config.set_flag(trt.BuilderFlag.INT8)
     for profile in profiles:
@@ -196,6 +236,7 @@ def build_engine(
         **engine_meta(),
         "fp16": fp16,
         "int8": int8,
+        "fp32_layers": len(pinned),
         "onnx": onnx_path.name,
         "profiles": [p.to_dict() for p in profiles],
     }

@@ -42,6 +42,62 @@ def choose_profile(profiles: Sequence[Mapping[str, Any]], new: int, past: int) -
     )
 
 
+def max_step(profiles: Sequence[Mapping[str, Any]], past: int) -> int:
+    """The most new tokens one step can take over `past` cached ones (the largest
+    inputs_embeds length among the profiles whose KV range holds `past`); 0 when none does."""
+    best = 0
+    for prof in profiles:
+        shapes = prof["shapes"]
+        kv = next((v for k, v in shapes.items() if k.startswith("past_key_values")), None)
+        if kv is None or kv[0][2] <= past <= kv[2][2]:
+            best = max(best, int(shapes[INPUTS_EMBEDS][2][1]))
+    return best
+
+
+def append_in_chunks(step: Callable[[np.ndarray], StepOut], embeds: np.ndarray, past: int,
+                     limit: Callable[[int], int]) -> StepOut:
+    """Append (1, S, H) `embeds` over `past` cached tokens through `step`, in chunks of at most
+    limit(past so far) tokens: the opening prompt with the task knowledge, a summary request or
+    a long user turn can exceed the engine's frame profile. Causal attention makes the last
+    chunk's outputs those of one append (up to float rounding; tests/test_trt_chunks.py)."""
+    done, total, out = 0, embeds.shape[1], None
+    while done < total:
+        n = min(total - done, limit(past + done))
+        if n < 1:
+            raise BundleError(f"no TensorRT profile takes a step over {past + done} cached tokens: "
+                              "rebuild the engine with `proassist-edge build-engine`")
+        out = step(embeds[:, done : done + n])
+        done += n
+    if out is None:
+        raise BundleError("an append of no tokens")
+    return out
+
+
+class ChunkedDecoder:
+    """Any decoder whose appends are cut into chunks of at most `max_new` tokens: the CPU
+    stand-in for an engine's profile limit (tests), and a guard for graphs with a fixed step."""
+
+    def __init__(self, inner: Any, max_new: int) -> None:
+        self.inner, self.max_new = inner, max_new
+
+    @property
+    def kv_len(self) -> int:
+        return int(self.inner.kv_len)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.inner.capacity)
+
+    def append(self, embeds: np.ndarray) -> StepOut:
+        return append_in_chunks(self.inner.append, embeds, self.inner.kv_len, lambda _: self.max_new)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def keep(self, prefix_len: int, start: int, end: int) -> None:
+        self.inner.keep(prefix_len, start, end)
+
+
 def repack_kv(kv: np.ndarray, prefix_len: int, start: int, end: int) -> np.ndarray:
     """(1, heads, past, dim) -> the prefix and [start, end) rows, packed (context strategies)."""
     return np.ascontiguousarray(np.concatenate([kv[:, :, :prefix_len], kv[:, :, start:end]], axis=2))
@@ -97,6 +153,7 @@ class TensorRTDecoder:
                  kv_heads: int, head_dim: int, capacity: int) -> None:
         trt = import_tensorrt()
         self.cuda = _Cuda()
+        self.closed = False
         self.engine, self.profiles, self.capacity = engine, list(profiles), capacity
         self.ctx = engine.create_execution_context()
         self.names = past_key_value_names(layers)
@@ -104,16 +161,47 @@ class TensorRTDecoder:
         self.dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
                       for n in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))}
         kv_bytes = int(np.prod(self.kv_shape)) * self.dtype[self.names[0]].itemsize
-        # ping-pong: the present of one step is the past of the next
-        self.kv = [[self.cuda.malloc(kv_bytes), self.cuda.malloc(kv_bytes)] for _ in self.names]
-        self.side = 0
+        self.kv: list[list[int]] = []  # ping-pong: the present of one step is the next's past
         self.out: dict[str, tuple[int, int]] = {}  # output name -> (device pointer, bytes)
-        self.embeds = (self.cuda.malloc(0), 0)
+        self.embeds = (0, 0)
+        try:  # a failed allocation (out of memory) frees what was taken before it
+            for _ in self.names:
+                self.kv.append([self.cuda.malloc(kv_bytes), self.cuda.malloc(kv_bytes)])
+        except BaseException:
+            self.close()
+            raise
+        self.side = 0
         self.profile = -1
         self.reset()
 
     def reset(self) -> None:
         self.kv_len = 0
+
+    def close(self) -> None:
+        """Free the device buffers (every KV ping-pong pair, the inputs and outputs) and the
+        stream; the decoder is unusable afterwards. Also on `with` exit and garbage collection."""
+        if getattr(self, "closed", True):  # closed, or __init__ failed before the buffers
+            return
+        self.closed, cuda = True, self.cuda
+        pointers = [p for pair in self.kv for p in pair] + [self.embeds[0]]
+        pointers += [ptr for ptr, _ in self.out.values()]
+        self.kv, self.out, self.embeds = [], {}, (0, 0)
+        for ptr in pointers:
+            if ptr:
+                cuda.rt.cudaFree(ptr)
+        cuda.rt.cudaStreamDestroy(cuda.stream)
+
+    def __enter__(self) -> TensorRTDecoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone already
+            pass
 
     def _buffer(self, nbytes: int, current: tuple[int, int]) -> tuple[int, int]:
         if nbytes <= current[1]:
@@ -122,10 +210,17 @@ class TensorRTDecoder:
         return self.cuda.malloc(nbytes), nbytes
 
     def append(self, embeds: np.ndarray) -> StepOut:
+        """Append (1, S, H) embeddings: in chunks that fit the engine's profiles where S is
+        longer than its frame profile allows (the first prompt, a summary request)."""
+        if self.kv_len + embeds.shape[1] > self.capacity:
+            raise BundleError(f"KV memory full ({self.kv_len + embeds.shape[1]} > {self.capacity}): "
+                              "a context strategy must run first")
+        if self.closed:
+            raise BundleError("this TensorRT decoder was closed: make a new one (Bundle.new_decoder)")
+        return append_in_chunks(self._step, embeds, self.kv_len, lambda p: max_step(self.profiles, p))
+
+    def _step(self, embeds: np.ndarray) -> StepOut:
         new, past = embeds.shape[1], self.kv_len
-        if past + new > self.capacity:
-            raise BundleError(f"KV memory full ({past + new} > {self.capacity}): a context strategy "
-                              "must run first")
         profile = choose_profile(self.profiles, new, past)
         if profile != self.profile:
             self.ctx.set_optimization_profile_async(profile, self.cuda.stream)
@@ -174,9 +269,14 @@ def engine_decoder_factory(root: Path, manifest: Manifest) -> Callable[[int], Te
     engine built elsewhere and MissingDependencyError without tensorrt / cuda-python."""
     meta = next(iter(manifest.engines.values()))
     check_engine_compat(meta)
+    return engine_file_factory(root / meta["file"], meta["profiles"], manifest)
+
+
+def engine_file_factory(path: Path, profiles: Sequence[Mapping[str, Any]],
+                        manifest: Manifest) -> Callable[[int], TensorRTDecoder]:
+    """The factory of the engine at `path` (build-engine checks one before recording it)."""
     trt = import_tensorrt()
     _cudart()
-    path = root / meta["file"]
     if not path.is_file():
         raise BundleError(f"{path} is listed in the manifest but missing: run build-engine again")
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -184,5 +284,5 @@ def engine_decoder_factory(root: Path, manifest: Manifest) -> Callable[[int], Te
     if engine is None:
         raise BundleError(f"TensorRT could not load {path}: rebuild it with build-engine")
     m = manifest.model
-    return lambda capacity: TensorRTDecoder(engine, meta["profiles"], m.num_layers, m.num_kv_heads,
+    return lambda capacity: TensorRTDecoder(engine, profiles, m.num_layers, m.num_kv_heads,
                                             m.head_dim, capacity)
