@@ -17,6 +17,8 @@
 #                                 releases, e.g. https://pypi.jetson-ai-lab.io/jp6/cu126)
 #   PROASSIST_EDGE_VENV           the Jetson venv (default .venv; unused when PYTHON is a venv's)
 #   PROASSIST_EDGE_SYSROOT        read /etc/nv_tegra_release and /usr/local/cuda from here (tests)
+#   PROASSIST_EDGE_LLAMACPP=1     also the llamacpp extra (bench --compare llama-cpp): compiles
+#                                 llama.cpp here (cmake, ~7 min of CPU); CMAKE_ARGS passes through
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -212,6 +214,12 @@ install_jetson() {
   ort_gpu_only "onnxruntime-gpu" --extra-index-url "$INDEX"
 }
 
+llamacpp_opt_in() {  # not by default: llama-cpp-python compiles llama.cpp from source
+  [ "${PROASSIST_EDGE_LLAMACPP:-0}" = 1 ] || return 0
+  say "the llamacpp extra: compiling llama.cpp (minutes)"
+  run env CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" "$PY" -m pip install -q -e ".[llamacpp]"
+}
+
 PLATFORM=$(detect_platform)
 case "$PLATFORM" in
   cpu | gpu | jetson) ;;
@@ -220,6 +228,7 @@ esac
 if [ "$DRY" = 1 ]; then say "platform $PLATFORM ($(uname -m)); dry run: nothing is changed"
 else say "platform $PLATFORM ($(uname -m))"; fi
 "install_$PLATFORM"
+llamacpp_opt_in
 run "$PY" -m proassist_edge.cli doctor
 if [ "$PLATFORM" = jetson ]; then
   say "done. Activate the venv unless PYTHON was one: source ${PROASSIST_EDGE_VENV:-.venv}/bin/activate"
