@@ -3,32 +3,45 @@ after verification passed, so a failure never leaves a half-written bundle behin
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from proassist_edge.errors import ExportError, ToleranceError
-from proassist_edge.export.checkpoint import LoadedCheckpoint, load_checkpoint
-from proassist_edge.export.onnx_export import (
-    GraphSpec,
-    build_optimized_decoder,
-    export_head,
-    export_portable_decoder,
-    export_vision,
+from proassist_edge.export import resources
+from proassist_edge.export.checkpoint import (
+    CheckpointInfo,
+    PlainLLM,
+    open_checkpoint,
+    write_plain_llm,
 )
-from proassist_edge.export.verify import Tolerance, verify_bundle
-from proassist_edge.manifest import GraphEntry, Manifest, ModelFacts, sha256_file, write_manifest
+from proassist_edge.export.onnx_export import BuilderOptions
+from proassist_edge.export.parts import load_reference, say, write_embeddings, write_graphs
+from proassist_edge.export.precision import PrecisionPlan, plan_precision
+from proassist_edge.export.verify import Tolerance, compare_bundle, reference
+from proassist_edge.manifest import (
+    GraphEntry,
+    Manifest,
+    ModelFacts,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
 from proassist_edge.progress import Stages
 from proassist_edge.runtime.backend import Decoder
 from proassist_edge.runtime.prompt import StreamSettings
+
+# (fp32 parent, child folder, precision) -> the child's quant report: quantize_bundle, which the
+# caller passes in (export does not import quant: docs/architecture.md)
+Quantizer = Callable[[Path, Path, str], dict[str, Any]]
 
 DEFAULT_SYSTEM = (
     "You are a helpful assistant that watches the user through their smart glasses and "
@@ -41,16 +54,23 @@ class ExportOptions:
     """`verify`: "quick" (the default: a stream that ends a few frames after its first context
     reset, reached early by a small context, replies capped short), "full" (a long stream at the
     bundle's own context and reply caps) or "none". `verify_frames` and `max_reply_tokens` are
-    the mode's caps unless given."""
+    the mode's caps unless given. `precision` and the graph options: export/precision.py."""
 
     max_seq_len: int | None = None
     opset: int = 18
     verify: str | bool = "quick"  # True means "quick", False "none"
     verify_frames: int | None = None
-    variants: tuple[str, ...] = ("portable", "optimized")
+    variants: tuple[str, ...] | None = None  # None: the precision's (int4: optimized only)
     max_reply_tokens: int | None = None
     threshold: float | None = None  # the manifest's default (else the checkpoint's, else 0.5)
-    tolerance: Tolerance | None = None
+    tolerance: Tolerance | None = None  # None: the precision's (export/precision.py)
+    precision: str = "fp32"  # fp32 | fp16 | int8 | int4 (export/precision.py)
+    vision_precision: str | None = None  # fp32 | fp16; None: fp16 for fp16, else fp32
+    portable_fp16: bool = False  # the portable decoder (TensorRT's input) in fp16
+    block_size: int = 32  # int4 blocks
+    accuracy_level: int = 4  # int4 MatMulNBits compute (4: int8, the quantize CLI's default)
+    check_resources: bool = True  # free memory and disk checked against the estimate first
+    strict: bool = False  # fp16/int4: a missed accuracy target fails the export (fp32 always does)
 
     @property
     def verify_mode(self) -> str:
@@ -91,41 +111,38 @@ def verify_settings(opts: ExportOptions, facts: ModelFacts) -> tuple[StreamSetti
 
 
 def model_facts(
-    ck: LoadedCheckpoint, max_seq_len: int, system: str, threshold: float | None = None
+    info: CheckpointInfo, llm_config: Any, image_size: int, max_seq_len: int, system: str,
+    threshold: float | None = None,
 ) -> ModelFacts:
-    c: Any = ck.model.llm.config  # transformers' configs are loosely typed
-    tok = ck.tokenizer
-    bos = tok.token_to_id(ck.chat.bos) if ck.chat.bos else None
+    c = llm_config  # transformers' configs are loosely typed
+    tok, cfg = info.tokenizer, info.config
+    bos = tok.token_to_id(info.chat.bos) if info.chat.bos else None
     capacity = StreamSettings(max_seq_len=max_seq_len).kv_capacity  # the manifest's caps
     return ModelFacts(
-        tokens_per_frame=ck.config.tokens_per_frame,
+        tokens_per_frame=cfg.tokens_per_frame,
         hidden_size=c.hidden_size,
         num_layers=c.num_hidden_layers,
         num_kv_heads=c.num_key_value_heads,
-        head_dim=_head_dim(ck),
+        head_dim=head_dim(c),
         vocab_size=c.vocab_size,
         max_seq_len=max_seq_len,
-        image_size=ck.model.vision.image_size,
-        w2t_mode=ck.config.w2t_mode,
-        default_threshold=ck.config.default_threshold if threshold is None else threshold,
-        not_talk_id=ck.model.not_talk_id,
-        eos_id=int(tok.token_to_id(ck.chat.eos) or 0),
+        image_size=image_size,
+        w2t_mode=cfg.w2t_mode,
+        default_threshold=cfg.default_threshold if threshold is None else threshold,
+        not_talk_id=info.not_talk_id,
+        eos_id=int(tok.token_to_id(info.chat.eos) or 0),
         bos_id=bos,
-        img_token_id=ck.img_token_id,
-        sep_token_id=ck.model.not_talk_id if ck.config.img_sep_token else None,
+        img_token_id=info.img_token_id,
+        sep_token_id=info.not_talk_id if cfg.img_sep_token else None,
         kv_capacity=capacity,
-        context_strategy=ck.config.exceed_context_handling,
+        context_strategy=cfg.exceed_context_handling,
         system_prompt=system,
-        chat=ck.chat.to_dict(),
+        chat=info.chat.to_dict(),
     )
 
 
-def _entry(
-    root: Path, file: str, spec: GraphSpec, variant: str = "", data: list[str] | None = None
-) -> GraphEntry:
-    return GraphEntry(
-        file, "fp32", spec.inputs, spec.outputs, sha256_file(root / file), variant, data or []
-    )
+def head_dim(c: Any) -> int:
+    return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
 
 def time_decoder(bundle: Path, name: str, tokens_per_frame: int, reps: int = 20) -> float:
@@ -156,52 +173,72 @@ def export_bundle(
     vision_from: str | Path | None = None,
     options: ExportOptions | None = None,
     tokens_per_frame: int | None = None,
+    quantizer: Quantizer | None = None,
 ) -> dict[str, Any]:
-    """Export CKPT into the bundle folder OUT (which must not exist). Returns the summary."""
+    """Export CKPT into the bundle folder OUT (which must not exist). Returns the summary.
+
+    int8 exports an fp32 bundle into a temporary folder and hands it to `quantizer` (the CLI
+    passes quantize_bundle), which writes OUT; the fp32 bundle is removed."""
     opts = options or ExportOptions()
-    mode = opts.verify_mode  # a bad mode fails before any work
+    mode = opts.verify_mode  # a bad mode or precision fails before any work
+    plan = plan_precision(opts.precision, opts.variants, opts.vision_precision, opts.portable_fp16)
     out = Path(out)
     if out.exists():
         raise ExportError(f"{out} already exists: choose a new folder or remove it first")
-    steps = Stages(6 + len(opts.variants), "export")
-    steps.stage("loading checkpoint")
-    ck = load_checkpoint(ckpt, llm_from, vision_from, tokens_per_frame)
-    steps.update()
-    max_len = opts.max_seq_len or ck.config.max_seq_len
-    system = str(ck.config.extra.get("system_prompt", DEFAULT_SYSTEM))
+    if plan.via_fp32_bundle:
+        return _through_quantize(ckpt, out, llm_from, vision_from, opts, tokens_per_frame, quantizer)
+    info = open_checkpoint(ckpt, llm_from, vision_from, tokens_per_frame)
+    checked = _check_resources(info, plan, opts, out) if opts.check_resources else {}
+    steps = Stages(6 + bool(plan.optimized) + bool(plan.portable), "export")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work.", dir=out.parent))
     try:
-        graphs, left_out = _export_graphs(ck, tmp, opts, steps)
+        steps.stage("merging LoRA adapters" if info.rounds else "LLM weights")
+        plain = write_plain_llm(info, work)
+        steps.update()
+        builder = BuilderOptions(plan.optimized or "fp32", opts.block_size, opts.accuracy_level)
+
+        def optional_failed(name: str, e: ExportError) -> str:
+            why = left_out_note(name, "onnxruntime-genai's builder could not build it", e,
+                                head_dim(_llm_config(plain)), "decoder")
+            say(why)
+            return why
+
+        written = write_graphs(info, plain, tmp, work, plan, opts.opset, steps, builder,
+                               optional_failed)
+        graphs, left_out = written.graphs, written.left_out
         steps.stage("embeddings, tokenizer")
-        table = ck.model.llm.get_input_embeddings().weight.detach().float().numpy()  # type: ignore[operator]
-        np.save(tmp / "embeddings.npy", table)
-        shutil.copy(ck.tokenizer_path, tmp / "tokenizer.json")
+        emb, emb_files = write_embeddings(plain, tmp, plan.table)
+        shutil.copy(info.tokenizer_path, tmp / "tokenizer.json")
         steps.update()
         steps.stage("manifest, decoders' first run")
-        facts = model_facts(ck, max_len, system, opts.threshold)
+        max_len = opts.max_seq_len or info.config.max_seq_len
+        system = str(info.config.extra.get("system_prompt", DEFAULT_SYSTEM))
+        facts = model_facts(info, _llm_config(plain), written.image_size, max_len, system,
+                            opts.threshold)
+        source = {"checkpoint": str(Path(ckpt).resolve()), "llm": str(info.llm_dir),
+                  "vision": str(info.vision_dir)}
+        if plan.precision != "fp32":
+            source["precision"] = plan.precision
         manifest = Manifest(
             model=facts,
             graphs=graphs,
-            files={
-                f: sha256_file(tmp / f)
-                for f in ("embeddings.npy", "tokenizer.json", *data_files(graphs))
-            },
-            embeddings={"file": "embeddings.npy", "dtype": "float32", "shape": list(table.shape)},
-            source={
-                "checkpoint": str(Path(ckpt).resolve()),
-                "llm": str(ck.llm_dir),
-                "vision": str(ck.vision_dir),
-            },
-            notes=[n for _, n in left_out],
+            files={"tokenizer.json": sha256_file(tmp / "tokenizer.json"), **emb_files,
+                   **{f: sha256_file(tmp / f) for f in data_files(graphs)}},
+            embeddings=emb,
+            source=source,
+            notes=[n for _, n in left_out] + precision_notes(plan),
         )
         left_out += check_decoders_run(tmp, manifest)
+        steps.update()
         if mode != "none":
             steps.stage(f"verifying against PyTorch ({mode})")
-            report, dropped = verify_decoders(ck, tmp, manifest, opts, system)
+            report, dropped = verify_decoders(info, plain, tmp, manifest, opts, plan, system)
             left_out += dropped
             (tmp / "verify.json").write_text(json.dumps(report, indent=2))
             manifest.verify = {k: v for k, v in report.items() if k != "decoders"}
+        steps.update()
         manifest.default_decoder, note = choose_default(
             tmp, manifest, decoder_names(manifest), steps, [name for name, _ in left_out]
         )
@@ -216,51 +253,74 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         steps.close()
         raise
-    return {**summarize(out, manifest), **steps.summary()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {**summarize(out, manifest), "precision": plan.precision, "resources": checked,
+            **steps.summary()}
 
 
-def _export_graphs(
-    ck: LoadedCheckpoint, root: Path, opts: ExportOptions, steps: Stages
-) -> tuple[dict[str, GraphEntry], list[tuple[str, str]]]:
-    """The graphs, and (name, note) for each optional decoder that could not be built."""
-    graphs: dict[str, GraphEntry] = {}
-    left_out: list[tuple[str, str]] = []
-    steps.stage("vision graph")
-    graphs["vision"] = _entry(
-        root, "vision.onnx", export_vision(ck.model, root / "vision.onnx", opts.opset)
-    )
-    steps.update()
-    if ck.model.decision_head is not None:
-        steps.stage("head graph")
-        graphs["head"] = _entry(
-            root, "head.onnx", export_head(ck.model, root / "head.onnx", opts.opset)
-        )
-    steps.update()
-    if "portable" in opts.variants:
-        steps.stage("portable decoder")
-        spec = export_portable_decoder(ck.model, root / "decoder.onnx", opts.opset)
-        graphs["decoder"] = _entry(root, "decoder.onnx", spec, "portable")
-        steps.update()
-    if "optimized" in opts.variants:
-        steps.stage("optimized decoder (onnxruntime-genai builder)")
-        try:
-            file, data, spec = build_optimized_decoder(ck.model, ck.tokenizer_path, root)
-        except ExportError as e:
-            if "decoder" not in graphs:  # nothing else carries the export
-                raise
-            why = left_out_note("decoder_gqa", "onnxruntime-genai's builder could not build it", e,
-                                _head_dim(ck), "decoder")
-            _say(why)
-            left_out.append(("decoder_gqa", why))
-        else:
-            graphs["decoder_gqa"] = _entry(root, file, spec, "optimized", data)
-        steps.update()
-    return graphs, left_out
+def _llm_config(plain: PlainLLM) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(plain.folder))
 
 
-def _head_dim(ck: LoadedCheckpoint) -> int:
-    c: Any = ck.model.llm.config
-    return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+def precision_notes(plan: PrecisionPlan) -> list[str]:
+    if plan.precision == "fp32" and plan.vision == "fp32" and plan.portable in (None, "fp32"):
+        return []
+    graphs = ", ".join(f"{k} {v}" for k, v in plan.graph_precisions().items())
+    return [f"exported at {plan.precision} from the checkpoint ({graphs}; embeddings {plan.table})"]
+
+
+def _check_resources(
+    info: CheckpointInfo, plan: PrecisionPlan, opts: ExportOptions, out: Path
+) -> dict[str, int]:
+    from transformers import AutoConfig
+
+    c: Any = AutoConfig.from_pretrained(str(info.weights_dir))
+    llm = resources.folder_weights(info.weights_dir)
+    adapters = sum(resources.folder_weights(d).bytes for d in info.rounds)
+    ref = 4.0 if plan.reference_dtype == "float32" else llm.bytes_per_param
+    needs = resources.estimate(resources.Plan(
+        llm, resources.folder_weights(info.vision_dir), int(c.vocab_size), int(c.hidden_size),
+        plan.precision, plan.vision, plan.portable, plan.optimized is not None, bool(info.rounds),
+        adapters, opts.verify_mode != "none", ref,
+    ))
+    return resources.check(needs, out, f"exporting {info.path.name} at {plan.precision}")
+
+
+def _through_quantize(
+    ckpt: str | Path, out: Path, llm_from: str | Path | None, vision_from: str | Path | None,
+    opts: ExportOptions, tokens_per_frame: int | None, quantizer: Quantizer | None,
+) -> dict[str, Any]:
+    """int8: the fp32 bundle (verified) in a temporary folder, quantized into OUT."""
+    if quantizer is None:
+        raise ExportError("int8 is made by quantize from an fp32 bundle: pass quantizer="
+                          "proassist_edge.quant.quantize.quantize_bundle (the CLI does), or export "
+                          "fp32 and run proassist-edge quantize --precision int8")
+    checked = {}
+    if opts.check_resources:
+        info = open_checkpoint(ckpt, llm_from, vision_from, tokens_per_frame)
+        plan = plan_precision("int8", opts.variants)
+        checked = _check_resources(info, plan, opts, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32.", dir=out.parent) as tmp:
+        fp32 = replace(opts, precision="fp32", check_resources=False)
+        summary = export_bundle(ckpt, Path(tmp) / "fp32", llm_from, vision_from, fp32,
+                                tokens_per_frame)
+        t0 = time.perf_counter()
+        report = quantizer(Path(tmp) / "fp32", out, "int8")
+    if not report.get("targets_met", True):
+        say(f"int8 missed its targets ({report.get('misses')}): see {out}/quant_report.json")
+    stages = {**summary["stages"], "int8 quantization": {
+        "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": report.get("peak_rss_bytes", 0)}}
+    manifest = load_manifest(out, verify=False)
+    # the fp32 parent was a temporary folder: say so where quantize named it
+    manifest.source["parent"] = "a temporary fp32 bundle (export --precision int8), removed"
+    write_manifest(out, manifest)
+    return {**summarize(out, manifest), "precision": "int8", "resources": checked,
+            "fp32_verify": summary["verify"], "stages": stages,
+            "peak_rss_bytes": max(summary["peak_rss_bytes"], report.get("peak_rss_bytes", 0))}
 
 
 def decoder_names(manifest: Manifest) -> list[str]:
@@ -269,10 +329,6 @@ def decoder_names(manifest: Manifest) -> list[str]:
 
 def _portable(manifest: Manifest) -> list[str]:
     return [k for k in decoder_names(manifest) if manifest.graphs[k].variant == "portable"]
-
-
-def _say(note: str) -> None:
-    tqdm.write(f"note: {note}", file=sys.stderr)
 
 
 def left_out_note(name: str, stage: str, error: BaseException, head_dim: int, runs: str) -> str:
@@ -300,7 +356,7 @@ def leave_out(root: Path, manifest: Manifest, name: str, why: str) -> None:
         (root / f).unlink(missing_ok=True)
         manifest.files.pop(f, None)
     manifest.notes.append(why)
-    _say(why)
+    say(why)
 
 
 def check_decoders_run(root: Path, manifest: Manifest) -> list[tuple[str, str]]:
@@ -348,24 +404,41 @@ def ort_version() -> str:
 
 
 def verify_decoders(
-    ck: LoadedCheckpoint,
+    info: CheckpointInfo,
+    plain: PlainLLM,
     root: Path,
     manifest: Manifest,
     opts: ExportOptions,
+    plan: PrecisionPlan,
     system: str,
 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """verify_bundle over the decoders in the bundle. When that fails and the portable decoders
-    pass alone, the optional ones are left out with the reason (one more reference run, on the
-    failing path only); a portable mismatch fails the export."""
+    """The bundle against the PyTorch model: the model is loaded (float32, or the checkpoint's
+    dtype for fp16/int4: plan.reference_dtype), runs the reference once, and is freed before
+    any bundle graph is loaded. When the decoders fail together and the portable ones pass
+    alone, the optional ones are left out with the reason; a portable mismatch fails the
+    export."""
     decoders = decoder_names(manifest)
     manifest.default_decoder = decoders[0]  # provisional: vision_diff opens the default
     write_manifest(root, manifest)
     settings, frames, after_reset = verify_settings(opts, manifest.model)
+    ck = load_reference(info, plain, plan.reference_dtype)
+    ref = reference(ck, settings, frames, system, after_reset=after_reset, progress=True)
+    del ck
+    gc.collect()
+    tol = opts.tolerance or plan.tolerance
+    # fp32 must match PyTorch (a miss is a bug); a lossy precision's miss is the model's cost,
+    # recorded and reported as quantize does, and fails the export only when strict
+    strict = plan.precision == "fp32" or opts.strict
 
     def verify(names: list[str]) -> dict[str, Any]:
-        report = verify_bundle(ck, root, names, settings, frames, system, tol=opts.tolerance,
-                               after_reset=after_reset, progress=True)
-        return {"mode": opts.verify_mode, **report}
+        report = compare_bundle(ref, root, names, tol, strict)
+        if not report["targets_met"]:
+            note = (f"{plan.precision} missed its accuracy targets against PyTorch: "
+                    f"{'; '.join(report['misses'])} (verify.json; quantize's sensitivity scan "
+                    "names the layers that cost it: export fp32, then quantize)")
+            say(note)
+            manifest.notes.append(note)
+        return {"mode": opts.verify_mode, "precision": plan.precision, **report}
 
     try:
         return verify(decoders), []

@@ -9,18 +9,21 @@ vision tower from its own folder; both can be overridden because hub ids cannot 
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
-from transformers import LlamaForCausalLM, SiglipVisionModel
+from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionModel
 
 from proassist_edge.chat import CHATML, LLAMA3, ChatFormat
 from proassist_edge.errors import CheckpointError, ShapeMismatchError
 from proassist_edge.export.model import (
+    MULTIMODAL,
     ProAssistConfig,
     ProAssistModel,
     VisionTower,
@@ -120,7 +123,8 @@ def merge_adapters(
     return llm
 
 
-def load_projector_bin(llm: LlamaForCausalLM, path: Path) -> None:
+def load_projector_bin(llm: torch.nn.Module, path: Path) -> None:
+    """mm_projector.bin's modules into LLM's (a LlamaForCausalLM or any module holding them)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # never plain unpickling
     except Exception as e:  # torch raises several types for corrupt or unsafe pickles
@@ -145,23 +149,45 @@ def chat_format_for(tok: Tokenizer) -> ChatFormat:
     raise CheckpointError("the tokenizer has neither Llama-3 nor ChatML special tokens")
 
 
-def load_vision(cfg: ProAssistConfig, vision_dir: Path) -> VisionTower:
+def load_vision(
+    cfg: ProAssistConfig, vision_dir: Path, dtype: torch.dtype | str = torch.float32
+) -> VisionTower:
+    """The vision tower in DTYPE ("auto": its stored dtype)."""
     if cfg.vision_type == "mobilenet_v2":
         from proassist_edge.export.mobilenet import load_mobilenet_v2
 
         backbone, size = load_mobilenet_v2(vision_dir)
-        return VisionTower(cfg, backbone, size)
-    tower = SiglipVisionModel.from_pretrained(str(vision_dir), dtype=torch.float32)
-    return VisionTower(cfg, tower, int(tower.config.image_size))  # type: ignore[arg-type]
+        tower = VisionTower(cfg, backbone, size)
+        return tower if dtype == "auto" else tower.to(dtype)
+    siglip = SiglipVisionModel.from_pretrained(str(vision_dir), dtype=dtype)
+    return VisionTower(cfg, siglip, int(siglip.config.image_size))  # type: ignore[arg-type]
 
 
-def load_checkpoint(
+@dataclass
+class CheckpointInfo:
+    """A checkpoint before any weight is loaded: its config, where each part's weights are, the
+    tokenizer and the ids the model needs."""
+
+    path: Path
+    config: ProAssistConfig
+    llm_dir: Path  # the base LLM (tokenizer, and the weights unless train mode is full)
+    vision_dir: Path
+    weights_dir: Path  # where the LLM's weights are: the checkpoint itself for full
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    chat: ChatFormat
+    img_token_id: int
+    not_talk_id: int
+    rounds: list[Path]  # LoRA rounds in merge order
+
+
+def open_checkpoint(
     ckpt: str | Path,
     llm_from: str | Path | None = None,
     vision_from: str | Path | None = None,
     tokens_per_frame: int | None = None,
-) -> LoadedCheckpoint:
-    """Load any released-layout checkpoint (lora, full or frozen) on the CPU in fp32."""
+) -> CheckpointInfo:
+    """Read a released-layout checkpoint's config, folders and tokenizer; load no weight."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt} does not exist")
@@ -177,23 +203,13 @@ def load_checkpoint(
         )
     llm_dir = resolve_dir(ckpt, cfg.llm_pretrained, llm_from, "--llm-from")
     vision_dir = resolve_dir(ckpt, cfg.vision_pretrained, vision_from, "--vision-from")
-
-    weights_dir = ckpt if cfg.llm_train_mode == "full" else llm_dir
-    try:
-        llm = LlamaForCausalLM.from_pretrained(str(weights_dir), dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the LLM from {weights_dir} ({e})") from e
-    attach_multimodal_modules(llm, cfg)
+    rounds: list[Path] = []
     if cfg.llm_train_mode == "lora":
         rounds = adapter_rounds(ckpt)
         if not rounds:
             raise CheckpointError(f"{ckpt} says llm_train_mode=lora but holds no adapter files")
-        llm = merge_adapters(llm, rounds, cfg.vision_hidden_size)
-    if (ckpt / "mm_projector.bin").is_file():
-        load_projector_bin(llm, ckpt / "mm_projector.bin")
-    elif cfg.llm_train_mode != "lora":
+    elif not (ckpt / "mm_projector.bin").is_file():
         raise CheckpointError(f"{ckpt} has no mm_projector.bin: the projector weights are missing")
-
     tok_path = llm_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{llm_dir} has no tokenizer.json: point --llm-from at the base LLM")
@@ -205,7 +221,117 @@ def load_checkpoint(
     not_talk_id = tok.token_to_id(not_talk)
     if not_talk_id is None:
         raise CheckpointError(f"the not-talk token {not_talk!r} is not in the tokenizer")
-    vision = load_vision(cfg, vision_dir)
-    model = ProAssistModel(cfg, vision, llm, not_talk_id).eval()
     assert img_id is not None  # added just above
-    return LoadedCheckpoint(model, cfg, tok, tok_path, chat, llm_dir, vision_dir, img_id)
+    weights_dir = ckpt if cfg.llm_train_mode == "full" else llm_dir
+    return CheckpointInfo(ckpt, cfg, llm_dir, vision_dir, weights_dir, tok, tok_path, chat,
+                          img_id, not_talk_id, rounds)
+
+
+def load_llm(info: CheckpointInfo, dtype: torch.dtype | str = torch.float32) -> LlamaForCausalLM:
+    """The LLM with its projector (and decision head), every LoRA round merged, in DTYPE
+    ("auto": the stored dtype; the merge then runs in it, as the released bf16 checkpoints)."""
+    cfg = info.config
+    try:
+        llm = LlamaForCausalLM.from_pretrained(str(info.weights_dir), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the LLM from {info.weights_dir} ({e})") from e
+    attach_multimodal_modules(llm, cfg)
+    if info.rounds:
+        llm = merge_adapters(llm, info.rounds, cfg.vision_hidden_size)
+    if (info.path / "mm_projector.bin").is_file():
+        load_projector_bin(llm, info.path / "mm_projector.bin")
+    return llm.to(next(llm.model.parameters()).dtype)  # adapters' saved modules in the same dtype
+
+
+def build_model(info: CheckpointInfo, llm: LlamaForCausalLM, vision: VisionTower) -> LoadedCheckpoint:
+    model = ProAssistModel(info.config, vision, llm, info.not_talk_id).eval()
+    return LoadedCheckpoint(model, info.config, info.tokenizer, info.tokenizer_path, info.chat,
+                            info.llm_dir, info.vision_dir, info.img_token_id)
+
+
+def load_checkpoint(
+    ckpt: str | Path,
+    llm_from: str | Path | None = None,
+    vision_from: str | Path | None = None,
+    tokens_per_frame: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> LoadedCheckpoint:
+    """Load any released-layout checkpoint (lora, full or frozen) on the CPU in DTYPE (float32
+    by default; "auto": the dtype it is stored in)."""
+    info = open_checkpoint(ckpt, llm_from, vision_from, tokens_per_frame)
+    llm = load_llm(info, dtype)
+    vision_dtype = next(llm.model.parameters()).dtype if dtype == "auto" else dtype
+    return build_model(info, llm, load_vision(info.config, info.vision_dir, vision_dtype))
+
+
+# --- one part at a time: what export loads, stage by stage -------------------------------------
+@dataclass
+class PlainLLM:
+    """The merged LLM as a plain Hugging Face folder in its stored dtype (what the builder and
+    the later stages read), and the ProAssist modules that hang on it (small)."""
+
+    folder: Path
+    multimodal: dict[str, torch.Tensor]
+    hidden: int
+
+
+def _multimodal_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()
+            if k.split(".")[0] in MULTIMODAL}
+
+
+def _link_weights(src: Path, dst: Path, tokenizer: Path) -> None:
+    """DST: SRC's weight files (links), a Llama-only config, the tokenizer."""
+    dst.mkdir(parents=True)
+    for f in [*src.glob("*.safetensors"), *src.glob("*.safetensors.index.json")]:
+        (dst / f.name).symlink_to(f.resolve())
+    LlamaConfig.from_pretrained(str(src)).save_pretrained(str(dst))
+    shutil.copy(tokenizer, dst / "tokenizer.json")
+
+
+def write_plain_llm(info: CheckpointInfo, work: Path) -> PlainLLM:
+    """The LLM every later stage reads. frozen: the base folder itself; full: the checkpoint's
+    weights, linked; lora: the base with every round merged in its stored dtype (bf16 for the
+    released checkpoints), saved once, the model freed before this returns."""
+    cfg = info.config
+    if not info.rounds:
+        holder = torch.nn.Module()
+        hidden = int(LlamaConfig.from_pretrained(str(info.weights_dir)).hidden_size)
+        attach_multimodal_modules(holder, cfg, hidden)
+        load_projector_bin(holder, info.path / "mm_projector.bin")
+        folder = info.llm_dir
+        if cfg.llm_train_mode == "full":
+            folder = work / "llm"
+            _link_weights(info.weights_dir, folder, info.tokenizer_path)
+        return PlainLLM(folder, _multimodal_state(holder), hidden)
+    llm = load_llm(info, "auto")
+    state = _multimodal_state(llm)
+    for name in MULTIMODAL:
+        if hasattr(llm, name):
+            delattr(llm, name)
+    folder = work / "llm"
+    llm.save_pretrained(str(folder))
+    shutil.copy(info.tokenizer_path, folder / "tokenizer.json")
+    hidden = int(llm.config.hidden_size)
+    del llm
+    gc.collect()  # the merged weights are on disk: the stages after read what they need
+    return PlainLLM(folder, state, hidden)
+
+
+def load_plain_llm(info: CheckpointInfo, plain: PlainLLM, dtype: torch.dtype | str) -> LlamaForCausalLM:
+    """The merged LLM from PLAIN with its ProAssist modules, in DTYPE."""
+    try:
+        llm = LlamaForCausalLM.from_pretrained(str(plain.folder), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the LLM from {plain.folder} ({e})") from e
+    attach_multimodal_modules(llm, info.config)
+    llm.load_state_dict(plain.multimodal, strict=False)
+    return llm.to(next(llm.model.parameters()).dtype).eval()
+
+
+def multimodal_modules(info: CheckpointInfo, plain: PlainLLM, dtype: torch.dtype) -> torch.nn.Module:
+    """The projector (and decision head) alone, in DTYPE."""
+    holder = torch.nn.Module()
+    attach_multimodal_modules(holder, info.config, plain.hidden)
+    holder.load_state_dict(plain.multimodal)
+    return holder.to(dtype).eval()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
@@ -21,6 +22,9 @@ from proassist_edge.errors import MissingDependencyError
 from proassist_edge.export.model import ProAssistConfig, attach_multimodal_modules
 
 LORA_TARGETS = r"model.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head$"
+# a model whose head is its embedding table (tie_word_embeddings) keeps the head out of LoRA: a
+# delta merged into the head would move every input embedding with it
+LORA_TARGETS_TIED = r"model.*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 W2T_MODES = ("lm", "head-linear", "head-mlp")
 PATCH_SIZE_FOR_TOKENS = {1: 0, 5: 2, 10: 3}
 
@@ -131,11 +135,14 @@ def write_tiny_checkpoint(
     llm_dir: Path | None = None,
     head_dim: int | None = None,
     sep_token: str = "",
+    vision_dir: Path | None = None,
 ) -> Path:
     """Write base_llm/, base_vision/ and checkpoint/ under OUT; return the checkpoint folder.
 
     With train_mode="lora", `lora_rounds` earlier rounds (adapter_0 ...) plus the top adapter.
-    With `llm_dir`, that existing LLM folder (e.g. real SmolLM2 weights) is the base LLM.
+    With `llm_dir`, that existing LLM folder (e.g. real SmolLM2 weights) is the base LLM, loaded
+    in its stored dtype (the projector and head are made in that dtype too); with `vision_dir`,
+    that existing SigLIP folder is the vision tower.
     `head_dim` (e.g. 8) sets the attention head width of the tiny LLM (default hidden // 4).
     `sep_token` (a token of the tokenizer) makes a separator model: frames are separated by it
     and it is the not-talk token (the released models have none).
@@ -148,15 +155,20 @@ def write_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    vis_dir, ckpt = out / "base_vision", out / "checkpoint"
+    ckpt = out / "checkpoint"
     if llm_dir is None:
         llm_dir = out / "base_llm"
         llm = LlamaForCausalLM(tiny_llama_config(hidden=hidden, head_dim=head_dim)).eval()
         save_base_llm(llm, llm_dir, llama3_tokenizer_json())
     else:
-        llm = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32).eval()
-    vcfg = tiny_siglip_config()
-    SiglipVisionModel(vcfg).save_pretrained(str(vis_dir))
+        llm = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype="auto").eval()
+    if vision_dir is None:
+        vis_dir = out / "base_vision"
+        vcfg = tiny_siglip_config()
+        SiglipVisionModel(vcfg).save_pretrained(str(vis_dir))
+    else:
+        vis_dir = vision_dir
+        vcfg = SiglipVisionConfig.from_pretrained(str(vis_dir))
 
     fields = proassist_fields(
         str(llm_dir.resolve()),
@@ -169,6 +181,7 @@ def write_tiny_checkpoint(
     )
     cfg = ProAssistConfig.from_json(fields)
     attach_multimodal_modules(llm, cfg)
+    llm.to(llm.model.embed_tokens.weight.dtype)  # the new modules in the LLM's own dtype
     ckpt.mkdir(exist_ok=True)
     if train_mode == "lora":
         write_lora_rounds(llm, ckpt, lora_rounds, w2t != "lm", gen)
@@ -194,11 +207,12 @@ def write_lora_rounds(
     from peft import LoraConfig, get_peft_model
 
     saved = ["mm_projector"] + (["binary_decision_head"] if with_head else [])
+    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
     for r in range(rounds + 1):
         lcfg = LoraConfig(
             r=4,
             lora_alpha=8,
-            target_modules=LORA_TARGETS,
+            target_modules=LORA_TARGETS_TIED if tied else LORA_TARGETS,
             modules_to_save=saved,
             init_lora_weights=False,
         )
@@ -212,3 +226,87 @@ def write_lora_rounds(
         target = ckpt if r == rounds else ckpt / f"adapter_{r}"
         peft_model.save_pretrained(str(target))
         llm = cast(LlamaForCausalLM, peft_model.merge_and_unload())
+
+
+# --- checkpoints at the real models' shapes (random weights, for memory and time figures) ---
+@dataclass(frozen=True)
+class Shape:
+    """A released model's shapes: the LLM's Llama config and a SigLIP tower's."""
+
+    llm: dict[str, Any]
+    vision: dict[str, Any]
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+SIGLIP_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                 "num_attention_heads": 16, "image_size": 384, "patch_size": 14}
+SHAPES = {
+    "llama-3.2-1b": Shape(
+        {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+         "tie_word_embeddings": True, "rope_parameters": {**LLAMA3_ROPE, "factor": 32.0}},
+        SIGLIP_SO400M,
+    ),
+    "llama-3.1-8b": Shape(
+        {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+         "tie_word_embeddings": False, "rope_parameters": {**LLAMA3_ROPE, "factor": 8.0}},
+        SIGLIP_SO400M,
+    ),
+}
+
+
+def shape_llama_config(shape: str) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        bos_token_id=128000, eos_token_id=128009, **SHAPES[shape].llm,
+    )
+
+
+def random_module(cls: Any, config: Any, dtype: torch.dtype, gen: torch.Generator) -> Any:
+    """CLS(config) with random weights made directly in DTYPE: built on the meta device, so no
+    float32 copy of a billion parameters is ever made. Norm weights are 1, biases 0, every other
+    tensor N(0, 0.02) (the models' own initializer range). Buffers (rotary frequencies, position
+    ids) are left unset: the module is for saving, and loading computes them again."""
+    with torch.device("meta"):
+        module = cls(config)
+    module = module.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.02)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    return module.eval()
+
+
+def write_shape_checkpoint(
+    out: str | Path, shape: str, tokens_per_frame: int = 5, w2t: str = "lm", lora_rounds: int = 0,
+    train_mode: str = "lora", seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """A ProAssist checkpoint with SHAPE's real configuration (SHAPES) and random weights, written
+    in DTYPE (bfloat16, as the released checkpoints) with safetensors; base_llm/, base_vision/
+    and checkpoint/ under OUT as `write_tiny_checkpoint` lays them out."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    vcfg = SiglipVisionConfig(**SHAPES[shape].vision)
+    vision = random_module(SiglipVisionModel, vcfg, dtype, gen)
+    vision.save_pretrained(str(out / "base_vision"))
+    del vision
+    cfg = shape_llama_config(shape)
+    llm = random_module(LlamaForCausalLM, cfg, dtype, gen)
+    llm_dir = out / "base_llm"
+    save_base_llm(llm, llm_dir, llama3_tokenizer_json())
+    del llm
+    return write_tiny_checkpoint(
+        out, tokens_per_frame, w2t, lora_rounds, train_mode, seed, llm_dir=llm_dir,
+        vision_dir=out / "base_vision",
+    )

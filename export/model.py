@@ -72,18 +72,23 @@ class VisionTower(nn.Module):
         self.use_cls = cfg.use_img_cls_token
         self.p = cfg.img_patch_token_size
         mean, std = IMAGENET_MEAN_STD if cfg.vision_type == "mobilenet_v2" else SIGLIP_MEAN_STD
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.mean_std = (mean, std)  # constants, not buffers: a cast of the tower keeps them fp32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """float32 whatever the tower's dtype: pixels, normalisation and resize."""
         x = frames.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, h, w)
-        x = (x - self.mean) / self.std  # type: ignore[operator]  # registered buffers
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in self.mean_std)
+        x = (x - mean) / std
         # The authors resize after normalising, bilinear on the tensor, no antialiasing.
         size = (self.image_size, self.image_size)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(frames)
+        x = self.preprocess(frames).to(self.dtype)  # the tower runs in its own dtype
         pooled, grid = self.features(x)  # (N, C), (N, C, g, g)
         tokens = [pooled[:, None]] if self.use_cls else []
         if self.p:
@@ -119,12 +124,16 @@ def make_decision_head(kind: str, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, 1))
 
 
-def attach_multimodal_modules(llm: LlamaForCausalLM, cfg: ProAssistConfig) -> None:
-    """Hang the projector (and decision head) on the LLM, where the released adapters expect them."""
-    hidden = llm.config.hidden_size
-    llm.mm_projector = make_projector(cfg.vision_hidden_size, hidden)
+MULTIMODAL = ("mm_projector", "binary_decision_head")  # the modules ProAssist hangs on the LLM
+
+
+def attach_multimodal_modules(llm: nn.Module, cfg: ProAssistConfig, hidden: int | None = None) -> None:
+    """Hang the projector (and decision head) on the LLM, where the released adapters expect them
+    (or on any module, given the LLM's hidden size)."""
+    width = int(hidden or llm.config.hidden_size)  # type: ignore[union-attr, arg-type]
+    llm.mm_projector = make_projector(cfg.vision_hidden_size, width)
     if cfg.use_binary_decision_head:
-        llm.binary_decision_head = make_decision_head(cfg.binary_decision_head_type, hidden)
+        llm.binary_decision_head = make_decision_head(cfg.binary_decision_head_type, width)
 
 
 @dataclass
@@ -191,8 +200,9 @@ class ProAssistModel(nn.Module):
 
     # --- inputs -------------------------------------------------------------------------
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, h, w, 3) -> projected frame tokens (N, I, H)."""
-        return self.projector(self.vision(frames))
+        """uint8 (N, h, w, 3) -> projected frame tokens (N, I, H), in the projector's dtype."""
+        tokens = self.vision(frames)
+        return self.projector(tokens.to(self.projector[0].weight.dtype))  # type: ignore[union-attr]
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         # The <image> placeholder id lies past the table: clamp, then overwrite (joint_embed).
@@ -212,6 +222,7 @@ class ProAssistModel(nn.Module):
     def forward(
         self, embeds: torch.Tensor, past: Cache | None = None, all_positions: bool = False
     ) -> StepOutput:
+        embeds = embeds.to(self.llm.model.embed_tokens.weight.dtype)  # the LLM's own dtype
         out = self.llm.model(inputs_embeds=embeds, cache=past, use_cache=True)
         h = out.last_hidden_state if all_positions else out.last_hidden_state[:, -1:]  # (1, S', H)
         logits = self.llm.lm_head(h).float()

@@ -14,12 +14,10 @@ from typing import Any
 
 import onnx
 import torch
-from transformers import LlamaForCausalLM
 
 from proassist_edge.errors import ExportError
-from proassist_edge.export.fuse import fuse_gate_up
 from proassist_edge.export.graphs import PortableDecoderModule, VisionGraph
-from proassist_edge.export.model import ProAssistModel
+from proassist_edge.export.model import VisionTower
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,7 @@ def _quiet_export(
     dynamic: dict | tuple,
     opset: int,
     optimize: bool = True,
+    external: bool = False,
 ) -> None:
     try:
         prog = torch.onnx.export(
@@ -61,46 +60,72 @@ def _quiet_export(
             input_names=spec.inputs,
             output_names=spec.outputs,
             dynamic_shapes=dynamic,
-            external_data=False,
+            external_data=external,
             verbose=False,
             optimize=optimize,
         )
         if prog is None:
             raise ExportError("torch.onnx.export returned no program")
-        prog.save(str(path))
+        prog.save(str(path), external_data=external)
     except ExportError:
         raise
     except Exception as e:  # torch.export raises many types; surface them as one typed error
         raise ExportError(f"ONNX export of {path.name} failed: {type(e).__name__}: {e}") from e
 
 
-def export_vision(model: ProAssistModel, path: Path, opset: int = 18) -> GraphSpec:
-    """Frames of any count and size: resizing to the tower's input is inside the graph."""
+EXTERNAL_BYTES = 1_500_000_000  # graphs past this keep their weights in FILE.data (protobuf caps at 2 GiB)
+
+
+def _param_bytes(*modules: torch.nn.Module | None) -> int:
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
+def _data_files(path: Path) -> list[str]:
+    """torch.onnx writes a large graph's weights to PATH.data: the manifest lists it."""
+    data = path.with_name(path.name + ".data")
+    if data.is_file():
+        data.chmod(0o644)  # written 0600: a bundle is read by whoever runs it
+        return [data.name]
+    return []
+
+
+def export_vision(
+    vision: VisionTower, projector: torch.nn.Module, path: Path, opset: int = 18
+) -> tuple[GraphSpec, list[str]]:
+    """Frames of any count and size: resizing to the tower's input is inside the graph. The
+    graph computes in the modules' dtype (fp32 or fp16) with float32 frame tokens out."""
     spec = vision_spec()
-    graph = VisionGraph(model).eval()
+    graph = VisionGraph(vision, projector).eval()
     frames = torch.randint(0, 256, (2, 48, 40, 3), dtype=torch.uint8)
     n = torch.export.Dim("num_frames", min=1, max=1024)
     h = torch.export.Dim("height", min=8, max=4096)
     w = torch.export.Dim("width", min=8, max=4096)
+    big = _param_bytes(vision, projector) > EXTERNAL_BYTES
     with torch.no_grad():
-        _quiet_export(graph, (frames,), path, spec, ({0: n, 1: h, 2: w},), opset)
-    return spec
+        _quiet_export(graph, (frames,), path, spec, ({0: n, 1: h, 2: w},), opset, external=big)
+    return spec, _data_files(path)
 
 
-def export_portable_decoder(model: ProAssistModel, path: Path, opset: int = 18) -> GraphSpec:
-    dec = PortableDecoderModule(model).eval()
-    c: Any = model.llm.config
+def export_portable_decoder(
+    llm: torch.nn.Module, head: torch.nn.Module | None, not_talk_id: int, path: Path, opset: int = 18
+) -> tuple[GraphSpec, list[str]]:
+    """The standard-op decoder in the LLM's dtype (fp32, or fp16 for TensorRT on a GPU), with
+    float32 inputs_embeds in and float32 logits, P(not talk) and hidden state out."""
+    dec = PortableDecoderModule(llm, head, not_talk_id).eval()
+    c: Any = llm.config
     layers, kvh, hd = c.num_hidden_layers, c.num_key_value_heads, dec.head_dim
     spec = portable_spec(layers)
+    dtype = next(llm.parameters()).dtype
     embeds = torch.randn(1, 3, int(c.hidden_size))
-    past = tuple(torch.randn(1, int(kvh), 5, hd) for _ in range(2 * layers))
+    past = tuple(torch.randn(1, int(kvh), 5, hd, dtype=dtype) for _ in range(2 * layers))
     s = torch.export.Dim("sequence_length", min=1, max=8192)
     p = torch.export.Dim("past_sequence_length", min=0, max=131072)
     dynamic = ({1: s}, tuple({2: p} for _ in range(2 * layers)))
+    big = _param_bytes(llm, head) > EXTERNAL_BYTES
     with torch.no_grad():
         # onnxscript's rewriter takes minutes on deep decoders; onnxruntime optimizes at load.
-        _quiet_export(dec, (embeds, *past), path, spec, dynamic, opset, optimize=False)
-    return spec
+        _quiet_export(dec, (embeds, *past), path, spec, dynamic, opset, optimize=False, external=big)
+    return spec, _data_files(path)
 
 
 class HeadGraph(torch.nn.Module):
@@ -112,45 +137,52 @@ class HeadGraph(torch.nn.Module):
         return torch.sigmoid(self.head(hidden).squeeze(-1).float())
 
 
-def export_head(model: ProAssistModel, path: Path, opset: int = 18) -> GraphSpec:
-    """The binary decision head alone: hidden (1, S, H) -> P(not talk) (1, S)."""
-    assert model.decision_head is not None
+def export_head(head: torch.nn.Module, hidden: int, path: Path, opset: int = 18) -> GraphSpec:
+    """The binary decision head alone: hidden (1, S, H) -> P(not talk) (1, S), in float32."""
     spec = GraphSpec(["hidden_states"], ["p_not_talk"])
     s = torch.export.Dim("sequence_length", min=1, max=8192)
-    x = torch.randn(1, 3, model.llm.config.hidden_size)
+    x = torch.randn(1, 3, hidden)
     with torch.no_grad():
-        _quiet_export(HeadGraph(model.decision_head).eval(), (x,), path, spec, ({1: s},), opset)
+        _quiet_export(HeadGraph(head).float().eval(), (x,), path, spec, ({1: s},), opset)
     return spec
 
 
-def save_plain_llm(model: ProAssistModel, tokenizer_json: Path, out: Path) -> None:
-    """The merged LLM alone, as a plain Hugging Face folder (what the builder reads)."""
-    llm = model.llm
-    clean = LlamaForCausalLM(llm.config)
-    skip = ("mm_projector", "binary_decision_head")
-    state = {k: v for k, v in llm.state_dict().items() if not k.startswith(skip)}
-    clean.load_state_dict(state, strict=True)
-    clean.save_pretrained(str(out))
-    shutil.copy(tokenizer_json, out / "tokenizer.json")
-
-
 OPTIMIZED_FILES = ("decoder_gqa.onnx", "model.onnx.data")
+OPTIMIZED_PRECISIONS = ("fp32", "fp16", "int4")
+
+
+@dataclass(frozen=True)
+class BuilderOptions:
+    """The optimized decoder's precision; int4's MatMulNBits blocks and accuracy level (4, int8
+    dot products, as `quantize --precision int4` uses by default)."""
+
+    precision: str = "fp32"
+    block_size: int = 32
+    accuracy_level: int = 4
 
 
 def build_optimized_decoder(
-    model: ProAssistModel, tokenizer_json: Path, out_dir: Path, precision: str = "fp32"
+    llm_dir: Path, out_dir: Path, options: BuilderOptions | None = None, work: Path | None = None
 ) -> tuple[str, list[str], GraphSpec]:
-    """Run onnxruntime-genai's builder (GroupQueryAttention, shared KV buffer) on the merged LLM.
+    """Run onnxruntime-genai's builder (GroupQueryAttention, shared KV buffer, each MLP's gate
+    and up projections fused into one MatMul) on LLM_DIR, a plain Hugging Face LLM folder in its
+    own dtype. fp32 is the builder's graph; int4 is quantized from it one weight at a time
+    (export/int4.py); fp16 is the builder's GPU graph with float32 edges and attention
+    (export/fp16.py). Scratch files go to WORK (default: beside OUT_DIR).
 
     Returns (graph file, extra data files, spec) relative to out_dir. Any failure is an
     ExportError and leaves none of its files in out_dir, so a caller can go on without it.
     """
+    opts = options or BuilderOptions()
+    if opts.precision not in OPTIMIZED_PRECISIONS:
+        raise ExportError(f"optimized decoder precision {opts.precision!r}: choose one of "
+                          f"{', '.join(OPTIMIZED_PRECISIONS)}")
     try:
-        return _build_optimized(model, tokenizer_json, out_dir, precision)
+        return _build_optimized(llm_dir, out_dir, opts, work or out_dir.parent)
     except ExportError:
         _remove_optimized(out_dir)
         raise
-    except Exception as e:  # saving, loading, fusing raise many types (OSError, onnx's own, ...)
+    except Exception as e:  # saving, loading, editing raise many types (OSError, onnx's own, ...)
         _remove_optimized(out_dir)
         raise ExportError(f"building the optimized decoder failed: {type(e).__name__}: {e}") from e
 
@@ -160,51 +192,53 @@ def _remove_optimized(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
+def run_builder(llm_dir: Path, build: Path, precision: str) -> None:
+    """The builder as a subprocess: its memory is returned when it exits."""
+    # fp16 graphs exist for GPUs only (the builder's fp16 + cpu makes another graph family)
+    ep = "cuda" if precision == "fp16" else "cpu"
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-m", str(llm_dir), "-i", str(llm_dir), "-o", str(build), "-p", precision, "-e", ep,
+        "-c", str(build / "cache"),
+        "--extra_options", "exclude_embeds=true", "include_hidden_states=true",
+        "fuse_mlp_gate_up=true",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (build / "model.onnx").is_file():
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        raise ExportError(f"onnxruntime-genai's builder failed (exit {proc.returncode}):\n{tail}")
+
+
 def _build_optimized(
-    model: ProAssistModel, tokenizer_json: Path, out_dir: Path, precision: str
+    llm_dir: Path, out_dir: Path, opts: BuilderOptions, work: Path
 ) -> tuple[str, list[str], GraphSpec]:
-    with tempfile.TemporaryDirectory() as tmp:
-        llm_dir, build = Path(tmp) / "llm", Path(tmp) / "build"
-        save_plain_llm(model, tokenizer_json, llm_dir)
-        cmd = [
-            sys.executable,
-            "-m",
-            "onnxruntime_genai.models.builder",
-            "-m",
-            str(llm_dir),
-            "-i",
-            str(llm_dir),
-            "-o",
-            str(build),
-            "-p",
-            precision,
-            "-e",
-            "cpu",
-            "--extra_options",
-            "exclude_embeds=true",
-            "include_hidden_states=true",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not (build / "model.onnx").is_file():
-            tail = (proc.stderr or proc.stdout)[-2000:]
-            raise ExportError(
-                f"onnxruntime-genai's builder failed (exit {proc.returncode}):\n{tail}"
-            )
+    with tempfile.TemporaryDirectory(prefix=".builder.", dir=work) as tmp:
+        build = Path(tmp) / "build"
+        run_builder(llm_dir, build, "fp16" if opts.precision == "fp16" else "fp32")
         cfg = json.loads((build / "genai_config.json").read_text())["model"]["decoder"]
         layers = int(cfg["num_hidden_layers"])
-        graph = onnx.load(str(build / "model.onnx"))  # external data too: fusing reads weights
-        fuse_gate_up(graph)
-        external = (build / "model.onnx.data").is_file()
-        (out_dir / "model.onnx.data").unlink(missing_ok=True)  # onnx appends to an existing file
-        # the same data file name as the builder's (the manifest lists it)
-        onnx.save(graph, str(out_dir / "decoder_gqa.onnx"), save_as_external_data=external,
-                  location="model.onnx.data")
-        data = []
-        if external:  # onnx writes its data file 0600: a bundle must be readable like its graphs
-            (out_dir / "model.onnx.data").chmod(0o644)
-            data.append("model.onnx.data")
+        graph_file, data = out_dir / OPTIMIZED_FILES[0], out_dir / OPTIMIZED_FILES[1]
+        data.unlink(missing_ok=True)
+        if opts.precision == "int4":
+            from proassist_edge.export.int4 import quantize_int4_streaming
+
+            files, _ = quantize_int4_streaming(build / "model.onnx", graph_file, opts.block_size,
+                                               opts.accuracy_level, data.name)
+        else:
+            graph = onnx.load(str(build / "model.onnx"), load_external_data=False)
+            if opts.precision == "fp16":
+                from proassist_edge.export.fp16 import fp32_edges_and_attention
+
+                fp32_edges_and_attention(graph, llm_dir)
+            onnx.save(graph, str(graph_file))  # the weights stay where they are: moved below
+            files = []
+            if (build / "model.onnx.data").is_file():  # the graph names it model.onnx.data
+                shutil.move(str(build / "model.onnx.data"), str(data))
+                files = [data.name]
+        if data.is_file():  # written 0600: a bundle must be readable like its graphs
+            data.chmod(0o644)
     spec = GraphSpec(
         ["inputs_embeds", "attention_mask", *kv_names("past_key_values", layers)],
         ["logits", "hidden_states", *kv_names("present", layers)],
     )
-    return "decoder_gqa.onnx", data, spec
+    return graph_file.name, files, spec

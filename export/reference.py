@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from proassist_edge.chat import ChatFormat
 from proassist_edge.export.model import ProAssistModel
+from proassist_edge.runtime.backend import StepOut
 from proassist_edge.runtime.context import ContextStrategy, find_knowledge, reduction
 from proassist_edge.runtime.core import SUMMARY_THRESHOLD, fed_token
 from proassist_edge.runtime.messages import FrameResult, TextMessage
@@ -64,17 +65,34 @@ class ReferenceLoop:
         self.fed_last = True
 
     # --- the cache -------------------------------------------------------------------------
-    def _forward(self, embeds: torch.Tensor, name: StageName = "decode") -> torch.Tensor:
-        stage = Stage(name, int(embeds.shape[1]))
-        for o in self.observers:
-            o.stage_started(stage)
+    def _forward(
+        self, embeds: torch.Tensor, name: StageName = "decode", ids: Sequence[int] = (),
+        frames: np.ndarray | None = None,
+    ) -> torch.Tensor:
+        """One append; observers see its stage as the runtime core's (the ids and frames its
+        inputs were made of) and its output as a StepOut (float32 numpy)."""
+        stage = Stage(name, int(embeds.shape[1]), ids=tuple(ids), frames=frames)
+        self._notify_started(stage)
         out = self.model(embeds, self.past)
         self.past = out.past  # type: ignore[assignment]
         self.kv_len += embeds.shape[1]
         self._last_p = float(out.p_not_talk[0, -1])
+        if self.observers:
+            step = StepOut(out.logits[0, -1].float().numpy(), out.hidden[0, -1].float().numpy(),
+                           self._last_p)
+            for o in self.observers:
+                o.stage_ended(stage, step)
+        return out.logits[0, -1]
+
+    def _notify_started(self, stage: Stage) -> None:
+        for o in self.observers:
+            o.stage_started(stage)
+
+    def _notify(self, stage: Stage) -> None:
+        """A change of the memory (reset, keep): told before and after, as the core does."""
+        self._notify_started(stage)
         for o in self.observers:
             o.stage_ended(stage, None)
-        return out.logits[0, -1]
 
     def _encode(self, frames: np.ndarray) -> torch.Tensor:
         stage = Stage("encode", len(frames), frames=frames)
@@ -99,9 +117,11 @@ class ReferenceLoop:
         ]
         self.past = DynamicCache(ddp_cache_data=layers)
         self.kv_len = layers[0][0].shape[2]
+        self._notify(Stage("keep", keep=(self.prefix[0][0].shape[2], start, end)))
 
     def _drop_all(self) -> None:
         self.past, self.kv_len = None, 0
+        self._notify(Stage("reset"))
 
     # --- decoding ----------------------------------------------------------------------------
     def _greedy(self, logits: torch.Tensor, cap: int) -> list[int]:
@@ -120,7 +140,7 @@ class ReferenceLoop:
             self.fed_last = fed_token(t, i, cap, self.kv_len, capacity, self.eos_id, self.s.feed_eos)
             if not self.fed_last:
                 break
-            logits = self._forward(self.model.embed_ids(torch.tensor([[t]])))
+            logits = self._forward(self.model.embed_ids(torch.tensor([[t]])), "decode", (t,))
             if done:
                 break
         return ids
@@ -145,7 +165,7 @@ class ReferenceLoop:
         for m in messages:
             text += self.pb.message(m.role, m.content)
         tokens = self._encode(frames)
-        logits = self._forward(self._embed(text, tokens), "append")
+        logits = self._forward(self._embed(text, tokens), "append", text, frames)
         p = self._last_p
         nt = self.model.not_talk_id
         talk = decide_talk(p, self.prev_p, self.s, lambda: int(torch.argmax(logits)) != nt)
@@ -187,7 +207,8 @@ class ReferenceLoop:
     def _summarize(self, frames: np.ndarray) -> tuple[str, tuple[int, ...]]:
         """Ask for a progress summary with the frame just processed, then restart from it."""
         tokens = self._encode(frames)
-        logits = self._forward(self._embed(self.pb.summary_request(), tokens), "summary")
+        request = self.pb.summary_request()
+        logits = self._forward(self._embed(request, tokens), "summary", request, frames)
         p = self.prev_p = self._last_p
         out = [] if p > SUMMARY_THRESHOLD else self._greedy(logits, self.s.max_summary_tokens)
         summary = self.pb.reply_text(out)

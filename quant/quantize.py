@@ -128,7 +128,8 @@ def check_parent(pm: Manifest, parent: Path, out: Path) -> None:
     if lowered or pm.embeddings.get("dtype", "float32") != "float32":
         raise QuantizeError(
             f"{parent} is already quantized ({lowered or pm.embeddings.get('dtype')}): "
-            "quantize its fp32 parent instead (see its manifest's source.parent)"
+            "quantize its fp32 parent instead (see its manifest's source.parent), or export "
+            "the checkpoint again at fp32 (proassist-edge export CKPT -o BUNDLE)"
         )
     if out.resolve().is_relative_to(parent.resolve()):
         raise QuantizeError(f"{out} lies inside the parent bundle {parent}: write the child elsewhere")

@@ -75,48 +75,6 @@ def test_full_verification_runs_the_bundles_own_context(tiny_ckpt, tmp_path: Pat
     assert summary["peak_rss_bytes"] > 0
 
 
-@pytest.mark.parametrize("up_first", [False, True])
-def test_gate_up_fusion_is_exact_and_keeps_the_outputs(up_first: bool) -> None:
-    """Two MatMuls on one input become one MatMul and a Split that hands back both outputs
-    under their old names, in either node order; a MatMul pair on different inputs is left."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from proassist_edge.export.fuse import fuse_gate_up
-
-    rng = np.random.default_rng(0)
-    wg, wu, wo = (rng.standard_normal((8, 12)).astype(np.float32) for _ in range(3))
-    mm = [helper.make_node("MatMul", ["x", "wg"], ["g"], name="/model/layers.0/mlp/gate_proj/MatMul"),
-          helper.make_node("MatMul", ["x", "wu"], ["u"], name="/model/layers.0/mlp/up_proj/MatMul")]
-    nodes = [*(mm[::-1] if up_first else mm),
-             helper.make_node("Sigmoid", ["g"], ["s"]), helper.make_node("Mul", ["g", "s"], ["a"]),
-             helper.make_node("Mul", ["a", "u"], ["y"]),
-             # same names, different input: not a pair
-             helper.make_node("MatMul", ["y2", "wo"], ["o"], name="/model/layers.1/mlp/gate_proj/MatMul"),
-             helper.make_node("MatMul", ["x", "wo"], ["o2"], name="/model/layers.1/mlp/up_proj/MatMul")]
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8]) for n in ("x", "y2")]
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 12]) for n in ("y", "u", "o", "o2")]
-    inits = [numpy_helper.from_array(w, n) for w, n in ((wg, "wg"), (wu, "wu"), (wo, "wo"))]
-    model = helper.make_model(helper.make_graph(nodes, "g", io, outs, inits),
-                              opset_imports=[helper.make_opsetid("", 18)])
-    feeds = {"x": rng.standard_normal((1, 8)).astype(np.float32),
-             "y2": rng.standard_normal((1, 8)).astype(np.float32)}
-
-    def run(m: onnx.ModelProto) -> list[np.ndarray]:
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        return sess.run(None, feeds)
-
-    before = run(model)
-    assert fuse_gate_up(model) == 1
-    onnx.checker.check_model(model)  # topologically sorted, every input defined
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMul") == 3 and ops.count("Split") == 1
-    weights = {t.name for t in model.graph.initializer}
-    assert "wo" in weights and not weights & {"wg", "wu"}
-    for a, b in zip(before, run(model), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-
-
 def test_embedding_table_is_memory_mapped(tiny_bundle) -> None:
     b = open_bundle(tiny_bundle(1, "lm", 1)[0])
     assert isinstance(b.embeddings, np.memmap)

@@ -14,15 +14,22 @@ from proassist_edge.fmt import human_bytes, table
 
 # --- fixture -------------------------------------------------------------------------------
 def add_fixture_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fixture", help="write a small checkpoint in the released ProAssist layout")
+    p = sub.add_parser("fixture", help="write a checkpoint in the released ProAssist layout "
+                       "(small ones for tests, or a released model's shape)")
     p.add_argument(
-        "kind", choices=["tiny", "smollm2"], help="tiny random model, or real SmolLM2-135M"
+        "kind", nargs="?", default="tiny", choices=["tiny", "smollm2"],
+        help="tiny random model (default), or real SmolLM2-135M",
     )
+    p.add_argument("--shape", choices=["llama-3.2-1b", "llama-3.1-8b"],
+                   help="random bf16 weights with this model's real configuration and a "
+                   "SigLIP-so400m-shaped tower, written with safetensors (2.5 + 0.9 GB for 1B, "
+                   "16 + 0.9 GB for 8B; memory about the same)")
     p.add_argument("-o", "--out", required=True, type=Path)
     p.add_argument("--tokens-per-frame", type=int, default=5, choices=[1, 5, 10])
     p.add_argument("--w2t", default="lm", choices=["lm", "head-linear", "head-mlp"])
     p.add_argument(
-        "--lora-rounds", type=int, default=1, help="earlier LoRA rounds before the top adapter"
+        "--lora-rounds", type=int,
+        help="earlier LoRA rounds before the top adapter (default 1; 0 with --shape)",
     )
     p.add_argument("--train-mode", default="lora", choices=["lora", "frozen", "full"])
     p.add_argument("--seed", type=int, default=0)
@@ -32,15 +39,22 @@ def add_fixture_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fixture(args: argparse.Namespace) -> int:
-    if args.kind == "smollm2":
+    if args.shape:
+        from proassist_edge.export.fixture import write_shape_checkpoint
+
+        rounds = 0 if args.lora_rounds is None else args.lora_rounds
+        ckpt = write_shape_checkpoint(args.out, args.shape, args.tokens_per_frame, args.w2t, rounds,
+                                      args.train_mode, args.seed)
+    elif args.kind == "smollm2":
         from proassist_edge.export.smollm import write_smollm2_checkpoint
 
         ckpt = write_smollm2_checkpoint(args.out, args.tokens_per_frame, args.w2t, args.seed)
     else:
         from proassist_edge.export.fixture import write_tiny_checkpoint
 
+        rounds = 1 if args.lora_rounds is None else args.lora_rounds
         ckpt = write_tiny_checkpoint(
-            args.out, args.tokens_per_frame, args.w2t, args.lora_rounds, args.train_mode, args.seed,
+            args.out, args.tokens_per_frame, args.w2t, rounds, args.train_mode, args.seed,
             head_dim=args.head_dim,
         )
     print(f"checkpoint written: {ckpt}")
@@ -61,7 +75,25 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--tokens-per-frame", type=int, help="expected tokens per frame (checked)")
-    p.add_argument("--variants", default="portable,optimized", help="decoder variants to export")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                   help="fp32 (default); fp16 for GPUs (fp16 graphs and table); int4 for CPUs "
+                   "(the builder's decoder quantized to 4-bit blocks from the checkpoint's own "
+                   "weights, no fp32 bundle); int8 (an fp32 bundle, then quantize, in one go). "
+                   "Costs per precision: docs/export.md")
+    p.add_argument("--vision-precision", choices=["fp32", "fp16"],
+                   help="the vision graph's precision (default: fp16 for --precision fp16, else fp32)")
+    p.add_argument("--portable-fp16", action="store_true",
+                   help="write the portable decoder (TensorRT's input) in fp16 for a GPU target")
+    p.add_argument("--variants", help="decoder variants to export, comma-separated: portable, "
+                   "optimized (default: both; int4: optimized)")
+    p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128],
+                   help="int4 block size (default 32, as quantize)")
+    p.add_argument("--strict", action="store_true",
+                   help="fp16/int4: fail (no bundle) when an accuracy target against PyTorch is "
+                   "missed; by default the miss is recorded in verify.json and the manifest, as "
+                   "quantize does (fp32 must always match)")
+    p.add_argument("--no-resource-check", action="store_true",
+                   help="skip the free memory and disk check against the estimate")
     p.add_argument("--verify", choices=["quick", "full", "none"], default="quick",
                    help="against PyTorch: quick (default; a short stream through one context "
                    "reset, replies capped at 8 tokens), full (300 frames at the bundle's own "
@@ -94,9 +126,20 @@ def run_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         verify="none" if args.no_verify else args.verify,
         verify_frames=args.verify_frames,
-        variants=tuple(args.variants.split(",")),
+        variants=tuple(args.variants.split(",")) if args.variants else None,
         threshold=args.threshold,
+        precision=args.precision,
+        vision_precision=args.vision_precision,
+        portable_fp16=args.portable_fp16,
+        block_size=args.block_size,
+        check_resources=not args.no_resource_check,
+        strict=args.strict,
     )
+    quantizer = None
+    if args.precision == "int8":  # export imports no quant: the CLI hands it over
+        from proassist_edge.quant.quantize import quantize_bundle
+
+        quantizer = quantize_bundle
     summary = export_bundle(
         resolve_checkpoint(args.checkpoint),
         args.out,
@@ -104,24 +147,32 @@ def run_export(args: argparse.Namespace) -> int:
         args.vision_from,
         opts,
         args.tokens_per_frame,
+        quantizer,
     )
     print(table([(f, human_bytes(n)) for f, n in summary["files"].items()], ["file", "size"]))
     if summary["verify"]:
         v = summary["verify"]
         keys = [
             "max_abs_logit_diff",
+            "logit_cosine",
             "max_abs_p_not_talk_diff",
+            "p_not_talk_mae",
             "decision_agreement",
             "token_match_rate",
             "frames",
             "resets_reference",
+            "reference_dtype",
         ]
-        print(table([(k, v.get(k, "")) for k in keys], [f"verification ({v.get('mode', '')}, worst decoder)",
-                                                         "value"]))
+        against = v.get("against") or f"PyTorch, {v.get('mode', '')}"
+        print(table([(k, v[k]) for k in keys if k in v],
+                    [f"verification at {summary['precision']} ({against}; worst decoder)", "value"]))
     stages = [(k, f"{r['seconds']:.1f}", human_bytes(int(r["peak_rss_bytes"])))
               for k, r in summary.get("stages", {}).items()]
     print(table(stages, ["stage", "seconds", "peak RSS so far"]))
     print(f"default decoder: {summary['default_decoder']}; bundle: {summary['bundle']}")
+    if summary["verify"] and not summary["verify"].get("targets_met", True):
+        misses = summary["verify"].get("misses") or summary["verify"]
+        print(f"accuracy targets missed at {summary['precision']}: {misses}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     return 0
