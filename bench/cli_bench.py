@@ -184,15 +184,13 @@ def genai_folder(
     out = cache / f"{ckpt.name}-{precision}-{_checkpoint_stamp(ckpt)}"
     if (out / "genai_config.json").is_file():
         return out
-    from proassist_edge.export.checkpoint import load_checkpoint
-    from proassist_edge.export.onnx_export import save_plain_llm
+    from proassist_edge.export.checkpoint import open_checkpoint, write_plain_llm
 
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        llm, build = Path(tmp) / "llm", Path(tmp) / "build"
-        ck = load_checkpoint(ckpt, llm_from, vision_from)
-        save_plain_llm(ck.model, ck.tokenizer_path, llm)
-        del ck
+        build = Path(tmp) / "build"
+        # the merged LLM as export writes it for the builder (a plain Llama folder)
+        llm = write_plain_llm(open_checkpoint(ckpt, llm_from, vision_from), Path(tmp)).folder
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(llm),
                "-i", str(llm), "-o", str(build), "-p", precision, "-e", "cpu"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)

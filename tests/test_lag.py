@@ -287,14 +287,22 @@ def test_joined_frames_are_the_sequence_of_silent_steps(bundle_dir: Path) -> Non
 
 
 def test_under_a_busy_core_the_controller_keeps_decisions_on_time(bundle_dir: Path) -> None:
-    """10 fps and 60-token replies at every frame (a token takes milliseconds) while another
-    process spins a core: without control every step overruns the 100 ms period and most
+    """A frame rate at which a 60-token reply takes ~3 periods, replies at every frame, while another
+    process spins a core: without control every step overruns the period and most
     frames are decided late; with it the replies are capped to what the measured token time
     fits in the budget, and most frames are decided in time."""
     talk = StreamSettings(threshold=1.0, max_reply_tokens=60, context_strategy="drop_all")
+    # the frame rate at which a replying step takes about three periods on THIS machine (a fixed
+    # rate left a fast CI machine on time without any control)
+    core = StreamCore(open_bundle(bundle_dir), talk)
+    frame = SyntheticSource(size=(32, 32))._pattern(0)[None]
+    core.step(frame, 0, 0.0)
+    t0 = time.perf_counter()
+    core.step(frame, 1, 0.1)
+    fps = max(10.0, 3.0 / (time.perf_counter() - t0))
     with burn_cores(1):
-        off, _ = live_run(bundle_dir, SyntheticSource(10.0, size=(32, 32), n_frames=40), talk, False)
-        on, rec = live_run(bundle_dir, SyntheticSource(10.0, size=(32, 32), n_frames=40), talk, True,
+        off, _ = live_run(bundle_dir, SyntheticSource(fps, size=(32, 32), n_frames=40), talk, False)
+        on, rec = live_run(bundle_dir, SyntheticSource(fps, size=(32, 32), n_frames=40), talk, True,
                            min_reply_tokens=4)
     assert off.lag is not None and on.lag is not None
     assert off.lag["control"] is False and off.lag["changes"] == 0
