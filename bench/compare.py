@@ -38,11 +38,11 @@ from proassist_edge.bench import bandwidth as bw
 from proassist_edge.bench.busy import OtherLoad, busy_note
 from proassist_edge.errors import MissingDependencyError, ProAssistEdgeError
 from proassist_edge.manifest import ModelFacts, load_manifest
+from proassist_edge.paths import cache_dir
 from proassist_edge.runtime.backend import physical_cores
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 
 SCHEMA = "proassist-edge-bench-compare/1"
-SIDES = ("ours", "ort-genai", "llama.cpp")
 LLAMA_INSTALL = (
     'pip install "proassist-edge[llamacpp]" (llama-cpp-python compiles llama.cpp with cmake and a '
     'C++ compiler: 7 min of CPU, about 4 on 2 idle cores; CMAKE_ARGS="-DGGML_NATIVE=ON" builds for this CPU)')
@@ -95,6 +95,7 @@ class Row:
     tokens: list[int]
     text: str
     token_agreement_with_ours: float | None = None
+    token_agreement_with_ours_fp32: float | None = None  # set when the run had an fp32 bundle
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -287,7 +288,9 @@ def decode_in_turns(sides: dict[str, Side], n: int, reps: int) -> dict[str, dict
 def prompt_in_turns(
     sides: dict[str, Side], prompts: dict[int, list[int]], reps: int
 ) -> dict[str, dict[int, list[float]]]:
-    """ms of each side's prompt of each length from an empty cache, in turns; rep 0 warms up."""
+    """ms of each side's prompt of each length from an empty cache, in turns; rep 0 warms up.
+    What a side computes beyond the last position's logits is its own cost (our decoder graph
+    runs its LM head on every position; llama.cpp's eval on the last one only)."""
     times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in prompts} for k in sides}
     for r in range(reps + 1):
         for n, ids in prompts.items():
@@ -376,7 +379,7 @@ def compare_bundle(
         progress(f"{name}: llama.cpp's GGUF for {precision}")
         try:
             src = opts.gguf or default_gguf()
-            gguf, gtype = gguf_for(src, precision, opts.gguf_cache or _cache() / "llama-cpp", threads)
+            gguf, gtype = gguf_for(src, precision, opts.gguf_cache or cache_dir() / "llama-cpp", threads)
             llama = LlamaSide(gguf, prompt, threads, capacity)
             if why := arch_mismatch(llama.metadata(), b.manifest.model):
                 raise CompareError(f"{src.name} is another model: {why}")
@@ -402,12 +405,6 @@ def compare_bundle(
     for row in rows_of(b, precision, engines, sides, tokens, decode, timed):
         row.extra.update(extra.get(row.side, {}), other_processes_cores=cores)
         result["rows"].append(asdict(row))
-
-
-def _cache() -> Path:
-    from proassist_edge.paths import cache_dir
-
-    return cache_dir()
 
 
 # --- the whole run -----------------------------------------------------------------------------
@@ -459,6 +456,11 @@ def run_compare(
     }
     for path in opts.bundles:
         compare_bundle(path, opts, genai, result, progress)
+    # every bundle decodes the same prompt: each side against our fp32 tokens, when one ran
+    rows = result["rows"]
+    fp32 = next((r["tokens"] for r in rows if r["side"] == "ours" and r["precision"] == "fp32"), None)
+    for r in rows:
+        r["token_agreement_with_ours_fp32"] = None if fp32 is None else bw.agreement(fp32, r["tokens"])
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["elapsed_s"] = round(time.time() - t0, 1)
     return result
@@ -469,11 +471,16 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return "--" if not isinstance(x, int | float) or x != x else f"{x:.{digits}f}"
 
 
+def _pct(x: Any) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
+
+
 def compare_table(result: dict[str, Any]) -> str:
     """The rows as one markdown table: per bundle, ours first and each other side against it."""
     lengths = result["prompt_lengths"]
     head = ["bundle", "side", "what ran", "decode ms/token", "decode speed vs ours",
-            *(f"prompt {n} tok/s" for n in lengths), "greedy tokens as ours", "other cores busy"]
+            *(f"prompt {n} tok/s" for n in lengths), "greedy tokens as ours", "as ours fp32",
+            "other cores busy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ours = {r["bundle"]: r for r in result["rows"] if r["side"] == "ours"}
     for r in result["rows"]:
@@ -482,12 +489,11 @@ def compare_table(result: dict[str, Any]) -> str:
                  if base and r["decode_ms_per_token"] else None)
         tps = [_fmt(r["prompt_tokens_per_s"].get(n, r["prompt_tokens_per_s"].get(str(n))), 0)
                for n in lengths]
-        same = "" if r["token_agreement_with_ours"] is None else (
-            f"{100 * r['token_agreement_with_ours']:.0f}%")
+        same, fp32 = (_pct(r.get(k)) for k in ("token_agreement_with_ours", "token_agreement_with_ours_fp32"))
         busy = _fmt(r["extra"].get("other_processes_cores"), 2)
         lines.append(f"| {r['bundle']} ({r['precision']}) | {r['side']} | {r['engine']} | "
                      f"{_fmt(r['decode_ms_per_token'], 2)} | {_fmt(speed, 2)}x | "
-                     + " | ".join(tps) + f" | {same} | {busy} |")
+                     + " | ".join(tps) + f" | {same} | {fp32} | {busy} |")
     return "\n".join(lines)
 
 

@@ -30,19 +30,19 @@ def _row(side: str, ms: float, tps: dict[int, float], agreement: float | None) -
 
 
 def test_table_and_json_from_rows(tmp_path: Path) -> None:
+    rows = [_row("ours", 10.0, {128: 900.0, 512: 700.0}, None),
+            _row("ort-genai", 10.0, {128: 1000.0, 512: 650.0}, 1.0),
+            _row("llama.cpp", 5.0, {128: 2000.0, 512: 1500.0}, 0.5)]
+    rows[2]["token_agreement_with_ours_fp32"] = 0.25
     result = {
-        "prompt_lengths": [128, 512],
-        "rows": [_row("ours", 10.0, {128: 900.0, 512: 700.0}, None),
-                 _row("ort-genai", 10.0, {128: 1000.0, 512: 650.0}, 1.0),
-                 _row("llama.cpp", 5.0, {128: 2000.0, 512: 1500.0}, 0.5)],
+        "prompt_lengths": [128, 512], "rows": rows, "notes": [],
         "left_out": [{"side": "llama.cpp", "bundle": "c", "reason": "why", "install": None}],
-        "notes": [],
     }
     table = cmp.compare_table(result)
     lines = table.splitlines()
-    assert len(lines) == 2 + 3 and lines[0].count("|") == 10
-    assert "| b (int4) | llama.cpp | llama.cpp engine | 5.00 | 2.00x | 2000 | 1500 | 50% | 0.10 |" in table
-    assert "| b (int4) | ours | ours engine | 10.00 | 1.00x | 900 | 700 |  | 0.10 |" in table
+    assert len(lines) == 2 + 3 and lines[0].count("|") == 11
+    assert "| llama.cpp | llama.cpp engine | 5.00 | 2.00x | 2000 | 1500 | 50% | 25% | 0.10 |" in table
+    assert "| b (int4) | ours | ours engine | 10.00 | 1.00x | 900 | 700 |  |  | 0.10 |" in table
     assert cmp.left_out_lines(result) == ["left out: llama.cpp for c: why."]
     out = tmp_path / "c.json"
     write_json(out, result)  # int keys become strings: the table reads both
@@ -79,6 +79,7 @@ def test_without_llama_cpp_the_rest_runs_and_says_what_it_left_out(
     assert [row["side"] for row in r["rows"]] == ["ours"]
     ours = r["rows"][0]
     assert ours["decode_ms_per_token"] > 0 and len(ours["tokens"]) == 4
+    assert ours["token_agreement_with_ours_fp32"] == 1.0  # the tiny bundle is fp32
     assert set(ours["prompt_tokens_per_s"]) == {"8", "16"}
     assert all(v > 0 for v in ours["prompt_tokens_per_s"].values())
     left = {x["side"]: x for x in r["left_out"]}
