@@ -3,7 +3,6 @@ after verification passed, so a failure never leaves a half-written bundle behin
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 import tempfile
@@ -231,6 +230,7 @@ def export_bundle(
             notes=[n for _, n in left_out] + precision_notes(plan),
         )
         left_out += check_decoders_run(tmp, manifest)
+        resources.release()
         steps.update()
         if mode != "none":
             steps.stage(f"verifying against PyTorch ({mode})")
@@ -424,7 +424,7 @@ def verify_decoders(
     ck = load_reference(info, plain, plan.reference_dtype)
     ref = reference(ck, settings, frames, system, after_reset=after_reset, progress=True)
     del ck
-    gc.collect()
+    resources.release()  # the reference's weights go before the bundle's sessions load
     tol = opts.tolerance or plan.tolerance
     # fp32 must match PyTorch (a miss is a bug); a lossy precision's miss is the model's cost,
     # recorded and reported as quantize does, and fails the export only when strict

@@ -9,13 +9,14 @@ vision tower from its own folder; both can be overridden because hub ids cannot 
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionModel
@@ -29,6 +30,7 @@ from proassist_edge.export.model import (
     VisionTower,
     attach_multimodal_modules,
 )
+from proassist_edge.export.resources import release
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -314,7 +316,7 @@ def write_plain_llm(info: CheckpointInfo, work: Path) -> PlainLLM:
     shutil.copy(info.tokenizer_path, folder / "tokenizer.json")
     hidden = int(llm.config.hidden_size)
     del llm
-    gc.collect()  # the merged weights are on disk: the stages after read what they need
+    release()  # the merged weights are on disk: the stages after read what they need
     return PlainLLM(folder, state, hidden)
 
 
@@ -335,3 +337,34 @@ def multimodal_modules(info: CheckpointInfo, plain: PlainLLM, dtype: torch.dtype
     attach_multimodal_modules(holder, info.config, plain.hidden)
     holder.load_state_dict(plain.multimodal)
     return holder.to(dtype).eval()
+
+
+EMBED_KEY, HEAD_KEY = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def tensor_rows(folder: Path, key: str) -> tuple[Callable[[int, int], np.ndarray], tuple[int, int]]:
+    """rows(a, b) of the 2-D tensor KEY in FOLDER's safetensors files, as float32, read a block
+    at a time (nothing else of the file is loaded); and its shape."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            if key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                break
+    else:
+        raise CheckpointError(f"{folder} holds no {key}: is it a Llama folder?")
+
+    def rows(a: int, b: int) -> np.ndarray:
+        with safe_open(str(f), "pt") as st:
+            return st.get_slice(key)[a:b].float().numpy()
+
+    return rows, (int(shape[0]), int(shape[1]))
+
+
+def head_rows(folder: Path) -> tuple[Callable[[int, int], np.ndarray], tuple[int, int]]:
+    """The LM head's rows (vocab, hidden): its own weight, or the embedding table it is tied to."""
+    try:
+        return tensor_rows(folder, HEAD_KEY)
+    except CheckpointError:
+        return tensor_rows(folder, EMBED_KEY)

@@ -67,10 +67,35 @@ def _quiet_export(
         if prog is None:
             raise ExportError("torch.onnx.export returned no program")
         prog.save(str(path), external_data=external)
+        if not optimize:
+            cast_like_to_cast(path)
     except ExportError:
         raise
     except Exception as e:  # torch.export raises many types; surface them as one typed error
         raise ExportError(f"ONNX export of {path.name} failed: {type(e).__name__}: {e}") from e
+
+
+def cast_like_to_cast(path: Path) -> int:
+    """CastLike nodes whose target's type the graph records become Cast: onnxruntime has no CPU
+    kernel for CastLike to fold constants with, and warns at every load otherwise (torch's
+    exporter writes them for Python scalars; its optimizer, not run here, would fold them).
+    Only the graph's structure is read and rewritten; external weights stay where they are."""
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    done = 0
+    for node in g.node:
+        if node.op_type == "CastLike" and types.get(node.input[1]):
+            to = types[node.input[1]]
+            del node.attribute[:]
+            node.op_type = "Cast"
+            node.input[:] = [node.input[0]]
+            node.attribute.append(onnx.helper.make_attribute("to", to))
+            done += 1
+    if done:
+        onnx.save(model, str(path))
+    return done
 
 
 EXTERNAL_BYTES = 1_500_000_000  # graphs past this keep their weights in FILE.data (protobuf caps at 2 GiB)
@@ -102,7 +127,11 @@ def export_vision(
     w = torch.export.Dim("width", min=8, max=4096)
     big = _param_bytes(vision, projector) > EXTERNAL_BYTES
     with torch.no_grad():
-        _quiet_export(graph, (frames,), path, spec, ({0: n, 1: h, 2: w},), opset, external=big)
+        # not through onnxscript's optimizer: it keeps the last graph it rewrote, with constants
+        # derived from the weights (the so400m tower's 1.7 GB stayed resident through the rest
+        # of the export); onnxruntime optimizes the graph at load
+        _quiet_export(graph, (frames,), path, spec, ({0: n, 1: h, 2: w},), opset, optimize=False,
+                      external=big)
     return spec, _data_files(path)
 
 
@@ -192,16 +221,19 @@ def _remove_optimized(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def run_builder(llm_dir: Path, build: Path, precision: str) -> None:
-    """The builder as a subprocess: its memory is returned when it exits."""
+def run_builder(llm_dir: Path, build: Path, precision: str, head: bool = True) -> None:
+    """The builder as a subprocess: its memory is returned when it exits. Without `head` the
+    graph ends at the final norm's hidden states (int4 adds the head itself: the builder's
+    float32 copy of a 128k-row head, transposed, took 2.3 GB of its 6.3 GB peak on the 1B
+    shape, against 4.0 GB without it)."""
     # fp16 graphs exist for GPUs only (the builder's fp16 + cpu makes another graph family)
     ep = "cuda" if precision == "fp16" else "cpu"
     cmd = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-m", str(llm_dir), "-i", str(llm_dir), "-o", str(build), "-p", precision, "-e", ep,
         "-c", str(build / "cache"),
-        "--extra_options", "exclude_embeds=true", "include_hidden_states=true",
-        "fuse_mlp_gate_up=true",
+        "--extra_options", "exclude_embeds=true", "fuse_mlp_gate_up=true",
+        "include_hidden_states=true" if head else "exclude_lm_head=true",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not (build / "model.onnx").is_file():
@@ -214,16 +246,18 @@ def _build_optimized(
 ) -> tuple[str, list[str], GraphSpec]:
     with tempfile.TemporaryDirectory(prefix=".builder.", dir=work) as tmp:
         build = Path(tmp) / "build"
-        run_builder(llm_dir, build, "fp16" if opts.precision == "fp16" else "fp32")
+        run_builder(llm_dir, build, "fp16" if opts.precision == "fp16" else "fp32",
+                    head=opts.precision != "int4")
         cfg = json.loads((build / "genai_config.json").read_text())["model"]["decoder"]
         layers = int(cfg["num_hidden_layers"])
         graph_file, data = out_dir / OPTIMIZED_FILES[0], out_dir / OPTIMIZED_FILES[1]
         data.unlink(missing_ok=True)
         if opts.precision == "int4":
+            from proassist_edge.export.checkpoint import head_rows
             from proassist_edge.export.int4 import quantize_int4_streaming
 
             files, _ = quantize_int4_streaming(build / "model.onnx", graph_file, opts.block_size,
-                                               opts.accuracy_level, data.name)
+                                               opts.accuracy_level, data.name, head_rows(llm_dir))
         else:
             graph = onnx.load(str(build / "model.onnx"), load_external_data=False)
             if opts.precision == "fp16":

@@ -10,19 +10,19 @@ not the whole model (export/resources.py estimates it before the export starts).
 
 from __future__ import annotations
 
-import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from proassist_edge.embedding_table import Rows, write_table
-from proassist_edge.errors import CheckpointError, ExportError
+from proassist_edge.embedding_table import write_table
+from proassist_edge.errors import ExportError
+from proassist_edge.export import resources
 from proassist_edge.export.checkpoint import (
+    EMBED_KEY,
     CheckpointInfo,
     LoadedCheckpoint,
     PlainLLM,
@@ -30,6 +30,7 @@ from proassist_edge.export.checkpoint import (
     load_plain_llm,
     load_vision,
     multimodal_modules,
+    tensor_rows,
 )
 from proassist_edge.export.onnx_export import (
     BuilderOptions,
@@ -44,7 +45,6 @@ from proassist_edge.manifest import GraphEntry, sha256_file
 from proassist_edge.progress import Stages
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-EMBED_KEY = "model.embed_tokens.weight"
 
 
 @dataclass
@@ -64,7 +64,7 @@ def entry(root: Path, file: str, spec: GraphSpec, precision: str, variant: str =
 
 
 def _free() -> None:
-    gc.collect()  # the weights of a stage go before the next stage loads its own
+    resources.release()  # the weights of a stage go before the next stage loads its own
 
 
 def say(note: str) -> None:
@@ -120,28 +120,9 @@ def write_graphs(
     return Written({k: graphs[k] for k in order if k in graphs}, left_out, image_size)
 
 
-def embedding_rows(folder: Path) -> tuple[Rows, tuple[int, int]]:
-    """Rows of the LLM's embedding table read from its safetensors files, block by block."""
-    from safetensors import safe_open
-
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            if EMBED_KEY in st.keys():
-                shape = st.get_slice(EMBED_KEY).get_shape()
-                break
-    else:
-        raise CheckpointError(f"{folder} holds no {EMBED_KEY}: is it a Llama folder?")
-
-    def rows(a: int, b: int) -> np.ndarray:
-        with safe_open(str(f), "pt") as st:
-            return st.get_slice(EMBED_KEY)[a:b].float().numpy()
-
-    return rows, (int(shape[0]), int(shape[1]))
-
-
 def write_embeddings(plain: PlainLLM, root: Path, dtype: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The embedding table in DTYPE: (manifest.embeddings, files -> sha256)."""
-    rows, shape = embedding_rows(plain.folder)
+    rows, shape = tensor_rows(plain.folder, EMBED_KEY)
     meta, files, _ = write_table(rows, shape, root, dtype)
     return meta, files
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 from proassist_edge.errors import ToleranceError
 from proassist_edge.export.checkpoint import LoadedCheckpoint
 from proassist_edge.export.reference import ReferenceLoop
-from proassist_edge.export.shadow import CachedVision, Tape, TapeEntry, shadow_figures, with_cached_vision
+from proassist_edge.export.shadow import Tape, TapeEntry, shadow_figures, with_cached_vision
 from proassist_edge.runtime.bundle import Bundle, open_bundle
 from proassist_edge.runtime.core import StreamCore
 from proassist_edge.runtime.messages import FrameResult, TextMessage
@@ -199,11 +199,10 @@ def compare_bundle(
     verify.json."""
     tol = tol or Tolerance()
     report: dict[str, Any] = {"decoders": {}}
-    vision: CachedVision | None = None
+    opened, _ = with_cached_vision(open_bundle(bundle, decoder=decoders[0], verify=False), None)
+    report["vision_max_abs_diff"], report["vision_max_rel_diff"] = vision_diff(ref, opened)
     for name in decoders:
-        b, vision = with_cached_vision(open_bundle(bundle, decoder=name, verify=False), vision)
-        if "vision_max_abs_diff" not in report:
-            report["vision_max_abs_diff"], report["vision_max_rel_diff"] = vision_diff(ref, b)
+        b = replace(opened, decoder_name=name)  # one vision session, each frame encoded once
         got = list(StreamCore(b, ref.settings, ref.system, ref.knowledge).replay(ref.stream, ref.messages))
         report["decoders"][name] = {
             "max_abs_logit_diff": decoder_logit_diff(ref, b),

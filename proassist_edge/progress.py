@@ -4,10 +4,20 @@ tools bench reads from the tools' summaries."""
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
 from typing import Any
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:
@@ -18,7 +28,8 @@ def peak_rss_bytes() -> int:
 
 class Stages:
     """`stage(name)` ends the running stage and starts NAME; `update()` advances the bar;
-    `close()` ends the last stage. `record` maps each stage to its seconds and peak RSS."""
+    `close()` ends the last stage. `record` maps each stage to its seconds, the process's peak RSS
+    when it ended and its RSS then."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
         from tqdm import tqdm
@@ -34,6 +45,7 @@ class Stages:
             entry = self.record.setdefault(self._name, {"seconds": 0.0})
             entry["seconds"] = round(entry["seconds"] + took, 3)
             entry["peak_rss_bytes"] = peak_rss_bytes()
+            entry["rss_bytes"] = rss_bytes()  # at the stage's end: what it left behind
         self._name, self._t0 = None, time.perf_counter()
 
     def stage(self, name: str) -> None:
