@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnxruntime as ort
@@ -200,6 +200,30 @@ def bandwidth_figures(
 # work whatever the values, so the KV memory is written directly with values of the scale real
 # keys and values have. Each context is marked; a rep then puts kv_len (and the portable
 # decoder's past list, which onnxruntime never writes into) back to the mark.
+@runtime_checkable
+class FillableKv(Protocol):
+    """A decoder whose memory a benchmark can grow without running the graph: the onnxruntime
+    decoders and TensorRT's (runtime/trt_decoder.py) all have `fill_kv`."""
+
+    kv_len: int
+
+    def fill_kv(self, end: int, values: Callable[[tuple[int, ...]], np.ndarray]) -> None: ...
+
+
+@runtime_checkable
+class BareStep(Protocol):
+    """A decoder that gives its graph alone as a call, inputs bound once (TensorRT's engine)."""
+
+    def bare_step(self, embeds: np.ndarray) -> Callable[[], object]: ...
+
+
+@runtime_checkable
+class HostPast(Protocol):
+    """A decoder whose memory is a list of host arrays onnxruntime never writes into."""
+
+    past: list[np.ndarray]
+
+
 @dataclass
 class _Mark:
     kv_len: int
@@ -207,12 +231,14 @@ class _Mark:
 
 
 def _mark(dec: Decoder) -> _Mark:
-    return _Mark(dec.kv_len, list(dec.past) if isinstance(dec, PortableDecoder) else None)
+    return _Mark(dec.kv_len, list(dec.past) if isinstance(dec, HostPast) else None)
 
 
 def _back(dec: Decoder, mark: _Mark) -> None:
+    """Put the memory back to `mark`: its length (a decoder with buffers keeps the rows below
+    it: every step writes at or past it), and a host past list as it was."""
     dec.kv_len = mark.kv_len
-    if mark.past is not None and isinstance(dec, PortableDecoder):
+    if mark.past is not None and isinstance(dec, HostPast):
         dec.past = list(mark.past)
 
 
@@ -220,8 +246,8 @@ def fill(dec: Decoder, context: int, rng: np.random.Generator) -> None:
     """Grow the KV memory to `context` tokens of random keys and values (unit scale)."""
     if context <= dec.kv_len:
         return
-    if not isinstance(dec, GqaDecoder | PortableDecoder):
-        raise TypeError(f"cannot fill {type(dec).__name__}")
+    if not isinstance(dec, FillableKv):
+        raise TypeError(f"cannot fill {type(dec).__name__}: it has no fill_kv")
     dec.fill_kv(context, rng.standard_normal)
 
 
@@ -252,7 +278,8 @@ class CoreStep:
 
 
 def bare_run(dec: Decoder, embeds: np.ndarray, vocab: int) -> Callable[[], object]:
-    """The graph alone on the same inputs and KV memory, everything bound once beforehand."""
+    """The graph alone on the same inputs and KV memory, everything bound once beforehand
+    (an engine decoder: its `bare_step`, which also leaves the outputs on the device)."""
     s = embeds.shape[1]
     x = np.ascontiguousarray(embeds, np.float32)
     if isinstance(dec, GqaDecoder):
@@ -275,7 +302,9 @@ def bare_run(dec: Decoder, embeds: np.ndarray, vocab: int) -> Callable[[], objec
         feeds = dict(zip(dec.names, dec.past, strict=True))
         feeds["inputs_embeds"] = x
         return lambda: dec.sess.run(None, feeds)
-    raise TypeError(f"no bare run for {type(dec).__name__}")
+    if isinstance(dec, BareStep):  # a TensorRT engine: the engine's execution alone
+        return dec.bare_step(x)
+    raise TypeError(f"no bare run for {type(dec).__name__}: give it a bare_step")
 
 
 def _ms(fn: Callable[[], object]) -> float:
@@ -450,7 +479,11 @@ def decode_compare(
                     times[name]["prefill" if k == 0 else "token"].append(t)
     ours = sides["ours"].tokens
     out = {name: _figures(times[name], n, side.tokens) for name, side in sides.items()}
-    out["ours"]["matches_greedy_generate"] = greedy_generate(bundle, prompt, n, eos=-1) == ours
+    mine = sides["ours"]
+    assert isinstance(mine, _OursGreedy)
+    # on the timed decoder: an engine's device buffers are not allocated a second time
+    again = greedy_generate(bundle, prompt, n, eos=-1, decoder=mine.dec)
+    out["ours"]["matches_greedy_generate"] = again == ours
     if isinstance(g := sides.get("ort_genai"), _GenaiGreedy):
         out["ort_genai"]["folder"] = str(genai)
         out["ort_genai"]["threads"] = g.threads

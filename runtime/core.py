@@ -16,7 +16,7 @@ import numpy as np
 
 from proassist_edge.errors import ContextOverflowError, ProAssistEdgeError
 from proassist_edge.manifest import DEFAULT_THRESHOLD
-from proassist_edge.runtime.backend import StepOut
+from proassist_edge.runtime.backend import Decoder, StepOut
 from proassist_edge.runtime.bundle import Bundle
 from proassist_edge.runtime.context import ContextStrategy, find_knowledge, reduction
 from proassist_edge.runtime.conversation import MessageSchedule
@@ -360,17 +360,32 @@ def not_talk_probability(logits: np.ndarray, not_talk: int) -> float:
 
 
 def greedy_generate(
-    bundle: Bundle, prompt: list[int], max_new: int, eos: int | None = None
+    bundle: Bundle, prompt: list[int], max_new: int, eos: int | None = None,
+    decoder: Decoder | None = None,
 ) -> list[int]:
-    """Plain greedy text generation through the bundle's decoder (no frames, no forcing)."""
+    """Plain greedy text generation through the bundle's decoder (no frames, no forcing).
+
+    `decoder`: one to run on, reset first and kept for the next call, so its KV buffers (on the
+    device under CUDA or TensorRT) are allocated once for every call (runtime/greedy.py
+    `GreedyGenerator` holds one); without it, one is made for this call and closed after."""
     eos = bundle.manifest.model.eos_id if eos is None else eos
-    dec = bundle.new_decoder(len(prompt) + max_new + 1)
-    logits = dec.append(bundle.embed(prompt)).logits
-    out: list[int] = []
-    for _ in range(max_new):
-        t = int(np.argmax(logits))
-        out.append(t)
-        if t == eos:
-            break
-        logits = dec.append(bundle.embed([t])).logits
+    need = len(prompt) + max_new + 1
+    dec = bundle.new_decoder(need) if decoder is None else decoder
+    if decoder is not None:
+        if dec.capacity < need:
+            raise ContextOverflowError(f"{len(prompt)} prompt tokens and {max_new} new ones pass "
+                                       f"the decoder's capacity {dec.capacity}: use a larger one")
+        dec.reset()
+    try:
+        logits = dec.append(bundle.embed(prompt)).logits
+        out: list[int] = []
+        for _ in range(max_new):
+            t = int(np.argmax(logits))
+            out.append(t)
+            if t == eos:
+                break
+            logits = dec.append(bundle.embed([t])).logits
+    finally:
+        if decoder is None and (close := getattr(dec, "close", None)) is not None:
+            close()  # a TensorRT decoder's device buffers go now, not at garbage collection
     return out

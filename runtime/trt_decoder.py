@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -26,6 +26,8 @@ from proassist_edge.runtime.engine import (
     import_tensorrt,
     past_key_value_names,
 )
+
+OUTPUTS = ("logits", "p_not_talk", "hidden_states")  # the portable graph's, besides present KV
 
 
 def choose_profile(profiles: Sequence[Mapping[str, Any]], new: int, past: int) -> int:
@@ -84,6 +86,10 @@ class ChunkedDecoder:
     def kv_len(self) -> int:
         return int(self.inner.kv_len)
 
+    @kv_len.setter
+    def kv_len(self, n: int) -> None:  # a benchmark puts the memory back to a mark
+        self.inner.kv_len = n
+
     @property
     def capacity(self) -> int:
         return int(self.inner.capacity)
@@ -96,6 +102,30 @@ class ChunkedDecoder:
 
     def keep(self, prefix_len: int, start: int, end: int) -> None:
         self.inner.keep(prefix_len, start, end)
+
+    @property
+    def past(self) -> list[np.ndarray]:
+        """The inner decoder's past list, where it keeps its memory in one (PortableDecoder)."""
+        return cast(list[np.ndarray], self.inner.past)
+
+    @past.setter
+    def past(self, past: list[np.ndarray]) -> None:
+        self.inner.past = past
+
+    def fill_kv(self, end: int, values: Callable[[tuple[int, ...]], np.ndarray]) -> None:
+        self.inner.fill_kv(end, values)
+
+    def bare_step(self, embeds: np.ndarray) -> Callable[[], object]:
+        """The inner graph alone on `embeds` over the memory as it is now (inputs built once)."""
+        if embeds.shape[1] > self.max_new:
+            raise BundleError(f"a bare step of {embeds.shape[1]} tokens exceeds the profile's "
+                              f"{self.max_new}")
+        if hasattr(self.inner, "bare_step"):
+            return cast(Callable[[], object], self.inner.bare_step(embeds))
+        feeds = dict(zip(self.inner.names, self.inner.past, strict=True))  # a PortableDecoder
+        feeds[INPUTS_EMBEDS] = np.ascontiguousarray(embeds, np.float32)
+        sess = self.inner.sess
+        return lambda: sess.run(None, feeds)
 
 
 def repack_kv(kv: np.ndarray, prefix_len: int, start: int, end: int) -> np.ndarray:
@@ -150,15 +180,18 @@ class TensorRTDecoder:
     outputs: logits, p_not_talk, hidden_states and present KV (1, h, P + S, d)."""
 
     def __init__(self, engine: Any, profiles: Sequence[Mapping[str, Any]], layers: int,
-                 kv_heads: int, head_dim: int, capacity: int) -> None:
-        trt = import_tensorrt()
-        self.cuda = _Cuda()
+                 kv_heads: int, head_dim: int, capacity: int, cuda: Any = None,
+                 nptype: Callable[[Any], Any] | None = None) -> None:
+        """`cuda` (the CUDA runtime calls, `_Cuda`) and `nptype` (TensorRT's dtype -> numpy)
+        default to the real ones; the CPU tests pass host-memory stand-ins."""
+        nptype = nptype or import_tensorrt().nptype
+        self.cuda = cuda or _Cuda()
         self.closed = False
         self.engine, self.profiles, self.capacity = engine, list(profiles), capacity
         self.ctx = engine.create_execution_context()
         self.names = past_key_value_names(layers)
         self.kv_shape = (1, kv_heads, capacity, head_dim)
-        self.dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
+        self.dtype = {n: np.dtype(nptype(engine.get_tensor_dtype(n)))
                       for n in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))}
         kv_bytes = int(np.prod(self.kv_shape)) * self.dtype[self.names[0]].itemsize
         self.kv: list[list[int]] = []  # ping-pong: the present of one step is the next's past
@@ -219,7 +252,9 @@ class TensorRTDecoder:
             raise BundleError("this TensorRT decoder was closed: make a new one (Bundle.new_decoder)")
         return append_in_chunks(self._step, embeds, self.kv_len, lambda p: max_step(self.profiles, p))
 
-    def _step(self, embeds: np.ndarray) -> StepOut:
+    def _bind(self, embeds: np.ndarray) -> None:
+        """The step's profile, its embeddings copied to the device, every shape and address
+        set: past KV from this side of the ping-pong pair, present to the other."""
         new, past = embeds.shape[1], self.kv_len
         profile = choose_profile(self.profiles, new, past)
         if profile != self.profile:
@@ -234,33 +269,70 @@ class TensorRTDecoder:
             self.ctx.set_input_shape(name, (*self.kv_shape[:2], past, self.kv_shape[3]))
             self.ctx.set_tensor_address(name, self.kv[i][self.side])
             self.ctx.set_tensor_address(name.replace("past_key_values", "present"), self.kv[i][1 - self.side])
-        for name in ("logits", "p_not_talk", "hidden_states"):
+        for name in OUTPUTS:
             nbytes = int(np.prod(self.ctx.get_tensor_shape(name))) * self.dtype[name].itemsize
             self.out[name] = self._buffer(nbytes, self.out.get(name, (0, 0)))
             self.ctx.set_tensor_address(name, self.out[name][0])
+
+    def _execute(self) -> None:
         if not self.ctx.execute_async_v3(self.cuda.stream):
             raise BundleError("TensorRT failed to run the decoder step; see its log")
+
+    def _step(self, embeds: np.ndarray) -> StepOut:
+        self._bind(embeds)
+        self._execute()
         host = {}
-        for name in ("logits", "p_not_talk", "hidden_states"):
+        for name in OUTPUTS:
             shape = tuple(self.ctx.get_tensor_shape(name))
             host[name] = np.empty(shape, self.dtype[name])
             self.cuda.to_host(host[name], self.out[name][0])
         self.cuda.sync()
-        self.side, self.kv_len = 1 - self.side, past + new
+        self.side, self.kv_len = 1 - self.side, self.kv_len + embeds.shape[1]
         logits, hidden = host["logits"].reshape(-1, host["logits"].shape[-1]), host["hidden_states"]
         return StepOut(logits[-1].astype(np.float32), hidden.reshape(-1, hidden.shape[-1])[-1],
                        float(host["p_not_talk"].reshape(-1)[-1]))
 
+    def bare_step(self, embeds: np.ndarray) -> Callable[[], object]:
+        """The engine alone (a benchmark's bare run): `embeds` over the memory as it is now,
+        everything bound and copied to the device once; a call executes and waits, and neither
+        reads the outputs back nor moves the memory on. Any append binds again."""
+        if self.closed:
+            raise BundleError("this TensorRT decoder was closed: make a new one (Bundle.new_decoder)")
+        self._bind(embeds)
+
+        def run() -> None:
+            self._execute()
+            self.cuda.sync()
+
+        return run
+
+    def _read(self, i: int) -> np.ndarray:
+        """Host copy of buffer i's memory, (1, kv_heads, kv_len, head_dim)."""
+        kv = np.empty((*self.kv_shape[:2], self.kv_len, self.kv_shape[3]), self.dtype[self.names[i]])
+        self.cuda.to_host(kv, self.kv[i][self.side])
+        self.cuda.sync()
+        return kv
+
+    def _write(self, i: int, kv: np.ndarray) -> None:
+        self.cuda.to_device(self.kv[i][self.side], np.ascontiguousarray(kv, self.dtype[self.names[i]]))
+        self.cuda.sync()
+
+    def fill_kv(self, end: int, values: Callable[[tuple[int, ...]], np.ndarray]) -> None:
+        """As the onnxruntime decoders' fill_kv: values((1, kv_heads, end - kv_len, head_dim))
+        appended to every past key and value (layer order), by a round trip through the host
+        (a benchmark's setup, never a step)."""
+        if end > self.capacity:
+            raise BundleError(f"KV memory full ({end} > {self.capacity})")
+        n = end - self.kv_len
+        for i in range(len(self.names)):
+            old = self._read(i)
+            self._write(i, np.concatenate([old, values((*old.shape[:2], n, old.shape[3]))], axis=2))
+        self.kv_len = end
+
     def keep(self, prefix_len: int, start: int, end: int) -> None:
         """Context strategies: a rare event, so the KV makes a round trip through the host."""
-        for i, name in enumerate(self.names):
-            shape = (*self.kv_shape[:2], self.kv_len, self.kv_shape[3])
-            kv = np.empty(shape, self.dtype[name])
-            self.cuda.to_host(kv, self.kv[i][self.side])
-            self.cuda.sync()
-            packed = repack_kv(kv, prefix_len, start, end)
-            self.cuda.to_device(self.kv[i][self.side], packed)
-        self.cuda.sync()
+        for i in range(len(self.names)):
+            self._write(i, repack_kv(self._read(i), prefix_len, start, end))
         self.kv_len = prefix_len + end - start
 
 
