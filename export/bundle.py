@@ -37,6 +37,7 @@ from proassist_edge.manifest import (
 from proassist_edge.progress import Stages
 from proassist_edge.runtime.backend import Decoder
 from proassist_edge.runtime.prompt import StreamSettings
+from proassist_edge.runtime.warm import WarmPrompt, ship_warm
 
 # (fp32 parent, child folder, precision) -> the child's quant report: quantize_bundle, which the
 # caller passes in (export does not import quant: docs/architecture.md)
@@ -70,6 +71,8 @@ class ExportOptions:
     accuracy_level: int = 4  # int4 MatMulNBits compute (4: int8, the quantize CLI's default)
     check_resources: bool = True  # free memory and disk checked against the estimate first
     strict: bool = False  # fp16/int4: a missed accuracy target fails the export (fp32 always does)
+    # --prompt-file: openings whose warm-start KV ships in the bundle (runtime/warm.py)
+    prompts: tuple[WarmPrompt, ...] = ()
 
     @property
     def verify_mode(self) -> str:
@@ -243,8 +246,9 @@ def export_bundle(
             tmp, manifest, decoder_names(manifest), steps, [name for name, _ in left_out]
         )
         manifest.notes.append(note)
-        steps.stage("writing")
+        steps.stage("writing, warm start" if opts.prompts else "writing")
         write_manifest(tmp, manifest)
+        ship_warm(tmp, manifest, opts.prompts)  # verified graphs, still in the temporary folder
         steps.update()
         steps.close()
         tmp.chmod(0o755)  # mkdtemp made it 0700: the bundle is read by whoever runs it
@@ -305,7 +309,7 @@ def _through_quantize(
         checked = _check_resources(info, plan, opts, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32.", dir=out.parent) as tmp:
-        fp32 = replace(opts, precision="fp32", check_resources=False)
+        fp32 = replace(opts, precision="fp32", check_resources=False, prompts=())
         summary = export_bundle(ckpt, Path(tmp) / "fp32", llm_from, vision_from, fp32,
                                 tokens_per_frame)
         t0 = time.perf_counter()
@@ -318,6 +322,9 @@ def _through_quantize(
     # the fp32 parent was a temporary folder: say so where quantize named it
     manifest.source["parent"] = "a temporary fp32 bundle (export --precision int8), removed"
     write_manifest(out, manifest)
+    # quantize's child carries no warm start (its KV is the int8 decoder's): computed for it here,
+    # each entry written aside and renamed into OUT/warm, listed when the manifest is rewritten
+    ship_warm(out, manifest, opts.prompts)
     return {**summarize(out, manifest), "precision": "int8", "resources": checked,
             "fp32_verify": summary["verify"], "stages": stages,
             "peak_rss_bytes": max(summary["peak_rss_bytes"], report.get("peak_rss_bytes", 0))}

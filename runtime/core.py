@@ -108,7 +108,7 @@ class StreamCore:
         self.task_knowledge = find_knowledge("", [("system", self.opening)])
         self.prefix_len: int | None = None  # drop_middle's kept prefix, once a user spoke
         self.pending: list[int] = self.pb.opening(self.system, self.knowledge)
-        # the warm start restores the opening's KV (runtime/warm.py); a reduction never does
+        # the warm start restores the opening's KV (runtime/warm.py), as a summary's restart
         self.warm: WarmStart | None = None
         if self.s.warm:
             self.warm = warm_start(self.b, self.dec, self.pending)
@@ -202,6 +202,10 @@ class StreamCore:
         so speech can start before the reply ends. A non-finite graph output raises
         NonFiniteOutputError after rolling the memory back to its state before this step.
         """
+        if not self.kv_len and self.warm is not None and self.warm.prefix is not None:
+            # an emptied memory (a summary's restart) that begins as the opening does takes the
+            # shared ids' KV from the warm start instead of running them (runtime/warm.py)
+            self.pending = self.warm.prefix.restore(self.dec, self.pending)
         text = list(self.pending)
         for m in messages:
             text += self.pb.message(m.role, m.content)

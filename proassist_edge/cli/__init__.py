@@ -104,6 +104,10 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                    "seconds and peak RSS per stage) to this file")
     p.add_argument("--threshold", type=float,
                    help="the manifest's default talk threshold (default: the checkpoint's, else 0.5)")
+    p.add_argument("--prompt-file", type=Path,
+                   help="ship the warm start for these openings (--warm): a .json object "
+                   '{"system": ..., "knowledge": ...} or a list of them, or a text file of task '
+                   "knowledge under the bundle's system prompt")
     p.set_defaults(func=run_export)
 
 
@@ -120,7 +124,9 @@ def resolve_checkpoint(name: str) -> Path:
 
 def run_export(args: argparse.Namespace) -> int:
     from proassist_edge.export.bundle import ExportOptions, export_bundle
+    from proassist_edge.runtime.warm import read_prompt_file
 
+    prompts = tuple(read_prompt_file(args.prompt_file)) if args.prompt_file else ()
     opts = ExportOptions(
         max_seq_len=args.max_seq_len,
         opset=args.opset,
@@ -134,6 +140,7 @@ def run_export(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         check_resources=not args.no_resource_check,
         strict=args.strict,
+        prompts=prompts,
     )
     quantizer = None
     if args.precision == "int8":  # export imports no quant: the CLI hands it over
