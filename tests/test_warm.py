@@ -379,3 +379,35 @@ def test_a_quantized_child_carries_no_shipped_warm_start(shipped, user_cache: Pa
     assert not [n for n in m.notes if n.startswith("warm start")]
     s = replace(small_context("drop_all", thr), warm=True)
     assert status(StreamCore(open_bundle(child), s, SYSTEM, KNOWLEDGE)) == "computed"
+
+
+def test_int8_export_computes_the_warm_start_for_quantizes_child(tiny_bundle, tmp_path: Path,
+                                                                 user_cache: Path) -> None:
+    """export --precision int8 hands an fp32 bundle to quantize: that parent computes no entries
+    (they would be the fp32 decoder's), the child gets its own, listed in its manifest."""
+    from proassist_edge.export.bundle import ExportOptions, export_bundle
+    from proassist_edge.manifest import load_manifest, write_manifest
+
+    parents: list[bool] = []
+
+    def quantizer(parent: Path, out: Path, precision: str) -> dict[str, object]:
+        parents.append((parent / WARM_DIR).exists())
+        shutil.copytree(parent, out)  # a stand-in child: the graphs as they are
+        m = load_manifest(out)
+        m.graphs["decoder"] = replace(m.graphs["decoder"], precision="int8")
+        write_manifest(out, m)
+        return {"targets_met": True}
+
+    _, ckpt, thr = tiny_bundle(5, "lm", 1, verify_frames=20)
+    out = tmp_path / "int8"
+    opts = ExportOptions(verify="none", variants=("portable",), precision="int8",
+                         check_resources=False, prompts=(WarmPrompt(SYSTEM, KNOWLEDGE),))
+    export_bundle(ckpt, out, options=opts, quantizer=quantizer)
+    assert parents == [False]
+    m = load_manifest(out)  # checks the listed entries' sha256
+    assert len([f for f in m.files if f.startswith(f"{WARM_DIR}/")]) == 2
+    s = replace(small_context("drop_all", thr), warm=True)
+    core = StreamCore(open_bundle(out), s, SYSTEM, KNOWLEDGE)
+    assert core.warm is not None and core.warm.status == "restored"
+    assert core.warm.path is not None and core.warm.path.parent == out / WARM_DIR
+    assert entries(user_cache) == []
