@@ -66,6 +66,19 @@ def _chain(node: Any, inits: dict[str, Any], producer: dict[str, Any],
     return nodes, quant.input[0], int(dims[0]), out
 
 
+def _float_type(chain: list[Any], inits: dict[str, Any]) -> int | None:
+    """The ONNX float type of the first float initializer a weight matmul reads (its weight, or
+    MatMulNBits' scales): the type its activation input must have."""
+    import onnx
+
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    for n in chain:
+        for i in n.input[1:]:
+            if i in inits and inits[i].data_type in floats:
+                return int(inits[i].data_type)
+    return None
+
+
 def weight_only_model(path: Path) -> tuple[Any, Counter[str], int] | None:
     """The decoder's weight matmuls as a graph of their own, with its op-type counts and the
     number of weight matmuls; None when the graph has none this module recognizes."""
@@ -83,7 +96,7 @@ def weight_only_model(path: Path) -> tuple[Any, Counter[str], int] | None:
     elem = next((i.type.tensor_type.elem_type for i in g.input if i.name == "inputs_embeds"),
                 onnx.TensorProto.FLOAT)
     nodes: list[Any] = []
-    inputs: dict[int, Any] = {}
+    inputs: dict[tuple[int, int], Any] = {}
     outputs: list[Any] = []
     used: set[str] = set()
     taken: set[int] = set()
@@ -91,8 +104,10 @@ def weight_only_model(path: Path) -> tuple[Any, Counter[str], int] | None:
         if (c := _chain(node, inits, producer, consumers)) is None:
             continue
         chain, x, k, out = c
-        name = f"x{k}"
-        inputs.setdefault(k, helper.make_tensor_value_info(name, elem, [1, 1, k]))
+        # the weights' float type: an fp16 graph with float32 edges computes its matmuls in fp16
+        t = _float_type(chain, inits) or elem
+        name = f"x{k}_{t}"
+        inputs.setdefault((k, t), helper.make_tensor_value_info(name, t, [1, 1, k]))
         for n in chain:
             if id(n) in taken:  # a weight's Transpose shared by two matmuls: copied once
                 continue
@@ -102,7 +117,7 @@ def weight_only_model(path: Path) -> tuple[Any, Counter[str], int] | None:
             copy.input[:] = [name if i == x else i for i in n.input]
             nodes.append(copy)
             used.update(i for i in n.input if i in inits)
-        outputs.append(helper.make_tensor_value_info(out, elem, None))
+        outputs.append(helper.make_tensor_value_info(out, t, None))
     if not outputs:
         return None
     weights = [inits[n] for n in inits if n in used]
@@ -129,10 +144,10 @@ def time_weight_matmuls(
         onnx.save(model, str(path), save_as_external_data=True, location="weights.onnx.data")
         del model
         sess = make_session(str(path), threads, prefer="cpu")
-        dtype = np.float16 if "float16" in sess.get_inputs()[0].type else np.float32
         # inputs and outputs bound once, as the decoder's are: a fresh output per run (the LM
         # head's is a vocabulary of floats) would add page faults the decode step never pays
-        feeds = {i.name: np.full(i.shape, 0.5, dtype) for i in sess.get_inputs()}
+        feeds = {i.name: np.full(i.shape, 0.5, np.float16 if "float16" in i.type else np.float32)
+                 for i in sess.get_inputs()}
         binding = sess.io_binding()
         for name, x in feeds.items():
             binding.bind_cpu_input(name, x)

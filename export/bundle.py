@@ -23,7 +23,14 @@ from proassist_edge.export.checkpoint import (
     write_plain_llm,
 )
 from proassist_edge.export.onnx_export import BuilderOptions
-from proassist_edge.export.parts import load_reference, say, write_embeddings, write_graphs
+from proassist_edge.export.parts import (
+    cpu_decoders,
+    ep_decoders,
+    load_reference,
+    say,
+    write_embeddings,
+    write_graphs,
+)
 from proassist_edge.export.precision import PrecisionPlan, plan_precision
 from proassist_edge.export.verify import Tolerance, compare_bundle, reference
 from proassist_edge.manifest import (
@@ -37,6 +44,7 @@ from proassist_edge.manifest import (
 from proassist_edge.progress import Stages
 from proassist_edge.runtime.backend import Decoder
 from proassist_edge.runtime.prompt import StreamSettings
+from proassist_edge.runtime.providers import candidates, default_ep
 from proassist_edge.runtime.warm import WarmPrompt, ship_warm
 
 # (fp32 parent, child folder, precision) -> the child's quant report: quantize_bundle, which the
@@ -243,9 +251,10 @@ def export_bundle(
             manifest.verify = {k: v for k, v in report.items() if k != "decoders"}
         steps.update()
         manifest.default_decoder, note = choose_default(
-            tmp, manifest, decoder_names(manifest), steps, [name for name, _ in left_out]
+            tmp, manifest, cpu_decoders(manifest.graphs), steps, [name for name, _ in left_out]
         )
         manifest.notes.append(note)
+        manifest.ep_decoders = ep_decoders(manifest.graphs)  # the GPU providers' decoders
         steps.stage("writing, warm start" if opts.prompts else "writing")
         write_manifest(tmp, manifest)
         ship_warm(tmp, manifest, opts.prompts)  # verified graphs, still in the temporary folder
@@ -359,7 +368,10 @@ def left_out_note(name: str, stage: str, error: BaseException, head_dim: int, ru
 def leave_out(root: Path, manifest: Manifest, name: str, why: str) -> None:
     """Drop an optional decoder from the bundle: its files go, the reason stays in the notes."""
     graph = manifest.graphs.pop(name)
+    shared = {f for g in manifest.graphs.values() for f in g.data_files}  # decoder_cuda's weights
     for f in (graph.file, *graph.data_files):
+        if f in shared:
+            continue
         (root / f).unlink(missing_ok=True)
         manifest.files.pop(f, None)
     manifest.notes.append(why)
@@ -445,7 +457,11 @@ def verify_decoders(
                     "names the layers that cost it: export fp32, then quantize)")
             say(note)
             manifest.notes.append(note)
-        return {"mode": opts.verify_mode, "precision": plan.precision, **report}
+        # the provider the decoders ran on (export's verification needs no GPU: a CUDA graph
+        # is checked on the CPU EP's kernels, and on a GPU by scripts/gpu_check.sh)
+        ep = candidates(default_ep())[0]
+        return {"mode": opts.verify_mode, "precision": plan.precision, "execution_provider": ep,
+                **report}
 
     try:
         return verify(decoders), []

@@ -10,6 +10,15 @@ well. Two edits of the graph's structure (the weights stay in their data file, u
   cast down, float32 past/present KV, and cos/sin tables computed in float32 from the LLM's
   rotary frequencies (proassist-reference.md, Numerics: RoPE tables stay fp32 in every
   precision; the tables equal the builder's float32 ones).
+
+That graph (`decoder_gqa`) is the one verified and run on the CPU. onnxruntime's CUDA
+GroupQueryAttention has kernels for fp16 and bf16 only, so on the CUDA EP its float32 attention
+would run on the CPU, with the KV memory copied across each step. `write_cuda_decoder` derives
+the CUDA EP's graph (`decoder_cuda`) from it: the same weights (the same data file, nothing
+copied), float32 edges, and attention as the builder made it for `cuda`: fp16 q/k/v, fp16 KV
+memory, and the float32 cos/sin tables rounded to fp16 (the kernel takes them in its own type;
+RoPE's angles are still computed in float32). onnxruntime 1.32's CPU provider has an fp16
+GroupQueryAttention kernel, so export verifies this graph on the CPU EP too (verify.json).
 """
 
 from __future__ import annotations
@@ -125,3 +134,55 @@ def _toposort(g: onnx.GraphProto) -> None:
         pending = rest
     del g.node[:]
     g.node.extend(ordered)
+
+
+CUDA_FILE = "decoder_cuda.onnx"
+
+
+def fp16_attention(model: onnx.ModelProto) -> int:
+    """Undo the attention half of `fp32_edges_and_attention` on MODEL, in place: the casts
+    around each GroupQueryAttention go, KV inputs and outputs become fp16, the rotary tables
+    fp16. The float32 edges stay. Returns the attention nodes changed."""
+    g = model.graph
+    casts = {n.name: n for n in g.node if n.op_type == "Cast"}
+    drop: list[onnx.NodeProto] = []
+    kv: set[str] = set()
+    tables: set[str] = set()
+    count = 0
+    for n in g.node:
+        if n.op_type != "GroupQueryAttention":
+            continue
+        count += 1
+        for i, key in ((0, "q"), (1, "kv1"), (2, "kv2")):
+            c = casts.get(f"{n.name}/{key}/Cast")
+            if c is not None:
+                n.input[i] = c.input[0]
+                drop.append(c)
+        out = casts.get(f"{n.name}/out/Cast")
+        if out is None:
+            raise ValueError(f"{n.name} has no float32 attention to undo: not an edited fp16 graph")
+        n.output[0] = out.output[0]
+        drop.append(out)
+        kv.update(x for x in (n.input[3], n.input[4], n.output[1], n.output[2]) if x)
+        tables.update(x for x in n.input[7:9] if x)
+    for c in drop:
+        g.node.remove(c)
+    _set_type(list(g.input) + list(g.output), kv, FLOAT16)
+    for t in list(g.initializer):
+        if t.name in tables:
+            half = onnx.numpy_helper.to_array(t).astype(np.float16)
+            g.initializer.remove(t)
+            g.initializer.append(onnx.numpy_helper.from_array(half, t.name))
+    del g.value_info[:]
+    return count
+
+
+def write_cuda_decoder(gqa: Path, out: Path) -> int:
+    """The CUDA EP's decoder at OUT from the edited fp16 graph GQA (see the module docstring);
+    its weights stay in GQA's data file, beside both. Returns the attention nodes in fp16."""
+    model = onnx.load(str(gqa), load_external_data=False)
+    count = fp16_attention(model)
+    if not count:
+        raise ValueError(f"{gqa.name} has no GroupQueryAttention: not the builder's graph")
+    onnx.save(model, str(out))
+    return count

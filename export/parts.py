@@ -90,6 +90,12 @@ def write_graphs(
             left_out.append(("decoder_gqa", optional_failed("decoder_gqa", e)))
         else:
             graphs["decoder_gqa"] = entry(root, file, spec, plan.optimized, "optimized", data)
+            if plan.optimized == "fp16":
+                try:
+                    graphs[CUDA_DECODER] = cuda_decoder(root, file, spec, data)
+                except Exception as e:  # onnx's own errors, OSError
+                    failed = ExportError(f"deriving the CUDA decoder failed: {type(e).__name__}: {e}")
+                    left_out.append((CUDA_DECODER, optional_failed(CUDA_DECODER, failed)))
         steps.update()
     steps.stage(f"vision graph, {plan.vision}")
     dtype = DTYPES[plan.vision]
@@ -116,8 +122,44 @@ def write_graphs(
         _free()
         graphs["decoder"] = entry(root, "decoder.onnx", spec, plan.portable, "portable", data)
         steps.update()
-    order = ("vision", "head", "decoder", "decoder_gqa")  # the manifest's order, as before
+    order = ("vision", "head", "decoder", "decoder_gqa", CUDA_DECODER)  # the manifest's order
     return Written({k: graphs[k] for k in order if k in graphs}, left_out, image_size)
+
+
+def cuda_decoder(root: Path, gqa_file: str, spec: GraphSpec, data: list[str]) -> GraphEntry:
+    """fp16 exports: the CUDA EP's decoder beside decoder_gqa, on the same weights
+    (export/fp16.py write_cuda_decoder)."""
+    from proassist_edge.export.fp16 import CUDA_FILE, write_cuda_decoder
+
+    write_cuda_decoder(root / gqa_file, root / CUDA_FILE)
+    return entry(root, CUDA_FILE, spec, "fp16", "optimized", data)
+
+
+# --- which decoder each execution provider runs (manifest.ep_decoders) ---------------------------
+CUDA_DECODER = "decoder_cuda"  # fp16 attention: the CUDA EP's graph, not a CPU candidate
+
+
+def cpu_decoders(graphs: dict[str, GraphEntry]) -> list[str]:
+    """The decoders the export's default is chosen from (timed on the CPU): all but the
+    CUDA EP's graph."""
+    return [k for k in graphs if k.startswith("decoder") and k != CUDA_DECODER]
+
+
+def ep_decoders(graphs: dict[str, GraphEntry]) -> dict[str, str]:
+    """The decoder per GPU execution provider; "cpu" runs the default decoder, which export
+    chose by timing on the CPU, so it needs no entry.
+    - cuda: `decoder_cuda` (fp16 attention) where the export made one: the CUDA EP has no
+      float32 GroupQueryAttention kernel, so no other optimized graph is a CUDA graph;
+    - tensorrt: the portable decoder where it is fp16 (standard ops: TensorRT does not parse
+      onnxruntime's contrib ops, so a GroupQueryAttention graph would skip it)."""
+    out = {}
+    if CUDA_DECODER in graphs:
+        out["cuda"] = CUDA_DECODER
+    portable = [k for k, g in graphs.items()
+                if k.startswith("decoder") and g.variant == "portable" and g.precision == "fp16"]
+    if portable:
+        out["tensorrt"] = portable[0]
+    return out
 
 
 def write_embeddings(plain: PlainLLM, root: Path, dtype: str) -> tuple[dict[str, Any], dict[str, str]]:

@@ -123,11 +123,12 @@ def test_fp16_export_verifies_and_runs(tiny_ckpt, tmp_path: Path) -> None:
                   options=ExportOptions(precision="fp16", **FAST, **strict("fp16")))
     m = load_manifest(out)
     assert {k: g.precision for k, g in m.graphs.items()} == {
-        "vision": "fp16", "head": "fp32", "decoder": "fp16", "decoder_gqa": "fp16"}
+        "vision": "fp16", "head": "fp32", "decoder": "fp16", "decoder_gqa": "fp16",
+        "decoder_cuda": "fp16"}  # the CUDA EP's graph: tests/test_gpu_decoder.py
     assert m.embeddings["dtype"] == "float16"
     report = json.loads((out / "verify.json").read_text())
     assert report["mode"] == "quick" and report["shadow"]["decision_agreement"] >= 0.99
-    assert set(report["decoders"]) == {"decoder", "decoder_gqa"}
+    assert set(report["decoders"]) == {"decoder", "decoder_gqa", "decoder_cuda"}
     portable = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     types = {i.name: i.type.tensor_type.elem_type for i in portable.graph.input}
     assert types["inputs_embeds"] == onnx.TensorProto.FLOAT  # fp32 at the edges
