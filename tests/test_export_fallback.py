@@ -13,7 +13,7 @@ import pytest
 from proassist_edge.cli import main
 from proassist_edge.errors import ExportError, ToleranceError
 from proassist_edge.export import bundle as export
-from proassist_edge.export import parts
+from proassist_edge.export import decoders, parts
 from proassist_edge.export.bundle import ExportOptions, export_bundle
 from proassist_edge.manifest import load_manifest
 from proassist_edge.runtime.bundle import open_bundle
@@ -127,14 +127,14 @@ def test_portable_decoder_that_cannot_run_fails_the_export(
 ) -> None:
     from proassist_edge.runtime.backend import PortableDecoder
 
-    real_run = export.run_once
+    real_run = decoders.run_once
 
     def broken_portable(dec: Any, *a: Any) -> None:
         if isinstance(dec, PortableDecoder):
             raise RuntimeError("Error in execution: broken kernel")
         real_run(dec, *a)
 
-    monkeypatch.setattr(export, "run_once", broken_portable)
+    monkeypatch.setattr(decoders, "run_once", broken_portable)
     monkeypatch.setattr(parts, "build_optimized_decoder", _refuse_builder)
     with pytest.raises(ExportError, match="decoder \\(portable\\) does not run.*broken kernel"):
         export_bundle(tiny_ckpt(1, "lm", 1), tmp_path / "out", options=ExportOptions(verify=False))
