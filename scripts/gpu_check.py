@@ -266,13 +266,17 @@ def run(args: argparse.Namespace) -> int:
 
     c.step("doctor", doctor)
 
+    def ready(bundle: Path, ep: str, gpu: bool) -> None:
+        """A step's preconditions: its provider (GPU steps) and its bundle, else Skip."""
+        if gpu:
+            need_provider(ep)
+        if not (bundle / "manifest.json").is_file():
+            raise Skip(f"no bundle {bundle.name}")
+
     def replay(bundle: Path, name: str, ep: str, decoder: str | None = None,
                gpu: bool = False) -> None:
         def go() -> dict[str, Any]:
-            if gpu:
-                need_provider(ep)
-            if not (bundle / "manifest.json").is_file():
-                raise Skip(f"no bundle {bundle.name}")
+            ready(bundle, ep, gpu)
             events = work / f"{name}.jsonl"
             argv = ["replay", str(bundle), "--episode", str(episode), "--events", str(events),
                     "--ep", ep, "--quiet", "--threshold", str(state.get("threshold", 0.5)),
@@ -328,10 +332,7 @@ def run(args: argparse.Namespace) -> int:
 
     def bench(bundle: Path, ep: str, decoder: str | None, gpu: bool) -> Callable[[], dict[str, Any]]:
         def go() -> dict[str, Any]:
-            if gpu:
-                need_provider(ep)
-            if not (bundle / "manifest.json").is_file():
-                raise Skip(f"no bundle {bundle.name}")
+            ready(bundle, ep, gpu)
             report = work / f"bench_{bundle.name}_{ep}_{decoder or 'default'}.json"
             argv = ["bench", str(bundle), "--quick", "--compare", "none", "--context-sweep", "64,256",
                     "--tts", "none", "--no-memory-probe", "--ep", ep, "--json", str(report)]
