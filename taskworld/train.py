@@ -199,7 +199,7 @@ class Batches:
                                        trainee.tokens_per_frame, trainee.not_talk_id)
         self.opts = SeqOptions(preset.neg_rate, preset.eos_drop, "lm" if preset.w2t == "lm" else "head",
                                preset.keep_after, bool(preset.prompt_loss), preset.text_only,
-                               bool(preset.history))
+                               bool(preset.history), preset.slip)
         self.text = replace(self.opts, text_only=1.0)
         self.order: Iterator[int] = epoch_order(len(convs), rng)
 
@@ -211,12 +211,14 @@ class Batches:
             n = self.trainee.num_frames(idx)
             start, end = choose_window(n, preset.window, convs[idx], rng, self.corrections[idx],
                                        preset.focus)
-            batch.append((self.builder.build(convs[idx], n, self.opts, rng, start, end), idx))
+            batch.append((self.builder.build(convs[idx], n, self.opts, rng, start, end,
+                                             self.corrections[idx]), idx))
         if not len(batch[0][0].frames):  # a dialogue-only step takes text_batch of them
             for _ in range(preset.text_batch - 1):
                 idx = next(self.order)
-                batch.append((self.builder.build(convs[idx], self.trainee.num_frames(idx), self.text, rng),
-                              idx))
+                n = self.trainee.num_frames(idx)
+                batch.append((self.builder.build(convs[idx], n, self.text, rng, 0, n,
+                                                 self.corrections[idx]), idx))
         return batch
 
 

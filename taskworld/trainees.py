@@ -52,6 +52,7 @@ class Preset:
     text_batch: int = 1  # dialogue-only sequences per such step (they are short and cheap)
     history: int = 0  # 1: a window's earlier dialogue goes before it as text (trainseq)
     focus: float = 0.0  # probability that a window is drawn around a correction (trainseq)
+    slip: float = 0.0  # probability that a correction is replaced by the model's slip (trainseq)
     tie: int = 0  # tiny, 1: the LM head is the embedding table (train.py's docstring)
 
 

@@ -32,6 +32,15 @@ where a reply is ids(assistant_prefix + text) + eos. Labels follow the paper:
   streaming loop always has that history in its context; without it a window's model must guess
   the step from the picture alone, and the lite model trained that way named the wrong step in
   a fifth of its replies (docs/taskworld.md).
+* `slip` (ours, likewise; a DAgger-style recovery lesson): with this probability a correction's
+  reply is replaced by the slip the streaming model makes there, confirming the step it expected
+  (the text of that step's later confirmation), and the words of the slip are not supervised;
+  the replies after it keep the reference's. The streaming loop feeds the model its own replies,
+  and a model trained only on the reference's never saw its own missed correction in its
+  context: measured on the lite model, it then counted the steps one ahead for the rest of the
+  task (a missed correction cost three to five replies). With the slip in its context, the
+  reference teaches it to confirm the same step again when the wrong item is removed and the
+  right one placed.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ class SeqOptions:
     prompt_loss: bool = False  # the opening's tokens are supervised too (module docstring)
     text_only: float = 0.0  # probability that a sequence leaves its frames out (module docstring)
     history: bool = False  # a window's earlier dialogue goes before it as text (module docstring)
+    slip: float = 0.0  # probability that a correction is replaced by the model's slip (docstring)
 
 
 @dataclass
@@ -99,10 +109,12 @@ class SequenceBuilder:
         rng: np.random.Generator,
         start: int = 0,
         end: int | None = None,
+        corrections: tuple[int, ...] = (),
     ) -> TrainSequence:
         """Frames [start, end) of the episode; the messages and replies due before `start` are
         left out (their answers lie before the window too), or with `opts.history` put before
-        the window as text."""
+        the window as text. CORRECTIONS: the frames of the episode's corrections, which
+        `opts.slip` may turn into slips."""
         end = num_frames if end is None else min(end, num_frames)
         lo = 0 if opts.history else start
         due: dict[int, list[int]] = {}
@@ -110,6 +122,9 @@ class SequenceBuilder:
             if lo <= f < end:
                 due.setdefault(f, []).extend(self.pb.message(m.role, m.content))
         text = opts.text_only > 0 and rng.random() < opts.text_only
+        # a dialogue-only sequence gets no slips: without the frames, a slip and the confirmation
+        # that repeats it would teach the model to repeat itself
+        replies, slipped, echoes = self.slips(conv, () if text else corrections, opts.slip, rng)
         ids = list(self.pb.opening(conv.system, ""))
         lm_pos: list[int] = list(range(len(ids) - 1)) if opts.prompt_loss else []
         lm_tgt: list[int] = ids[1:] if opts.prompt_loss else []
@@ -119,13 +134,15 @@ class SequenceBuilder:
         last_talk = -(10**9)
         for f in range(lo, end):
             ids += due.get(f, [])
-            reply = conv.replies.get(f)
+            reply = replies.get(f)
             if text or f < start:  # the dialogue alone: no placeholders, no frame labels
+                taught = f not in slipped and f not in echoes
                 if reply:
                     last_talk = f
                     r = self.reply_ids(reply)
-                    lm_pos += range(len(ids) - 1, len(ids) + len(r))
-                    lm_tgt += r + [self.eos_id]
+                    if taught:
+                        lm_pos += range(len(ids) - 1, len(ids) + len(r))
+                        lm_tgt += r + [self.eos_id]
                     ids += r + [self.eos_id]
                 continue
             ids += [self.img_id] * self.tpf
@@ -141,8 +158,9 @@ class SequenceBuilder:
                     w2t_tgt.append(0.0)
                 base = len(ids)
                 ids += r
-                lm_pos += range(base, base + len(r))
-                lm_tgt += r[1:] + [self.eos_id]
+                if f not in slipped:  # a slip's decision to talk is right, its words are not
+                    lm_pos += range(base, base + len(r))
+                    lm_tgt += r[1:] + [self.eos_id]
                 if rng.random() >= opts.eos_drop:
                     ids.append(self.eos_id)
             elif f - last_talk <= opts.keep_after or rng.random() < opts.neg_rate:
@@ -161,6 +179,26 @@ class SequenceBuilder:
             w2t_pos=torch.tensor(w2t_pos, dtype=torch.long),
             w2t_tgt=torch.tensor(w2t_tgt, dtype=torch.float32),
         )
+
+    @staticmethod
+    def slips(conv: ConversationInputs, corrections: tuple[int, ...], rate: float,
+              rng: np.random.Generator) -> tuple[dict[int, str], set[int], set[int]]:
+        """(the replies with some corrections turned into slips, the frames of the slips, the
+        frames of the replies they echo). A slip says what the next reply after the correction
+        says: the confirmation of the step the user got wrong (task-world episodes say nothing
+        between the two). That echo is supervised only where its frames are in the sequence:
+        the removal and the placing again are what tell it from a repetition."""
+        if rate <= 0 or not corrections:
+            return conv.replies, set(), set()
+        replies, slipped, echoes = dict(conv.replies), set(), set()
+        later = sorted(conv.replies)
+        for fc in corrections:
+            nxt = [f for f in later if f > fc]
+            if fc in replies and nxt and rng.random() < rate:
+                replies[fc] = conv.replies[nxt[0]]
+                slipped.add(fc)
+                echoes.add(nxt[0])
+        return replies, slipped, echoes
 
 
 def choose_window(

