@@ -132,12 +132,13 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    parts = [build_episode("train", i, data_seed) for i in range(preset.train_episodes)]
+    indices = list(range(preset.train_episodes)) + mistake_episodes(preset, data_seed)
+    parts = [build_episode("train", i, data_seed) for i in indices]
     convs = [parse_conversation(p.conversation, 2.0) for p in parts]
     corrections = [tuple(int(e["frame"]) for e in p.metadata["events"] if e["type"] == "correct")
                    for p in parts]
     trainee: Trainee = (TinyTrainee if preset.name == "tiny" else LiteTrainee)(
-        preset, convs, lambda i: make_episode("train", i, data_seed).frames
+        preset, convs, lambda i: make_episode("train", indices[i], data_seed).frames
     )
     if init is not None:
         trainee.load(init)
@@ -185,6 +186,21 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     tqdm.write(f"done: trained in {wall / 60:.1f} min: {out / name}.safetensors")
     log.close()
     return summary
+
+
+def mistake_episodes(preset: Preset, data_seed: int) -> list[int]:
+    """The `preset.mistakes` train-split episodes after the first `train_episodes` in which the
+    user places a wrong item: a third of the episodes hold a correction, too few to learn to
+    see a wrong item from (docs/taskworld.md)."""
+    from proassist_edge.taskworld.splits import build_episode
+
+    found: list[int] = []
+    i = preset.train_episodes
+    while len(found) < preset.mistakes:
+        if build_episode("train", i, data_seed).metadata.get("mistakes"):
+            found.append(i)
+        i += 1
+    return found
 
 
 class Batches:

@@ -53,6 +53,7 @@ class Preset:
     history: int = 0  # 1: a window's earlier dialogue goes before it as text (trainseq)
     focus: float = 0.0  # probability that a window is drawn around a correction (trainseq)
     slip: float = 0.0  # probability that a correction is replaced by the model's slip (trainseq)
+    mistakes: int = 0  # extra train episodes, each with a wrong item placed (train.py)
     tie: int = 0  # tiny, 1: the LM head is the embedding table (train.py's docstring)
 
 

@@ -412,3 +412,15 @@ def test_a_slip_puts_the_models_mistake_in_context_unsupervised(pb: PromptBuilde
     at, labels = spans(b.build(conv, 8, SeqOptions(1.0, 0.0, slip=1.0, text_only=1.0), rng,
                                corrections=(2,)))
     assert len(at) == 1 and b.reply_ids("Hi there.")[0] in labels.values()
+
+
+def test_mistake_episodes_are_later_train_episodes_with_a_wrong_item() -> None:
+    from proassist_edge.taskworld.train import mistake_episodes
+    from proassist_edge.taskworld.trainees import PRESETS
+
+    found = mistake_episodes(replace(PRESETS["lite"], train_episodes=5, mistakes=3), 0)
+    assert len(found) == 3 and found == sorted(found) and found[0] >= 5
+    assert all(build_episode("train", i, 0).metadata["mistakes"] for i in found)
+    skipped = set(range(5, found[-1])) - set(found)
+    assert not any(build_episode("train", i, 0).metadata["mistakes"] for i in skipped)
+    assert mistake_episodes(PRESETS["lite"], 0) == []  # none unless asked
