@@ -1,0 +1,82 @@
+"""Can the lite model's frame tokens tell which item was just placed? A linear probe.
+
+For every placement in the first N train episodes (the right items and the wrong ones), the
+MobileNetV2 tokens the lite model gets (5 x 1280, cached as training caches them) are classified
+into the item placed, by a multinomial logistic regression (torch, L2, LBFGS) fit on 75% of the
+placements and scored on the rest, from (a) the frame after the placement alone and (b) its
+difference from the frame before the hand reached. docs/taskworld.md has the figures.
+
+    python scripts/item_probe.py --episodes 128
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+
+def placements(episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(after-frame tokens, after - before tokens, item labels, 1 where the item was wrong)."""
+    from proassist_edge.taskworld.splits import make_episode
+    from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee
+
+    trainee = LiteTrainee(PRESETS["lite"], [], lambda i: make_episode("train", i).frames)
+    after, diff, items, wrong = [], [], [], []
+    for i in range(episodes):
+        meta = make_episode("train", i).metadata
+        f = trainee.features(i).numpy()
+        trainee._features.clear()
+        events = [(s["placed_frame"], s["item"], 0, s["start_frame"]) for s in meta["steps"]]
+        events += [(int(m["placed_frame"]), str(m["item"]), 1, int(m["placed_frame"]) - 4)
+                   for m in meta.get("mistakes", [])]
+        for placed, item, bad, start in events:
+            a, b = f[min(placed + 1, len(f) - 1)], f[max(start - 1, 0)]
+            after.append(a.ravel())
+            diff.append((a - b).ravel())
+            items.append(f"{meta['family']}:{item}")
+            wrong.append(bad)
+    return np.array(after), np.array(diff), np.array(items), np.array(wrong)
+
+
+def probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, l2: float = 1e-2) -> np.ndarray:
+    """Predicted labels of every row, from a logistic regression fit on the TRAIN rows."""
+    classes, target = np.unique(y, return_inverse=True)
+    mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
+    xs = torch.from_numpy((x - mu) / sd).float()
+    t = torch.from_numpy(target)
+    w = torch.zeros(x.shape[1], len(classes), requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+    rows = torch.from_numpy(train)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs[rows] @ w + b, t[rows]) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return np.asarray(classes[(xs @ w + b).argmax(1).numpy()])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--episodes", type=int, default=128)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    after, diff, items, wrong = placements(args.episodes)
+    order = np.random.default_rng(0).permutation(len(items))
+    train, test = order[: int(0.75 * len(order))], order[int(0.75 * len(order)) :]
+    print(f"{len(items)} placements ({int(wrong.sum())} wrong items), {len(set(items))} items, "
+          f"{len(test)} scored")
+    for name, x in (("frame after the placement", after), ("after - before the reach", diff)):
+        right = probe(x, items, train)[test] == items[test]
+        print(f"{name:28s} item named: {right.mean():.3f} (wrong items: "
+              f"{right[wrong[test] == 1].mean():.3f} of {int((wrong[test] == 1).sum())})")
+
+
+if __name__ == "__main__":
+    main()
