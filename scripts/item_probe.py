@@ -19,13 +19,13 @@ import torch
 
 def placements(episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(after-frame tokens, after - before tokens, item labels, 1 where the item was wrong)."""
-    from proassist_edge.taskworld.splits import make_episode
+    from proassist_edge.taskworld.splits import build_episode, make_episode
     from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee
 
     trainee = LiteTrainee(PRESETS["lite"], [], lambda i: make_episode("train", i).frames)
     after, diff, items, wrong = [], [], [], []
     for i in range(episodes):
-        meta = make_episode("train", i).metadata
+        meta = build_episode("train", i).metadata  # the frames: rendered once, by features
         f = trainee.features(i).numpy()
         trainee._features.clear()
         events = [(s["placed_frame"], s["item"], 0, s["start_frame"]) for s in meta["steps"]]

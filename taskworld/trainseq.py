@@ -193,11 +193,11 @@ class SequenceBuilder:
         replies, slipped, echoes = dict(conv.replies), set(), set()
         later = sorted(conv.replies)
         for fc in corrections:
-            nxt = [f for f in later if f > fc]
-            if fc in replies and nxt and rng.random() < rate:
-                replies[fc] = conv.replies[nxt[0]]
+            nxt = next((f for f in later if f > fc), None)
+            if fc in replies and nxt is not None and rng.random() < rate:
+                replies[fc] = conv.replies[nxt]
                 slipped.add(fc)
-                echoes.add(nxt[0])
+                echoes.add(nxt)
         return replies, slipped, echoes
 
 
