@@ -16,6 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "install.sh"
 L4T_36 = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: x\n"
+# The interpreter outside any venv: the Jetson branch makes its own venv unless PYTHON is a venv's
+# (tested below), and the tests may themselves run in a venv (the README's set-up in one does).
+BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)
 CUDA_JSON = '{\n   "cuda" : {\n      "name" : "CUDA SDK",\n      "version" : "%s"\n   }\n}\n'
 
 
@@ -54,13 +57,13 @@ def pip_installs(cmds: list[str]) -> list[str]:
 
 
 def test_jetson_branch_keeps_nvidias_onnxruntime(tmp_path: Path) -> None:
-    cmds, out = dry_run("jetson", jetson_root(tmp_path))
+    cmds, out = dry_run("jetson", jetson_root(tmp_path), PYTHON=BASE_PYTHON)
     index = "https://pypi.jetson-ai-lab.io/jp6/cu126"
     assert f"L4T R36, JetPack 6, CUDA 12.6; onnxruntime-gpu from {index}" in out
     assert "dry run: nothing is changed" in out
     # A venv that sees JetPack's TensorRT (the system's dist-packages), then everything goes there.
     venv = [c for c in cmds if " -m venv " in c]
-    assert venv == [f"{sys.executable} -m venv --system-site-packages .venv"]
+    assert venv == [f"{BASE_PYTHON} -m venv --system-site-packages .venv"]
     after = cmds[cmds.index(venv[0]) + 1:]
     assert all(c.startswith((".venv/bin/python ", "(if pip")) for c in after if "apt-get" not in c)
     pips = pip_installs(cmds)
