@@ -44,6 +44,7 @@ from proassist_edge.export.reference import ReferenceLoop
 from proassist_edge.runtime.conversation import ConversationInputs, parse_conversation
 from proassist_edge.runtime.episode import Episode
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings
+from proassist_edge.taskworld.seeing import SeeingLoss
 from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee, Preset, TinyTrainee, Trainee
 from proassist_edge.taskworld.trainseq import (
     Schedule,
@@ -58,15 +59,18 @@ WINDOW = DATASET_WINDOWS["taskworld"]
 
 
 def sequence_loss(
-    trainee: Trainee, batch: list[tuple[TrainSequence, int]]
+    trainee: Trainee, batch: list[tuple[TrainSequence, int]], seeing: SeeingLoss | None = None,
+    see: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """LM loss at the labelled positions only (the vocabulary head is the costly part), plus
     BCE on the decision head in head mode, over a batch of (sequence, episode index) padded on
     the right. (Measured on the tiny preset: four sequences per step ran 1.17 s/step, about the
-    sequences per second of one per step, so batch 1 stays the default.)"""
+    sequences per second of one per step, so batch 1 stays the default.) SEEING, weighted by
+    SEE: the frames-only item lesson (taskworld/seeing.py) on each sequence with frames."""
     model = trainee.model
-    embeds = [model.joint_embed(trainee.model_ids(seq.ids)[None], trainee.frame_tokens(index, seq.frames),
-                                trainee.model_img_id)[0] for seq, index in batch]
+    tokens = [trainee.frame_tokens(index, seq.frames) for seq, index in batch]
+    embeds = [model.joint_embed(trainee.model_ids(seq.ids)[None], t, trainee.model_img_id)[0]
+              for (seq, _), t in zip(batch, tokens, strict=True)]
     x = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, S, H)
     mask = (torch.arange(x.shape[1])[None] < torch.tensor([len(e) for e in embeds])[:, None]).long()
     h = model.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
@@ -84,6 +88,14 @@ def sequence_loss(
         bce = F.binary_cross_entropy_with_logits(z, torch.cat([seq.w2t_tgt for seq, _ in batch]))
         loss = loss + bce
         stats["bce"] = float(bce.detach())
+    if seeing is not None:
+        seen = [seeing(model.llm, t, index, seq.frames) for (seq, index), t in zip(batch, tokens, strict=True)
+                if len(seq.frames)]
+        parts = [s for s in seen if s is not None]
+        if parts:
+            aux = torch.stack(parts).mean()
+            loss = loss + see * aux
+            stats["see"] = float(aux.detach())
     return loss, stats
 
 
@@ -145,6 +157,10 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     batches = Batches(preset, trainee, convs, rng, corrections)
     val = [make_episode("val", i, data_seed) for i in range(preset.val_episodes)]
     params = [p for p in trainee.model.parameters() if p.requires_grad]
+    seeing = None
+    if preset.see:
+        seeing = SeeingLoss(trainee.model.llm.config.hidden_size, [p.metadata for p in parts])
+        params += list(seeing.parameters())  # the head is not saved: a training-only lesson
     optim = torch.optim.AdamW(params, lr=preset.lr, betas=(0.9, 0.98),
                               weight_decay=preset.weight_decay)
     sched = Schedule(preset.lr, preset.warmup, preset.steps, minutes * 60 if minutes else None)
@@ -158,7 +174,7 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     running, step, val_m = None, 0, None
     while step < preset.steps and sched.progress(step) < 1.0:
         batch = batches.draw()
-        stats = optimizer_step(trainee, batch, optim, params, sched(step))
+        stats = optimizer_step(trainee, batch, optim, params, sched(step), seeing, preset.see)
         step += 1
         value = stats.pop("loss")
         running = value if running is None else 0.95 * running + 0.05 * value
@@ -240,12 +256,12 @@ class Batches:
 
 def optimizer_step(
     trainee: Trainee, batch: list[tuple[TrainSequence, int]], optim: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter], lr: float,
+    params: list[torch.nn.Parameter], lr: float, seeing: SeeingLoss | None = None, see: float = 0.0,
 ) -> dict[str, float]:
     """One AdamW step at learning rate LR; the loss ("loss") and its parts."""
     trainee.model.train()
     trainee.freeze_modes()
-    loss, stats = sequence_loss(trainee, batch)
+    loss, stats = sequence_loss(trainee, batch, seeing, see)
     optim.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

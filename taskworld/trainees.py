@@ -54,6 +54,7 @@ class Preset:
     focus: float = 0.0  # probability that a window is drawn around a correction (trainseq)
     slip: float = 0.0  # probability that a correction is replaced by the model's slip (trainseq)
     mistakes: int = 0  # extra train episodes, each with a wrong item placed (train.py)
+    see: float = 0.0  # weight of the frames-only "name the item placed" lesson (seeing.py)
     tie: int = 0  # tiny, 1: the LM head is the embedding table (train.py's docstring)
 
 

@@ -424,3 +424,57 @@ def test_mistake_episodes_are_later_train_episodes_with_a_wrong_item() -> None:
     skipped = set(range(5, found[-1])) - set(found)
     assert not any(build_episode("train", i, 0).metadata["mistakes"] for i in skipped)
     assert mistake_episodes(PRESETS["lite"], 0) == []  # none unless asked
+
+
+def test_seeing_labels_each_placement_with_its_item_right_or_wrong() -> None:
+    """The frames-only lesson names the item placed, the wrong one too, where the frame before
+    the reach is in the window."""
+    from proassist_edge.taskworld.seeing import LABELLED_FRAMES, SeeingLoss, placements
+
+    meta = build_episode("train", 0).metadata
+    wrong = meta["mistakes"][0]
+    places = placements(meta)
+    assert (wrong["placed_frame"] - 4, wrong["placed_frame"], wrong["item"]) in places
+    assert len(places) == len(meta["steps"]) + len(meta["mistakes"])
+    seeing = SeeingLoss(8, [meta])
+    step = meta["steps"][1]
+    frames = torch.arange(step["start_frame"] - 1, step["placed_frame"] + 3)
+    pos, cls = seeing.targets(0, frames)
+    labelled = [int(frames[k]) for k in pos]
+    assert labelled == [step["placed_frame"] + k for k in range(LABELLED_FRAMES)]
+    assert {seeing.items[c] for c in cls} == {step["item"]}
+    late = torch.arange(step["start_frame"], step["placed_frame"] + 3)  # the reach's start is cut off
+    assert seeing.targets(0, late) == ([], [])
+
+
+def test_seeing_loss_trains_on_frames_alone(micro) -> None:
+    """sequence_loss adds the weighted lesson on sequences with frames (a dialogue-only one adds
+    nothing), and a few steps on it lower it."""
+    import copy
+
+    from proassist_edge.taskworld.seeing import SeeingLoss
+    from proassist_edge.taskworld.train import sequence_loss
+
+    trainee, convs = copy.deepcopy(micro[0]), micro[1]  # trained here: the fixture stays as it was
+    meta = [build_episode("train", i).metadata for i in range(2)]
+    seeing = SeeingLoss(trainee.model.llm.config.hidden_size, meta)
+    b = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id, TPF,
+                        trainee.not_talk_id)
+    seq = b.build(convs[0], 24, SeqOptions(1.0, 0.0), np.random.default_rng(0))
+    assert seeing.targets(0, seq.frames)[0]  # the 24 frames hold a placement to name
+    plain, stats = sequence_loss(trainee, [(seq, 0)])
+    assert "see" not in stats
+    both, stats = sequence_loss(trainee, [(seq, 0)], seeing, 0.5)
+    assert float(both.detach()) == pytest.approx(float(plain.detach()) + 0.5 * stats["see"], rel=1e-5)
+    text = b.build(convs[0], 24, SeqOptions(1.0, 0.0, text_only=1.0), np.random.default_rng(0))
+    assert "see" not in sequence_loss(trainee, [(text, 0)], seeing, 0.5)[1]
+    params = list(seeing.parameters()) + [p for p in trainee.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(10):
+        aux = seeing(trainee.model.llm, trainee.frame_tokens(0, seq.frames), 0, seq.frames)
+        opt.zero_grad()
+        aux.backward()
+        opt.step()
+        losses.append(float(aux.detach()))
+    assert losses[-1] < losses[0] - 0.5
