@@ -4,9 +4,12 @@ For every placement in the first N train episodes (the right items and the wrong
 MobileNetV2 tokens the lite model gets (5 x 1280, cached as training caches them) are classified
 into the item placed, by a multinomial logistic regression (torch, L2, LBFGS) fit on 75% of the
 placements and scored on the rest, from (a) the frame after the placement alone and (b) its
-difference from the frame before the hand reached. docs/taskworld.md has the figures.
+difference from the frame before the hand reached. With --hidden, the probe reads instead the
+LM's last hidden state at the placement's frame after a frames-only pass of a lite checkpoint
+(what `train --see` trains a head on, taskworld/seeing.py). docs/taskworld.md has the figures.
 
     python scripts/item_probe.py --episodes 128
+    python scripts/item_probe.py --episodes 64 --hidden taskworld-lite
 """
 
 from __future__ import annotations
@@ -40,6 +43,33 @@ def placements(episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return np.array(after), np.array(diff), np.array(items), np.array(wrong)
 
 
+def hidden_states(episodes: int, weights: str) -> tuple[np.ndarray, np.ndarray]:
+    """(last hidden state at each placement's frame, item): the window runs from 8 frames before
+    the reach to the placement, frames only, through the lite checkpoint WEIGHTS."""
+    from pathlib import Path
+
+    from proassist_edge.taskworld.models import asset_paths
+    from proassist_edge.taskworld.seeing import placements
+    from proassist_edge.taskworld.splits import build_episode, make_episode
+    from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee
+
+    shipped = asset_paths(weights)[0]
+    trainee = LiteTrainee(PRESETS["lite"], [], lambda i: make_episode("train", i).frames)
+    trainee.load(shipped if shipped.is_file() else Path(weights))
+    trainee.model.eval()
+    states, items = [], []
+    for i in range(episodes):
+        for before, placed, item in placements(build_episode("train", i).metadata):
+            frames = torch.arange(max(before - 8, 0), min(placed + 1, trainee.num_frames(i)))
+            t = trainee.frame_tokens(i, frames)
+            with torch.no_grad():
+                h = trainee.model.llm.model(inputs_embeds=t.reshape(1, -1, t.shape[-1])).last_hidden_state
+            states.append(h[0, -1].numpy())
+            items.append(item)
+        trainee._features.clear()
+    return np.array(states), np.array(items)
+
+
 def probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, l2: float = 1e-2) -> np.ndarray:
     """Predicted labels of every row, from a logistic regression fit on the TRAIN rows."""
     classes, target = np.unique(y, return_inverse=True)
@@ -65,8 +95,17 @@ def probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, l2: float = 1e-2) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--episodes", type=int, default=128)
+    p.add_argument("--hidden", metavar="CKPT", help="probe a lite checkpoint's hidden states instead")
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.hidden:
+        states, names = hidden_states(args.episodes, args.hidden)
+        order = np.random.default_rng(0).permutation(len(names))
+        train, test = order[: int(0.75 * len(order))], order[int(0.75 * len(order)) :]
+        right = probe(states, names, train)[test] == names[test]
+        print(f"{len(names)} placements, {len(set(names))} items, {len(test)} scored: item named from "
+              f"the hidden state {right.mean():.3f}")
+        return
     after, diff, items, wrong = placements(args.episodes)
     order = np.random.default_rng(0).permutation(len(items))
     train, test = order[: int(0.75 * len(order))], order[int(0.75 * len(order)) :]

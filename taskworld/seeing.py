@@ -37,8 +37,11 @@ def placements(metadata: dict[str, Any]) -> list[tuple[int, int, str]]:
 class SeeingLoss(nn.Module):
     """Cross-entropy of the item placed, from a frames-only pass of the LM (module docstring)."""
 
-    def __init__(self, width: int, metadata: list[dict[str, Any]]) -> None:
+    def __init__(self, width: int, metadata: list[dict[str, Any]], layer: int = 0) -> None:
+        """LAYER: the decoder layer whose output the head reads (transformers' hidden_states[LAYER];
+        the last layer's is after the final norm, what the LM head reads; 0: that one)."""
         super().__init__()
+        self.layer = layer
         self.items = sorted({item for m in metadata for _, _, item in placements(m)})
         index = {item: i for i, item in enumerate(self.items)}
         # per episode: {frame: (frame before the reach, item class)}
@@ -69,6 +72,8 @@ class SeeingLoss(nn.Module):
         if not pos:
             return None
         n, per, width = tokens.shape
-        h = llm.model(inputs_embeds=tokens.reshape(1, n * per, width), use_cache=False).last_hidden_state
+        out = llm.model(inputs_embeds=tokens.reshape(1, n * per, width), use_cache=False,
+                        output_hidden_states=bool(self.layer))
+        h = out.hidden_states[self.layer] if self.layer else out.last_hidden_state
         last = torch.tensor(pos) * per + per - 1  # each labelled frame's last token
         return F.cross_entropy(self.head(h[0, last]), torch.tensor(cls))

@@ -159,7 +159,8 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     params = [p for p in trainee.model.parameters() if p.requires_grad]
     seeing = None
     if preset.see:
-        seeing = SeeingLoss(trainee.model.llm.config.hidden_size, [p.metadata for p in parts])
+        seeing = SeeingLoss(trainee.model.llm.config.hidden_size, [p.metadata for p in parts],
+                            preset.see_layer)
         params += list(seeing.parameters())  # the head is not saved: a training-only lesson
     optim = torch.optim.AdamW(params, lr=preset.lr, betas=(0.9, 0.98),
                               weight_decay=preset.weight_decay)

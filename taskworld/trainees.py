@@ -55,6 +55,7 @@ class Preset:
     slip: float = 0.0  # probability that a correction is replaced by the model's slip (trainseq)
     mistakes: int = 0  # extra train episodes, each with a wrong item placed (train.py)
     see: float = 0.0  # weight of the frames-only "name the item placed" lesson (seeing.py)
+    see_layer: int = 0  # the decoder layer whose output that lesson reads (0: the last)
     tie: int = 0  # tiny, 1: the LM head is the embedding table (train.py's docstring)
 
 

@@ -478,3 +478,10 @@ def test_seeing_loss_trains_on_frames_alone(micro) -> None:
         opt.step()
         losses.append(float(aux.detach()))
     assert losses[-1] < losses[0] - 0.5
+    tokens = trainee.frame_tokens(0, seq.frames)
+    layer1 = SeeingLoss(trainee.model.llm.config.hidden_size, meta, layer=1)
+    layer1.head = seeing.head  # the one decoder layer's output is the last state (after the norm)
+    with torch.no_grad():
+        last, first_layer = (s(trainee.model.llm, tokens, 0, seq.frames) for s in (seeing, layer1))
+    assert first_layer is not None and last is not None
+    assert float(first_layer) == pytest.approx(float(last), rel=1e-6)
