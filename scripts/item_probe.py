@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 
-def placements(episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def placement_tokens(episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(after-frame tokens, after - before tokens, item labels, 1 where the item was wrong)."""
+    from proassist_edge.taskworld.seeing import placements
     from proassist_edge.taskworld.splits import build_episode, make_episode
     from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee
 
@@ -31,16 +32,19 @@ def placements(episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
         meta = build_episode("train", i).metadata  # the frames: rendered once, by features
         f = trainee.features(i).numpy()
         trainee._features.clear()
-        events = [(s["placed_frame"], s["item"], 0, s["start_frame"]) for s in meta["steps"]]
-        events += [(int(m["placed_frame"]), str(m["item"]), 1, int(m["placed_frame"]) - 4)
-                   for m in meta.get("mistakes", [])]
-        for placed, item, bad, start in events:
-            a, b = f[min(placed + 1, len(f) - 1)], f[max(start - 1, 0)]
+        for k, (before, placed, item) in enumerate(placements(meta)):  # the steps, then the mistakes
+            a, b = f[min(placed + 1, len(f) - 1)], f[max(before, 0)]
             after.append(a.ravel())
             diff.append((a - b).ravel())
             items.append(f"{meta['family']}:{item}")
-            wrong.append(bad)
+            wrong.append(int(k >= len(meta["steps"])))
     return np.array(after), np.array(diff), np.array(items), np.array(wrong)
+
+
+def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, scored rows): a fixed 75% / 25% shuffle of N rows."""
+    order = np.random.default_rng(0).permutation(n)
+    return order[: int(0.75 * n)], order[int(0.75 * n) :]
 
 
 def hidden_states(episodes: int, weights: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,15 +104,13 @@ def main() -> None:
     torch.manual_seed(0)
     if args.hidden:
         states, names = hidden_states(args.episodes, args.hidden)
-        order = np.random.default_rng(0).permutation(len(names))
-        train, test = order[: int(0.75 * len(order))], order[int(0.75 * len(order)) :]
+        train, test = split(len(names))
         right = probe(states, names, train)[test] == names[test]
         print(f"{len(names)} placements, {len(set(names))} items, {len(test)} scored: item named from "
               f"the hidden state {right.mean():.3f}")
         return
-    after, diff, items, wrong = placements(args.episodes)
-    order = np.random.default_rng(0).permutation(len(items))
-    train, test = order[: int(0.75 * len(order))], order[int(0.75 * len(order)) :]
+    after, diff, items, wrong = placement_tokens(args.episodes)
+    train, test = split(len(items))
     print(f"{len(items)} placements ({int(wrong.sum())} wrong items), {len(set(items))} items, "
           f"{len(test)} scored")
     for name, x in (("frame after the placement", after), ("after - before the reach", diff)):

@@ -89,9 +89,9 @@ def sequence_loss(
         loss = loss + bce
         stats["bce"] = float(bce.detach())
     if seeing is not None:
-        seen = [seeing(model.llm, t, index, seq.frames) for (seq, index), t in zip(batch, tokens, strict=True)
-                if len(seq.frames)]
-        parts = [s for s in seen if s is not None]
+        pairs = zip(batch, tokens, strict=True)
+        seen = (seeing(model.llm, t, index, seq.frames) for (seq, index), t in pairs)
+        parts = [s for s in seen if s is not None]  # None: nothing labelled (or no frames)
         if parts:
             aux = torch.stack(parts).mean()
             loss = loss + see * aux
