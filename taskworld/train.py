@@ -79,7 +79,12 @@ def sequence_loss(
     lm_pos = torch.cat([seq.lm_pos + b * width for b, (seq, _) in enumerate(batch)])
     lm_tgt = torch.cat([seq.lm_tgt for seq, _ in batch])
     logits = trainee.head_logits(h[lm_pos])  # (L, V')
-    loss = F.cross_entropy(logits, trainee.model_ids(lm_tgt))
+    if any(seq.lm_w is not None for seq, _ in batch):  # correct_weight: a weighted mean
+        w = torch.cat([torch.ones(len(seq.lm_pos)) if seq.lm_w is None else seq.lm_w for seq, _ in batch])
+        ce = F.cross_entropy(logits, trainee.model_ids(lm_tgt), reduction="none")
+        loss = (ce * w).sum() / w.sum()
+    else:
+        loss = F.cross_entropy(logits, trainee.model_ids(lm_tgt))
     stats = {"lm": float(loss.detach())}
     w2t_pos = torch.cat([seq.w2t_pos + b * width for b, (seq, _) in enumerate(batch)])
     head = model.decision_head
@@ -232,7 +237,7 @@ class Batches:
                                        trainee.tokens_per_frame, trainee.not_talk_id)
         self.opts = SeqOptions(preset.neg_rate, preset.eos_drop, "lm" if preset.w2t == "lm" else "head",
                                preset.keep_after, bool(preset.prompt_loss), preset.text_only,
-                               bool(preset.history), preset.slip)
+                               bool(preset.history), preset.slip, preset.correct_weight)
         self.text = replace(self.opts, text_only=1.0)
         self.order: Iterator[int] = epoch_order(len(convs), rng)
 

@@ -53,6 +53,7 @@ class Preset:
     history: int = 0  # 1: a window's earlier dialogue goes before it as text (trainseq)
     focus: float = 0.0  # probability that a window is drawn around a correction (trainseq)
     slip: float = 0.0  # probability that a correction is replaced by the model's slip (trainseq)
+    correct_weight: float = 1.0  # LM-loss weight of corrections and the replies after them (trainseq)
     mistakes: int = 0  # extra train episodes, each with a wrong item placed (train.py)
     see: float = 0.0  # weight of the frames-only "name the item placed" lesson (seeing.py)
     see_layer: int = 0  # the decoder layer whose output that lesson reads (0: the last)

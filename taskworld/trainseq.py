@@ -41,6 +41,10 @@ where a reply is ids(assistant_prefix + text) + eos. Labels follow the paper:
   task (a missed correction cost three to five replies). With the slip in its context, the
   reference teaches it to confirm the same step again when the wrong item is removed and the
   right one placed.
+* `correct_weight` (ours, likewise): the LM loss of a correction's reply, and of the reply after
+  it (the confirmation once the right item is placed), weighs this much in the sequence's mean,
+  where its frames are in the sequence. Those are the few replies that need the frames to see a
+  wrong item; at every other placement counting the dialogue's steps gives the words.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class SeqOptions:
     text_only: float = 0.0  # probability that a sequence leaves its frames out (module docstring)
     history: bool = False  # a window's earlier dialogue goes before it as text (module docstring)
     slip: float = 0.0  # probability that a correction is replaced by the model's slip (docstring)
+    correct_weight: float = 1.0  # LM-loss weight of a correction and the reply after it (docstring)
 
 
 @dataclass
@@ -78,6 +83,7 @@ class TrainSequence:
     lm_tgt: torch.Tensor  # (L,) the supervised next tokens
     w2t_pos: torch.Tensor  # (K,) head mode: frame positions with a BCE target
     w2t_tgt: torch.Tensor  # (K,) float, 1.0 = not talk
+    lm_w: torch.Tensor | None = None  # (L,) float loss weight of each label; None = all 1
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -125,6 +131,9 @@ class SequenceBuilder:
         # a dialogue-only sequence gets no slips: without the frames, a slip and the confirmation
         # that repeats it would teach the model to repeat itself
         replies, slipped, echoes = self.slips(conv, () if text else corrections, opts.slip, rng)
+        heavy = self.heavy(conv, corrections) if opts.correct_weight != 1 and not text else set()
+        heavy_from = 0  # labels from here on belong to a heavy reply (set per reply below)
+        lm_w: list[float] = []
         ids = list(self.pb.opening(conv.system, ""))
         lm_pos: list[int] = list(range(len(ids) - 1)) if opts.prompt_loss else []
         lm_tgt: list[int] = ids[1:] if opts.prompt_loss else []
@@ -151,6 +160,7 @@ class SequenceBuilder:
             if reply:
                 last_talk = f
                 r = self.reply_ids(reply)
+                heavy_from = len(lm_pos)
                 lm_pos.append(last)
                 lm_tgt.append(r[0])
                 if opts.w2t == "head":
@@ -161,6 +171,9 @@ class SequenceBuilder:
                 if f not in slipped:  # a slip's decision to talk is right, its words are not
                     lm_pos += range(base, base + len(r))
                     lm_tgt += r[1:] + [self.eos_id]
+                if f in heavy:
+                    lm_w += [1.0] * (heavy_from - len(lm_w))
+                    lm_w += [opts.correct_weight] * (len(lm_pos) - heavy_from)
                 if rng.random() >= opts.eos_drop:
                     ids.append(self.eos_id)
             elif f - last_talk <= opts.keep_after or rng.random() < opts.neg_rate:
@@ -178,7 +191,16 @@ class SequenceBuilder:
             lm_tgt=torch.tensor(lm_tgt, dtype=torch.long),
             w2t_pos=torch.tensor(w2t_pos, dtype=torch.long),
             w2t_tgt=torch.tensor(w2t_tgt, dtype=torch.float32),
+            lm_w=torch.tensor(lm_w + [1.0] * (len(lm_pos) - len(lm_w))) if lm_w else None,
         )
+
+    @staticmethod
+    def heavy(conv: ConversationInputs, corrections: tuple[int, ...]) -> set[int]:
+        """The frames of the corrections and of the reply after each (the confirmation once the
+        right item is placed): the replies `correct_weight` weighs."""
+        later = sorted(conv.replies)
+        nxt = (next((f for f in later if f > fc), None) for fc in corrections)
+        return {*corrections, *(f for f in nxt if f is not None)}
 
     @staticmethod
     def slips(conv: ConversationInputs, corrections: tuple[int, ...], rate: float,

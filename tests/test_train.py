@@ -414,6 +414,28 @@ def test_a_slip_puts_the_models_mistake_in_context_unsupervised(pb: PromptBuilde
     assert len(at) == 1 and b.reply_ids("Hi there.")[0] in labels.values()
 
 
+def test_correct_weight_weighs_a_correction_and_the_reply_after_it(pb: PromptBuilder) -> None:
+    """With the reply at frame 2 a correction, its labels and those of the reply after it (frame
+    5) weigh `correct_weight`, every other label 1; the same labels as without; a dialogue-only
+    sequence (no frames to see the wrong item in) is not weighed."""
+    b, img, eot, _ = make_builder(pb)
+    conv = parse_conversation(TURNS)
+    plain = b.build(conv, 8, SeqOptions(1.0, 0.0), np.random.default_rng(0), corrections=(2,))
+    seq = b.build(conv, 8, SeqOptions(1.0, 0.0, correct_weight=4.0), np.random.default_rng(0),
+                  corrections=(2,))
+    assert plain.lm_w is None and seq.lm_w is not None
+    assert seq.ids.tolist() == plain.ids.tolist() and seq.lm_pos.tolist() == plain.lm_pos.tolist()
+    ids, w = seq.ids.tolist(), dict(zip(seq.lm_pos.tolist(), seq.lm_w.tolist(), strict=True))
+    for text in ("Hi there.", "Next, the red block."):
+        r = b.reply_ids(text)
+        s = next(i for i in range(len(ids)) if ids[i : i + len(r)] == r)
+        assert [w[p] for p in range(s - 1, s + len(r))] == [4.0] * (len(r) + 1)  # talk, words, eos
+    assert sorted(set(w.values())) == [1.0, 4.0] and list(w.values()).count(1.0) == 6  # the silent frames
+    text = b.build(conv, 8, SeqOptions(1.0, 0.0, text_only=1.0, correct_weight=4.0),
+                   np.random.default_rng(0), corrections=(2,))
+    assert text.lm_w is None
+
+
 def test_mistake_episodes_are_later_train_episodes_with_a_wrong_item() -> None:
     from proassist_edge.taskworld.train import mistake_episodes
     from proassist_edge.taskworld.trainees import PRESETS
