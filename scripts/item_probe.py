@@ -6,15 +6,21 @@ into the item placed, by a multinomial logistic regression (torch, L2, LBFGS) fi
 placements and scored on the rest, from (a) the frame after the placement alone and (b) its
 difference from the frame before the hand reached. With --hidden, the probe reads instead the
 LM's last hidden state at the placement's frame after a frames-only pass of a lite checkpoint
-(what `train --see` trains a head on, taskworld/seeing.py). docs/taskworld.md has the figures.
+(what `train --see` trains a head on, taskworld/seeing.py). With --wrong, the question is the
+one a reply needs: was the item just placed the wrong one? It is asked at the frame of the
+reference's reply to each placement (a confirmation or a correction), of the frame tokens and of
+the LM's hidden states (several layers) in the streaming context, the reference dialogue before
+it included; right and wrong placements weigh the same. docs/taskworld.md has the figures.
 
     python scripts/item_probe.py --episodes 128
     python scripts/item_probe.py --episodes 64 --hidden taskworld-lite
+    python scripts/item_probe.py --episodes 64 --wrong taskworld-lite
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -74,6 +80,60 @@ def hidden_states(episodes: int, weights: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(states), np.array(items)
 
 
+def wrong_features(episodes: int, weights: str, layers: tuple[int, ...]
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({source: rows}, 1 where the item was wrong) at every placement's reply frame of the first
+    EPISODES train episodes and as many with a wrong item (train.py's `mistake_episodes`)."""
+    from pathlib import Path
+
+    from proassist_edge.runtime.conversation import parse_conversation
+    from proassist_edge.runtime.prompt import PromptBuilder
+    from proassist_edge.taskworld.models import asset_paths
+    from proassist_edge.taskworld.splits import build_episode, make_episode
+    from proassist_edge.taskworld.train import mistake_episodes
+    from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee
+    from proassist_edge.taskworld.trainseq import SeqOptions, SequenceBuilder
+
+    preset = PRESETS["lite"]
+    extra = mistake_episodes(replace(preset, train_episodes=episodes, mistakes=episodes), 0)
+    indices = list(range(episodes)) + extra
+    parts = [build_episode("train", i) for i in indices]
+    convs = [parse_conversation(q.conversation, 2.0) for q in parts]
+    trainee = LiteTrainee(preset, convs, lambda i: make_episode("train", indices[i]).frames)
+    shipped = asset_paths(weights)[0]
+    trainee.load(shipped if shipped.is_file() else Path(weights))
+    trainee.model.eval()
+    builder = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id,
+                              trainee.tokens_per_frame, trainee.not_talk_id)
+    rows: dict[str, list[np.ndarray]] = {"frame tokens": [], "frame - before the reach": []}
+    rows.update({f"hidden state, layer {k}": [] for k in layers})
+    wrong = []
+    for j, part in enumerate(parts):
+        meta, n = part.metadata, trainee.num_frames(j)
+        before = {int(s["placed_frame"]): int(s["start_frame"]) - 1 for s in meta["steps"]}
+        before.update({int(m["placed_frame"]): int(m["placed_frame"]) - 4 for m in meta.get("mistakes", [])})
+        events = [e for e in meta["events"] if e["type"] in ("confirm_next", "finish", "correct")]
+        seq = builder.build(convs[j], n, SeqOptions(1.0, 0.0), np.random.default_rng(0))
+        tokens = trainee.frame_tokens(j, seq.frames)
+        x = trainee.model.joint_embed(trainee.model_ids(seq.ids)[None], tokens, trainee.model_img_id)
+        with torch.no_grad():
+            hs = trainee.model.llm.model(inputs_embeds=x, output_hidden_states=True).hidden_states
+        f = trainee.features(j).numpy()
+        for e in events:
+            at, b = int(e["frame"]), before.get(int(e["frame"]), int(e["frame"]) - 4)
+            rows["frame tokens"].append(f[at].ravel())
+            rows["frame - before the reach"].append((f[at] - f[max(b, 0)]).ravel())
+            for k in layers:
+                rows[f"hidden state, layer {k}"].append(hs[k][0, int(seq.frame_last[at])].numpy())
+            wrong.append(int(e["type"] == "correct"))
+        trainee._features.clear()
+    return {k: np.array(v) for k, v in rows.items()}, np.array(wrong)
+
+
+def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
+
+
 def probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, l2: float = 1e-2) -> np.ndarray:
     """Predicted labels of every row, from a logistic regression fit on the TRAIN rows."""
     classes, target = np.unique(y, return_inverse=True)
@@ -100,8 +160,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--episodes", type=int, default=128)
     p.add_argument("--hidden", metavar="CKPT", help="probe a lite checkpoint's hidden states instead")
+    p.add_argument("--wrong", metavar="CKPT", help="was the item placed wrong? (docstring)")
+    p.add_argument("--layers", type=int, nargs="+", default=[8, 15, 22, 30])
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.wrong:
+        sources, wrong = wrong_features(args.episodes, args.wrong, tuple(args.layers))
+        train, test = split(len(wrong))
+        # the wrong placements are few: repeat them in the fit so both classes weigh the same
+        fit = np.concatenate([train] + [train[wrong[train] == 1]] * int(
+            max(1, round((wrong[train] == 0).sum() / max((wrong[train] == 1).sum(), 1)) - 1)))
+        print(f"{len(wrong)} placements ({int(wrong.sum())} wrong), {len(test)} scored "
+              f"({int(wrong[test].sum())} wrong); balanced accuracy (chance 0.5):")
+        for name, x in sources.items():
+            pred = probe(x, wrong, fit)[test]
+            print(f"  {name:28s} {balanced_accuracy(pred, wrong[test]):.3f} (wrong found: "
+                  f"{np.mean(pred[wrong[test] == 1] == 1):.3f}, right called wrong: "
+                  f"{np.mean(pred[wrong[test] == 0] == 1):.3f})")
+        return
     if args.hidden:
         states, names = hidden_states(args.episodes, args.hidden)
         train, test = split(len(names))
