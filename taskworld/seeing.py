@@ -77,3 +77,33 @@ class SeeingLoss(nn.Module):
         h = out.hidden_states[self.layer] if self.layer else out.last_hidden_state
         last = torch.tensor(pos) * per + per - 1  # each labelled frame's last token
         return F.cross_entropy(self.head(h[0, last]), torch.tensor(cls))
+
+
+class WrongItemLoss(nn.Module):
+    """`--ask W`: the question a reply needs, asked in the streaming context. At the frame of the
+    reference's reply to each placement (a confirmation or a correction) a linear head on decoder
+    layer `layer`'s output says whether the item just placed was the wrong one (BCE, the wrong
+    ones weighed as much as the right ones in all). Unlike `SeeingLoss` there is no second pass:
+    the dialogue is in context, so the answer is "the item seen is not the one asked for", which
+    is what the words of a correction need. Training only; the head is not saved."""
+
+    def __init__(self, width: int, metadata: list[dict[str, Any]], layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.labels = [{int(e["frame"]): float(e["type"] == "correct") for e in m["events"]
+                        if e["type"] in ("confirm_next", "finish", "correct")} for m in metadata]
+        wrong = sum(v for lab in self.labels for v in lab.values())
+        right = sum(len(lab) for lab in self.labels) - wrong
+        self.pos_weight = torch.tensor(right / max(wrong, 1.0))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, hidden: torch.Tensor, index: int, frames: torch.Tensor, frame_last: torch.Tensor
+                ) -> torch.Tensor | None:
+        """HIDDEN (S, H): layer `layer`'s output of one sequence. None when nothing is labelled."""
+        lab = self.labels[index]
+        hits = [(k, lab[f]) for k, f in enumerate(frames.tolist()) if f in lab]
+        if not hits:
+            return None
+        z = self.head(hidden[frame_last[[k for k, _ in hits]]]).squeeze(-1)
+        return F.binary_cross_entropy_with_logits(z, torch.tensor([y for _, y in hits]),
+                                                  pos_weight=self.pos_weight)

@@ -44,7 +44,7 @@ from proassist_edge.export.reference import ReferenceLoop
 from proassist_edge.runtime.conversation import ConversationInputs, parse_conversation
 from proassist_edge.runtime.episode import Episode
 from proassist_edge.runtime.prompt import PromptBuilder, StreamSettings
-from proassist_edge.taskworld.seeing import SeeingLoss
+from proassist_edge.taskworld.seeing import SeeingLoss, WrongItemLoss
 from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee, Preset, TinyTrainee, Trainee
 from proassist_edge.taskworld.trainseq import (
     Schedule,
@@ -60,20 +60,27 @@ WINDOW = DATASET_WINDOWS["taskworld"]
 
 def sequence_loss(
     trainee: Trainee, batch: list[tuple[TrainSequence, int]], seeing: SeeingLoss | None = None,
-    see: float = 0.0,
+    see: float = 0.0, asking: WrongItemLoss | None = None, ask: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """LM loss at the labelled positions only (the vocabulary head is the costly part), plus
     BCE on the decision head in head mode, over a batch of (sequence, episode index) padded on
     the right. (Measured on the tiny preset: four sequences per step ran 1.17 s/step, about the
     sequences per second of one per step, so batch 1 stays the default.) SEEING, weighted by
-    SEE: the frames-only item lesson (taskworld/seeing.py) on each sequence with frames."""
+    SEE: the frames-only item lesson (taskworld/seeing.py) on each sequence with frames; ASKING,
+    weighted by ASK: the wrong-item question on a middle layer (likewise)."""
     model = trainee.model
     tokens = [trainee.frame_tokens(index, seq.frames) for seq, index in batch]
     embeds = [model.joint_embed(trainee.model_ids(seq.ids)[None], t, trainee.model_img_id)[0]
               for (seq, _), t in zip(batch, tokens, strict=True)]
     x = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, S, H)
     mask = (torch.arange(x.shape[1])[None] < torch.tensor([len(e) for e in embeds])[:, None]).long()
-    h = model.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+    out = model.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False,
+                          output_hidden_states=asking is not None)
+    h = out.last_hidden_state
+    asked = [] if asking is None else [  # the wrong-item question on a middle layer (seeing.py)
+        asking(out.hidden_states[asking.layer][b], index, seq.frames, seq.frame_last)
+        for b, (seq, index) in enumerate(batch)]
+    answers = [a for a in asked if a is not None]
     h = h.reshape(-1, h.shape[-1])  # (B * S, H)
     width = x.shape[1]
     lm_pos = torch.cat([seq.lm_pos + b * width for b, (seq, _) in enumerate(batch)])
@@ -86,6 +93,10 @@ def sequence_loss(
     else:
         loss = F.cross_entropy(logits, trainee.model_ids(lm_tgt))
     stats = {"lm": float(loss.detach())}
+    if answers:
+        aux = torch.stack(answers).mean()
+        loss = loss + ask * aux
+        stats["ask"] = float(aux.detach())
     w2t_pos = torch.cat([seq.w2t_pos + b * width for b, (seq, _) in enumerate(batch)])
     head = model.decision_head
     if head is not None and len(w2t_pos):
@@ -167,6 +178,11 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
         seeing = SeeingLoss(trainee.model.llm.config.hidden_size, [p.metadata for p in parts],
                             preset.see_layer)
         params += list(seeing.parameters())  # the head is not saved: a training-only lesson
+    asking = None
+    if preset.ask:
+        asking = WrongItemLoss(trainee.model.llm.config.hidden_size, [p.metadata for p in parts],
+                               preset.ask_layer)
+        params += list(asking.parameters())  # likewise
     optim = torch.optim.AdamW(params, lr=preset.lr, betas=(0.9, 0.98),
                               weight_decay=preset.weight_decay)
     sched = Schedule(preset.lr, preset.warmup, preset.steps, minutes * 60 if minutes else None)
@@ -180,7 +196,8 @@ def train(preset: Preset, out: Path, seed: int = 0, minutes: float | None = None
     running, step, val_m = None, 0, None
     while step < preset.steps and sched.progress(step) < 1.0:
         batch = batches.draw()
-        stats = optimizer_step(trainee, batch, optim, params, sched(step), seeing, preset.see)
+        stats = optimizer_step(trainee, batch, optim, params, sched(step), seeing, preset.see,
+                               asking, preset.ask)
         step += 1
         value = stats.pop("loss")
         running = value if running is None else 0.95 * running + 0.05 * value
@@ -263,11 +280,12 @@ class Batches:
 def optimizer_step(
     trainee: Trainee, batch: list[tuple[TrainSequence, int]], optim: torch.optim.Optimizer,
     params: list[torch.nn.Parameter], lr: float, seeing: SeeingLoss | None = None, see: float = 0.0,
+    asking: WrongItemLoss | None = None, ask: float = 0.0,
 ) -> dict[str, float]:
     """One AdamW step at learning rate LR; the loss ("loss") and its parts."""
     trainee.model.train()
     trainee.freeze_modes()
-    loss, stats = sequence_loss(trainee, batch, seeing, see)
+    loss, stats = sequence_loss(trainee, batch, seeing, see, asking, ask)
     optim.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -57,6 +57,8 @@ class Preset:
     mistakes: int = 0  # extra train episodes, each with a wrong item placed (train.py)
     see: float = 0.0  # weight of the frames-only "name the item placed" lesson (seeing.py)
     see_layer: int = 0  # the decoder layer whose output that lesson reads (0: the last)
+    ask: float = 0.0  # weight of the "was the item placed wrong?" lesson (seeing.py)
+    ask_layer: int = 22  # the decoder layer whose output that lesson reads
     tie: int = 0  # tiny, 1: the LM head is the embedding table (train.py's docstring)
 
 

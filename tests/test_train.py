@@ -507,3 +507,41 @@ def test_seeing_loss_trains_on_frames_alone(micro) -> None:
         last, first_layer = (s(trainee.model.llm, tokens, 0, seq.frames) for s in (seeing, layer1))
     assert first_layer is not None and last is not None
     assert float(first_layer) == pytest.approx(float(last), rel=1e-6)
+
+
+def test_wrong_item_question_is_asked_at_each_placement_reply(micro) -> None:
+    """`--ask`: a label at the frame of every reply to a placement, 1 at the correction; the
+    wrong ones weigh as much as the right ones in all; sequence_loss adds the weighted BCE on the
+    sequence's frames (none on a dialogue-only one), and a few steps on it lower it."""
+    import copy
+
+    from proassist_edge.taskworld.seeing import WrongItemLoss
+    from proassist_edge.taskworld.train import sequence_loss
+
+    trainee, convs = copy.deepcopy(micro[0]), micro[1]
+    meta = [build_episode("train", i).metadata for i in range(2)]
+    asking = WrongItemLoss(trainee.model.llm.config.hidden_size, meta, layer=1)
+    events = [e for e in meta[0]["events"] if e["type"] in ("confirm_next", "finish", "correct")]
+    assert asking.labels[0] == {e["frame"]: float(e["type"] == "correct") for e in events}
+    assert 1.0 in asking.labels[0].values()  # train episode 0 holds a wrong item
+    n = sum(len(lab) for lab in asking.labels)
+    wrong = sum(v for lab in asking.labels for v in lab.values())
+    assert float(asking.pos_weight) == pytest.approx((n - wrong) / wrong)
+    b = SequenceBuilder(PromptBuilder(trainee.tokenizer, trainee.chat), trainee.img_id, TPF,
+                        trainee.not_talk_id)
+    seq = b.build(convs[0], 24, SeqOptions(1.0, 0.0), np.random.default_rng(0))
+    plain, _ = sequence_loss(trainee, [(seq, 0)])
+    both, stats = sequence_loss(trainee, [(seq, 0)], asking=asking, ask=0.5)
+    assert float(both.detach()) == pytest.approx(float(plain.detach()) + 0.5 * stats["ask"], rel=1e-5)
+    text = b.build(convs[0], 24, SeqOptions(1.0, 0.0, text_only=1.0), np.random.default_rng(0))
+    assert "ask" not in sequence_loss(trainee, [(text, 0)], asking=asking, ask=0.5)[1]
+    params = list(asking.parameters()) + [p for p in trainee.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss, stats = sequence_loss(trainee, [(seq, 0)], asking=asking, ask=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(stats["ask"])
+    assert losses[-1] < losses[0]
