@@ -89,6 +89,7 @@ def wrong_features(episodes: int, weights: str, layers: tuple[int, ...]
     from proassist_edge.runtime.conversation import parse_conversation
     from proassist_edge.runtime.prompt import PromptBuilder
     from proassist_edge.taskworld.models import asset_paths
+    from proassist_edge.taskworld.seeing import placement_replies, placements
     from proassist_edge.taskworld.splits import build_episode, make_episode
     from proassist_edge.taskworld.train import mistake_episodes
     from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee
@@ -110,22 +111,20 @@ def wrong_features(episodes: int, weights: str, layers: tuple[int, ...]
     wrong = []
     for j, part in enumerate(parts):
         meta, n = part.metadata, trainee.num_frames(j)
-        before = {int(s["placed_frame"]): int(s["start_frame"]) - 1 for s in meta["steps"]}
-        before.update({int(m["placed_frame"]): int(m["placed_frame"]) - 4 for m in meta.get("mistakes", [])})
-        events = [e for e in meta["events"] if e["type"] in ("confirm_next", "finish", "correct")]
+        before = {placed: b for b, placed, _ in placements(meta)}
         seq = builder.build(convs[j], n, SeqOptions(1.0, 0.0), np.random.default_rng(0))
         tokens = trainee.frame_tokens(j, seq.frames)
         x = trainee.model.joint_embed(trainee.model_ids(seq.ids)[None], tokens, trainee.model_img_id)
         with torch.no_grad():
             hs = trainee.model.llm.model(inputs_embeds=x, output_hidden_states=True).hidden_states
         f = trainee.features(j).numpy()
-        for e in events:
-            at, b = int(e["frame"]), before.get(int(e["frame"]), int(e["frame"]) - 4)
+        for at, bad in placement_replies(meta).items():
+            b = before.get(at, at - 4)
             rows["frame tokens"].append(f[at].ravel())
             rows["frame - before the reach"].append((f[at] - f[max(b, 0)]).ravel())
             for k in layers:
                 rows[f"hidden state, layer {k}"].append(hs[k][0, int(seq.frame_last[at])].numpy())
-            wrong.append(int(e["type"] == "correct"))
+            wrong.append(int(bad))
         trainee._features.clear()
     return {k: np.array(v) for k, v in rows.items()}, np.array(wrong)
 
@@ -168,8 +167,8 @@ def main() -> None:
         sources, wrong = wrong_features(args.episodes, args.wrong, tuple(args.layers))
         train, test = split(len(wrong))
         # the wrong placements are few: repeat them in the fit so both classes weigh the same
-        fit = np.concatenate([train] + [train[wrong[train] == 1]] * int(
-            max(1, round((wrong[train] == 0).sum() / max((wrong[train] == 1).sum(), 1)) - 1)))
+        bad = train[wrong[train] == 1]
+        fit = np.concatenate([train] + [bad] * max(1, round((len(train) - len(bad)) / max(len(bad), 1)) - 1))
         print(f"{len(wrong)} placements ({int(wrong.sum())} wrong), {len(test)} scored "
               f"({int(wrong[test].sum())} wrong); balanced accuracy (chance 0.5):")
         for name, x in sources.items():

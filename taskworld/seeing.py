@@ -79,6 +79,13 @@ class SeeingLoss(nn.Module):
         return F.cross_entropy(self.head(h[0, last]), torch.tensor(cls))
 
 
+def placement_replies(metadata: dict[str, Any]) -> dict[int, float]:
+    """{frame of the reference's reply to a placement: 1.0 where the item was wrong (a correction),
+    0.0 where it was right (a confirmation or the finish)}."""
+    return {int(e["frame"]): float(e["type"] == "correct") for e in metadata["events"]
+            if e["type"] in ("confirm_next", "finish", "correct")}
+
+
 class WrongItemLoss(nn.Module):
     """`--ask W`: the question a reply needs, asked in the streaming context. At the frame of the
     reference's reply to each placement (a confirmation or a correction) a linear head on decoder
@@ -90,8 +97,7 @@ class WrongItemLoss(nn.Module):
     def __init__(self, width: int, metadata: list[dict[str, Any]], layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.labels = [{int(e["frame"]): float(e["type"] == "correct") for e in m["events"]
-                        if e["type"] in ("confirm_next", "finish", "correct")} for m in metadata]
+        self.labels = [placement_replies(m) for m in metadata]
         wrong = sum(v for lab in self.labels for v in lab.values())
         right = sum(len(lab) for lab in self.labels) - wrong
         self.pos_weight = torch.tensor(right / max(wrong, 1.0))

@@ -76,23 +76,19 @@ def sequence_loss(
     mask = (torch.arange(x.shape[1])[None] < torch.tensor([len(e) for e in embeds])[:, None]).long()
     out = model.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False,
                           output_hidden_states=asking is not None)
-    h = out.last_hidden_state
-    asked = [] if asking is None else [  # the wrong-item question on a middle layer (seeing.py)
-        asking(out.hidden_states[asking.layer][b], index, seq.frames, seq.frame_last)
-        for b, (seq, index) in enumerate(batch)]
-    answers = [a for a in asked if a is not None]
-    h = h.reshape(-1, h.shape[-1])  # (B * S, H)
+    h = out.last_hidden_state.reshape(-1, x.shape[-1])  # (B * S, H)
     width = x.shape[1]
     lm_pos = torch.cat([seq.lm_pos + b * width for b, (seq, _) in enumerate(batch)])
     lm_tgt = torch.cat([seq.lm_tgt for seq, _ in batch])
     logits = trainee.head_logits(h[lm_pos])  # (L, V')
-    if any(seq.lm_w is not None for seq, _ in batch):  # correct_weight: a weighted mean
-        w = torch.cat([torch.ones(len(seq.lm_pos)) if seq.lm_w is None else seq.lm_w for seq, _ in batch])
-        ce = F.cross_entropy(logits, trainee.model_ids(lm_tgt), reduction="none")
-        loss = (ce * w).sum() / w.sum()
-    else:
-        loss = F.cross_entropy(logits, trainee.model_ids(lm_tgt))
+    # the mean over the labels, weighted where `correct_weight` weighs a sequence's corrections
+    w = torch.cat([torch.ones(len(seq.lm_pos)) if seq.lm_w is None else seq.lm_w for seq, _ in batch])
+    loss = (F.cross_entropy(logits, trainee.model_ids(lm_tgt), reduction="none") * w).sum() / w.sum()
     stats = {"lm": float(loss.detach())}
+    asked = [] if asking is None else [  # the wrong-item question on a middle layer (seeing.py)
+        asking(out.hidden_states[asking.layer][b], index, seq.frames, seq.frame_last)
+        for b, (seq, index) in enumerate(batch)]
+    answers = [a for a in asked if a is not None]
     if answers:
         aux = torch.stack(answers).mean()
         loss = loss + ask * aux

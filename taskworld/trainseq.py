@@ -131,9 +131,9 @@ class SequenceBuilder:
         # a dialogue-only sequence gets no slips: without the frames, a slip and the confirmation
         # that repeats it would teach the model to repeat itself
         replies, slipped, echoes = self.slips(conv, () if text else corrections, opts.slip, rng)
-        heavy = self.heavy(conv, corrections) if opts.correct_weight != 1 and not text else set()
-        heavy_from = 0  # labels from here on belong to a heavy reply (set per reply below)
-        lm_w: list[float] = []
+        heavy = set() if opts.correct_weight == 1 or text else (  # corrections, the replies after
+            set(corrections) | {self.reply_after(conv, fc) for fc in corrections}) - {None}
+        heavy_spans: list[tuple[int, int]] = []  # [a, b) of lm_pos: the labels of a heavy reply
         ids = list(self.pb.opening(conv.system, ""))
         lm_pos: list[int] = list(range(len(ids) - 1)) if opts.prompt_loss else []
         lm_tgt: list[int] = ids[1:] if opts.prompt_loss else []
@@ -160,7 +160,7 @@ class SequenceBuilder:
             if reply:
                 last_talk = f
                 r = self.reply_ids(reply)
-                heavy_from = len(lm_pos)
+                first = len(lm_pos)
                 lm_pos.append(last)
                 lm_tgt.append(r[0])
                 if opts.w2t == "head":
@@ -172,8 +172,7 @@ class SequenceBuilder:
                     lm_pos += range(base, base + len(r))
                     lm_tgt += r[1:] + [self.eos_id]
                 if f in heavy:
-                    lm_w += [1.0] * (heavy_from - len(lm_w))
-                    lm_w += [opts.correct_weight] * (len(lm_pos) - heavy_from)
+                    heavy_spans.append((first, len(lm_pos)))
                 if rng.random() >= opts.eos_drop:
                     ids.append(self.eos_id)
             elif f - last_talk <= opts.keep_after or rng.random() < opts.neg_rate:
@@ -183,6 +182,11 @@ class SequenceBuilder:
                 else:
                     lm_pos.append(last)
                     lm_tgt.append(self.not_talk_id)
+        lm_w = None
+        if heavy_spans:
+            lm_w = torch.ones(len(lm_pos))
+            for a, b in heavy_spans:
+                lm_w[a:b] = opts.correct_weight
         return TrainSequence(
             ids=torch.tensor(ids, dtype=torch.long),
             frames=torch.arange(start, start if text else end, dtype=torch.long),
@@ -191,16 +195,14 @@ class SequenceBuilder:
             lm_tgt=torch.tensor(lm_tgt, dtype=torch.long),
             w2t_pos=torch.tensor(w2t_pos, dtype=torch.long),
             w2t_tgt=torch.tensor(w2t_tgt, dtype=torch.float32),
-            lm_w=torch.tensor(lm_w + [1.0] * (len(lm_pos) - len(lm_w))) if lm_w else None,
+            lm_w=lm_w,
         )
 
     @staticmethod
-    def heavy(conv: ConversationInputs, corrections: tuple[int, ...]) -> set[int]:
-        """The frames of the corrections and of the reply after each (the confirmation once the
-        right item is placed): the replies `correct_weight` weighs."""
-        later = sorted(conv.replies)
-        nxt = (next((f for f in later if f > fc), None) for fc in corrections)
-        return {*corrections, *(f for f in nxt if f is not None)}
+    def reply_after(conv: ConversationInputs, frame: int) -> int | None:
+        """The frame of the first reply after FRAME (after a correction: the confirmation once the
+        right item is placed; task-world episodes say nothing between the two)."""
+        return min((f for f in conv.replies if f > frame), default=None)
 
     @staticmethod
     def slips(conv: ConversationInputs, corrections: tuple[int, ...], rate: float,
@@ -213,9 +215,8 @@ class SequenceBuilder:
         if rate <= 0 or not corrections:
             return conv.replies, set(), set()
         replies, slipped, echoes = dict(conv.replies), set(), set()
-        later = sorted(conv.replies)
         for fc in corrections:
-            nxt = next((f for f in later if f > fc), None)
+            nxt = SequenceBuilder.reply_after(conv, fc)
             if fc in replies and nxt is not None and rng.random() < rate:
                 replies[fc] = conv.replies[nxt]
                 slipped.add(fc)
