@@ -533,6 +533,11 @@ def test_wrong_item_question_is_asked_at_each_placement_reply(micro) -> None:
     plain, _ = sequence_loss(trainee, [(seq, 0)])
     both, stats = sequence_loss(trainee, [(seq, 0)], asking=asking, ask=0.5)
     assert float(both.detach()) == pytest.approx(float(plain.detach()) + 0.5 * stats["ask"], rel=1e-5)
+    hidden = torch.randn(int(seq.frame_last.max()) + 1, trainee.model.llm.config.hidden_size)
+    with torch.no_grad():  # the head reads a normalised state: the state's scale is not its answer
+        raw, scaled = (asking(h, 0, seq.frames, seq.frame_last) for h in (hidden, 300 * hidden))
+    assert raw is not None and scaled is not None
+    assert float(scaled) == pytest.approx(float(raw), rel=1e-4)
     text = b.build(convs[0], 24, SeqOptions(1.0, 0.0, text_only=1.0), np.random.default_rng(0))
     assert "ask" not in sequence_loss(trainee, [(text, 0)], asking=asking, ask=0.5)[1]
     params = list(asking.parameters()) + [p for p in trainee.model.parameters() if p.requires_grad]
