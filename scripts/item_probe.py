@@ -10,11 +10,14 @@ LM's last hidden state at the placement's frame after a frames-only pass of a li
 one a reply needs: was the item just placed the wrong one? It is asked at the frame of the
 reference's reply to each placement (a confirmation or a correction), of the frame tokens and of
 the LM's hidden states (several layers) in the streaming context, the reference dialogue before
-it included; right and wrong placements weigh the same. docs/taskworld.md has the figures.
+it included; right and wrong placements weigh the same. With --grid, (a) and (b) are asked of
+the MobileNetV2 feature grid pooled finer or coarser than the lite model's tokens. docs/taskworld.md
+has the figures.
 
     python scripts/item_probe.py --episodes 128
     python scripts/item_probe.py --episodes 64 --hidden taskworld-lite
     python scripts/item_probe.py --episodes 64 --wrong taskworld-lite
+    python scripts/item_probe.py --episodes 128 --grid 1 2 3 4 7
 """
 
 from __future__ import annotations
@@ -45,6 +48,29 @@ def placement_tokens(episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
             items.append(f"{meta['family']}:{item}")
             wrong.append(int(k >= len(meta["steps"])))
     return np.array(after), np.array(diff), np.array(items), np.array(wrong)
+
+
+def placement_grids(episodes: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(after, before) MobileNetV2 feature grids (N, 1280, 7, 7) of every placement, and its
+    item: what tokens pooled finer than the lite model's 2 x 2 would hold (--grid)."""
+    from proassist_edge.taskworld.seeing import placements
+    from proassist_edge.taskworld.splits import build_episode, make_episode
+    from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee
+
+    vision = LiteTrainee(PRESETS["lite"], [], lambda i: make_episode("train", i).frames).model.vision
+    after, before, items = [], [], []
+    for i in range(episodes):
+        meta, frames = build_episode("train", i).metadata, make_episode("train", i).frames
+        pairs = [(min(placed + 1, len(frames) - 1), max(b, 0), item) for b, placed, item in placements(meta)]
+        index = sorted({f for a, b, _ in pairs for f in (a, b)})
+        with torch.no_grad():
+            grids = vision.features(vision.preprocess(torch.from_numpy(frames[index])))[1]
+        grid = dict(zip(index, grids, strict=True))
+        for a, b, item in pairs:
+            after.append(grid[a])
+            before.append(grid[b])
+            items.append(f"{meta['family']}:{item}")
+    return torch.stack(after), torch.stack(before), np.array(items)
 
 
 def split(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,8 +187,22 @@ def main() -> None:
     p.add_argument("--hidden", metavar="CKPT", help="probe a lite checkpoint's hidden states instead")
     p.add_argument("--wrong", metavar="CKPT", help="was the item placed wrong? (docstring)")
     p.add_argument("--layers", type=int, nargs="+", default=[8, 15, 22, 30])
+    p.add_argument("--grid", type=int, nargs="+", metavar="P",
+                   help="the item named from the MobileNetV2 grid pooled P x P (1: the pooled token)")
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.grid:
+        import torch.nn.functional as F
+
+        a, b, items = placement_grids(args.episodes)
+        train, test = split(len(items))
+        print(f"{len(items)} placements, {len(set(items))} items, {len(test)} scored; item named from:")
+        for size in args.grid:
+            pa, pb = (F.adaptive_avg_pool2d(g, size).flatten(1).numpy() for g in (a, b))
+            named = [np.mean(probe(x, items, train)[test] == items[test]) for x in (pa, pa - pb)]
+            print(f"  {size} x {size}: the frame after {named[0]:.3f}, "
+                  f"after - before the reach {named[1]:.3f}")
+        return
     if args.wrong:
         sources, wrong = wrong_features(args.episodes, args.wrong, tuple(args.layers))
         train, test = split(len(wrong))
