@@ -24,14 +24,23 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 
 
+def probe_frames(meta: dict[str, Any], n: int) -> list[tuple[int, int, str, int]]:
+    """(frame after the placement, frame before the reach, "family:item", 1 if the item was
+    wrong) of every placement of an episode of N frames, the steps then the mistakes."""
+    from proassist_edge.taskworld.seeing import placements
+
+    return [(min(placed + 1, n - 1), max(before, 0), f"{meta['family']}:{item}", int(k >= len(meta["steps"])))
+            for k, (before, placed, item) in enumerate(placements(meta))]
+
+
 def placement_tokens(episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(after-frame tokens, after - before tokens, item labels, 1 where the item was wrong)."""
-    from proassist_edge.taskworld.seeing import placements
     from proassist_edge.taskworld.splits import build_episode, make_episode
     from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee
 
@@ -41,19 +50,17 @@ def placement_tokens(episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
         meta = build_episode("train", i).metadata  # the frames: rendered once, by features
         f = trainee.features(i).numpy()
         trainee._features.clear()
-        for k, (before, placed, item) in enumerate(placements(meta)):  # the steps, then the mistakes
-            a, b = f[min(placed + 1, len(f) - 1)], f[max(before, 0)]
-            after.append(a.ravel())
-            diff.append((a - b).ravel())
-            items.append(f"{meta['family']}:{item}")
-            wrong.append(int(k >= len(meta["steps"])))
+        for a, b, item, bad in probe_frames(meta, len(f)):
+            after.append(f[a].ravel())
+            diff.append((f[a] - f[b]).ravel())
+            items.append(item)
+            wrong.append(bad)
     return np.array(after), np.array(diff), np.array(items), np.array(wrong)
 
 
 def placement_grids(episodes: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(after, before) MobileNetV2 feature grids (N, 1280, 7, 7) of every placement, and its
     item: what tokens pooled finer than the lite model's 2 x 2 would hold (--grid)."""
-    from proassist_edge.taskworld.seeing import placements
     from proassist_edge.taskworld.splits import build_episode, make_episode
     from proassist_edge.taskworld.trainees import PRESETS, LiteTrainee
 
@@ -61,15 +68,15 @@ def placement_grids(episodes: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarr
     after, before, items = [], [], []
     for i in range(episodes):
         meta, frames = build_episode("train", i).metadata, make_episode("train", i).frames
-        pairs = [(min(placed + 1, len(frames) - 1), max(b, 0), item) for b, placed, item in placements(meta)]
-        index = sorted({f for a, b, _ in pairs for f in (a, b)})
+        pairs = probe_frames(meta, len(frames))
+        index = sorted({f for a, b, _, _ in pairs for f in (a, b)})
         with torch.no_grad():
             grids = vision.features(vision.preprocess(torch.from_numpy(frames[index])))[1]
         grid = dict(zip(index, grids, strict=True))
-        for a, b, item in pairs:
+        for a, b, item, _ in pairs:
             after.append(grid[a])
             before.append(grid[b])
-            items.append(f"{meta['family']}:{item}")
+            items.append(item)
     return torch.stack(after), torch.stack(before), np.array(items)
 
 

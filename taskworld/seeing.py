@@ -89,8 +89,8 @@ def placement_replies(metadata: dict[str, Any]) -> dict[int, float]:
 class WrongItemLoss(nn.Module):
     """`--ask W`: the question a reply needs, asked in the streaming context. At the frame of the
     reference's reply to each placement (a confirmation or a correction) a linear head on decoder
-    layer `layer`'s output, normalised, says whether the item just placed was the wrong one (BCE, the wrong
-    ones weighed as much as the right ones in all). Unlike `SeeingLoss` there is no second pass:
+    layer `layer`'s output, normalised, says whether the item just placed was the wrong one (BCE,
+    the wrong ones weighed as much as the right ones in all). Unlike `SeeingLoss` there is no second pass:
     the dialogue is in context, so the answer is "the item seen is not the one asked for", which
     is what the words of a correction need. Training only; the head is not saved."""
 
