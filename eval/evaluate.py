@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from proassist_edge.chat import LLAMA3, ChatFormat
 from proassist_edge.errors import DataError
 from proassist_edge.eval.metrics import (
-    DEFAULT_WINDOW,
     MatchResult,
     Metrics,
     PairSimilarity,
@@ -34,6 +34,7 @@ from proassist_edge.eval.metrics import (
     match_utterances,
     metrics_from_tally,
     tally_from_match,
+    window_for,
 )
 from proassist_edge.runtime.assistant import build_assistant
 from proassist_edge.runtime.bundle import Bundle, open_bundle
@@ -74,12 +75,23 @@ def iter_data(data: str | Path, limit: int | None = None) -> Iterator[Episode]:
         )
 
 
-def evaluator_reference(conversation: Sequence[Turn], num_frames: int) -> list[str]:
+def data_name(data: str | Path) -> str:
+    """The data's name as the authors' evaluator knows it, which picks the match window
+    (``window_for``): ``<dataset>/<split>`` for ``processed_data/<dataset>/prepared/<split>.jsonl``,
+    "taskworld" for a task-world split folder."""
+    from proassist_edge.eval.proassist_data import split_name
+
+    return split_name(data) if Path(data).suffix == ".jsonl" else "taskworld"
+
+
+def evaluator_reference(conversation: Sequence[Turn], num_frames: int,
+                        chat: ChatFormat = LLAMA3) -> list[str]:
     """Per frame the reference utterance ("" = silent), as the authors' evaluator reads it.
 
     Their ``StreamProcessor.processed_conv_data_to_stream`` gives a frame a reference only when
-    it is the last frame of a frames turn *directly* followed by an assistant turn, and then the
-    content stripped. So an assistant turn after a user or system turn, a second assistant turn
+    it is the last frame of a frames turn *directly* followed by an assistant turn: the turn in
+    the chat format, cleaned as a reply (``ChatFormat.reply_text``; so an empty turn leaves its
+    header, a talk). An assistant turn after a user or system turn, a second assistant turn
     in a row, one before any frame or after an empty frames turn is no reference (unlike
     ``Episode.reference``, which keeps them all).
     """
@@ -89,7 +101,8 @@ def evaluator_reference(conversation: Sequence[Turn], num_frames: int) -> list[s
             continue
         start, end = int(turn["start"]), int(turn["end"])
         if end > start and 0 < end <= num_frames:
-            out[end - 1] = str(nxt.get("content", "")).strip()
+            content = str(nxt.get("content", "")).strip()
+            out[end - 1] = chat.reply_text(chat.render("assistant", content))
     return out
 
 
@@ -106,7 +119,7 @@ def evaluate(
     data_dir: str | Path,
     thresholds: Sequence[float] | None = None,
     similarity: PairSimilarity | None = None,
-    window: tuple[float, float] = DEFAULT_WINDOW,
+    window: tuple[float, float] | None = None,
     limit: int | None = None,
     decoder: str | None = None,
     context: str | None = None,
@@ -115,6 +128,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics per threshold (episodes pooled) and per episode at the first threshold.
     ``settings``: more StreamSettings overrides for every episode (diff_margin, feed_eos, ...).
+    ``window`` defaults to the data's, as the authors pick it (``data_name``, ``window_for``).
 
     ``similarity`` defaults to ``textsim.make_similarity()`` (the paper's all-mpnet-base-v2, or
     MiniLM with a note); the report names it under ``embedder``. Each of ``scorers`` puts its
@@ -131,6 +145,7 @@ def evaluate(
         similarity = make_similarity()
     bundle = open_bundle(bundle_path, decoder=decoder)
     thresholds = list(thresholds or [bundle.manifest.model.default_threshold])
+    window = window_for(data_name(data_dir)) if window is None else window
     episodes = list(iter_data(data_dir, limit))
     if not episodes:
         raise DataError(f"{data_dir} holds no episodes")
@@ -143,7 +158,8 @@ def evaluate(
         for ep in episodes:
             gen = run_episode(bundle, ep, **{**dict(settings or {}), "threshold": thr,
                                              "context_strategy": context})
-            ref = evaluator_reference(ep.conversation, ep.num_frames)
+            ref = evaluator_reference(ep.conversation, ep.num_frames,
+                                      bundle.manifest.model.chat_format)
             match = match_utterances(gen, ref, similarity, fps=ep.fps, window=window)
             m = metrics_from_tally(tally_from_match(match, gen, ref, fps=ep.fps))
             scores.append(m)
@@ -164,6 +180,7 @@ def evaluate(
         "data": str(data_dir),
         "episodes": len(episodes),
         "threshold": thresholds[0],
+        "dataset": data_name(data_dir),
         "window": list(window),
         "embedder": describe_similarity(similarity),
         **head,

@@ -39,8 +39,8 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from proassist_edge.errors import MetricsError
 
-# Match windows (L, R) in seconds: the authors' get_match_time_window (eval_utils.py) per dataset;
-# "taskworld" is ours (synthetic task data). The authors' fallback for other data is (-2.5, 2.5).
+# Match windows (L, R) in seconds: the authors' get_match_time_window (eval_utils.py) per dataset,
+# in the order they test them; "taskworld" is ours (synthetic task data). `window_for` picks one.
 DATASET_WINDOWS: dict[str, tuple[float, float]] = {
     "narration": (-2.5, 2.5),
     "ego4d": (-4.0, 8.5),
@@ -52,10 +52,18 @@ DATASET_WINDOWS: dict[str, tuple[float, float]] = {
     "taskworld": (-1.0, 3.0),
 }
 DEFAULT_WINDOW: tuple[float, float] = DATASET_WINDOWS["taskworld"]
+FALLBACK_WINDOW: tuple[float, float] = (-2.5, 2.5)  # the authors' for a name they do not know
 DEFAULT_FPS = 2.0
 BLEU_ORDER = 4
 # Keys of Metrics.to_dict() that differ from the attribute: the authors write "F1".
 JSON_NAMES = {"f1": "F1"}
+
+
+def window_for(dataset: str) -> tuple[float, float]:
+    """The match window of a dataset NAME as the authors' evaluator picks it: the first key of
+    DATASET_WINDOWS the name contains ("ego4d/narration_val_L4096_I1" is narration,
+    "ego4d/dialog_val_L0_I5" ego4d), else FALLBACK_WINDOW."""
+    return next((w for key, w in DATASET_WINDOWS.items() if key in dataset), FALLBACK_WINDOW)
 
 
 class PairSimilarity(Protocol):
@@ -286,22 +294,19 @@ def _check_inputs(
             )
 
 
-def _semantic_costs(
-    pairs: list[tuple[str, str]], similarity: PairSimilarity
-) -> dict[tuple[str, str], np.float32]:
-    """float32 ``1 - |sim|`` per distinct text pair, scored in one call."""
-    distinct = list(dict.fromkeys(pairs))
-    if not distinct:
-        return {}
-    raw = np.asarray(similarity([a for a, _ in distinct], [b for _, b in distinct]), np.float64)
-    if raw.shape != (len(distinct),) or not np.all(np.isfinite(raw)):
+def _semantic_costs(pairs: list[tuple[str, str]], similarity: PairSimilarity) -> np.ndarray:
+    """float32 ``1 - |sim|`` per text pair, all scored in one call in the authors' order
+    (repeats included: the batch the embedder sees decides the last bits, see textsim)."""
+    if not pairs:
+        return np.zeros(0, dtype=np.float32)
+    raw = np.asarray(similarity([a for a, _ in pairs], [b for _, b in pairs]), np.float64)
+    if raw.shape != (len(pairs),) or not np.all(np.isfinite(raw)):
         raise MetricsError(
-            f"similarity returned shape {raw.shape} (or non-finite values) for {len(distinct)} "
+            f"similarity returned shape {raw.shape} (or non-finite values) for {len(pairs)} "
             "pairs: it must return one finite score per pair"
         )
     # No clipping: like the authors' 1 - |cos|, an |cos| of 1.0000001 gives a cost below 0.
-    costs = np.float32(1.0) - np.abs(raw).astype(np.float32)
-    return dict(zip(distinct, costs, strict=True))
+    return np.float32(1.0) - np.abs(raw).astype(np.float32)
 
 
 def match_utterances(
@@ -336,8 +341,7 @@ def match_utterances(
     text_cost = np.full(len(cols), np.float32(config.silent_cost), dtype=np.float32)
     talk = np.flatnonzero(ref_talk[cols])
     text_pairs = [(gen[gen_frames[rows[k]]], ref[cols[k]]) for k in talk]
-    by_pair = _semantic_costs(text_pairs, similarity)
-    text_cost[talk] = [by_pair[p] for p in text_pairs]
+    text_cost[talk] = _semantic_costs(text_pairs, similarity)
 
     rg = max(abs(lo), hi)
     multiplier = np.float32(config.dist_factor / rg**config.dist_power)

@@ -137,9 +137,34 @@ def reindex_conversation(conversation: list[Turn], start: int, num_frames: int) 
     return out
 
 
+SUMMARY_REQUEST = "Please summarize"
+
+
+def split_name(jsonl: str | Path) -> str:
+    """`<dataset>/<split>` of `processed_data/<dataset>/prepared/<split>.jsonl`: the data's name
+    in the authors' evaluation (it picks the match window and whether summaries are kept)."""
+    path = Path(jsonl)
+    return f"{path.parent.parent.name}/{path.stem}"
+
+
+def without_summary_request(conversation: list[Turn], start: int, end: int) -> tuple[list[Turn], int]:
+    """The turns before the first system turn asking for a summary, and the end of the frames
+    they show: the authors' evaluation cuts a clip there (`remove_summarize_turns`) unless its
+    data name says "summary", so the request, its frame and the summary are never streamed."""
+    last_end = start
+    for k, turn in enumerate(conversation):
+        if turn.get("role") == "frames":
+            last_end = int(turn["end"])
+        elif turn.get("role") == "system" and str(turn.get("content", "")).startswith(SUMMARY_REQUEST):
+            return conversation[:k], last_end
+    return conversation, end
+
+
 def episode_from_sample(sample: dict[str, Any], dataset_root: str | Path,
-                        size: int | None = None, table: Any = None) -> Episode:
-    """One prepared sample as an Episode (frames decoded, conversation re-indexed)."""
+                        size: int | None = None, table: Any = None,
+                        cut_summary: bool = True) -> Episode:
+    """One prepared sample as an Episode (frames decoded, conversation re-indexed); with
+    `cut_summary` the clip ends before a summary request (`without_summary_request`)."""
     try:
         start, end = int(sample["start_frame_idx"]), int(sample["end_frame_idx"])
         frames_file = str(sample["frames_file"])
@@ -147,6 +172,8 @@ def episode_from_sample(sample: dict[str, Any], dataset_root: str | Path,
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"sample {sample.get('video_uid', '?')} lacks a field ({e}): is this a "
                         "ProAssist `prepared/*.jsonl`?") from e
+    if cut_summary:
+        conversation, end = without_summary_request(conversation, start, end)
     if table is None:
         table = open_frames_table(Path(dataset_root) / frames_file)
     frames = read_frames(table, start, end, size)
@@ -164,12 +191,15 @@ def iter_proassist_episodes(jsonl: str | Path, dataset_root: str | Path | None =
 
     `dataset_root` (what `frames_file` is relative to) defaults to the jsonl's grandparent,
     `processed_data/<dataset>/`. Consecutive clips of one video share one opened frames file.
+    Clips end before a summary request unless the data's name `<dataset>/<split>` says
+    "summary", as in the authors' evaluation.
     """
     path = Path(jsonl)
     if not path.is_file():
         raise DataError(f"{path} not found: expected processed_data/<dataset>/prepared/"
                         "<split>.jsonl from the ProAssist release")
     root = Path(dataset_root) if dataset_root is not None else path.parent.parent
+    cut_summary = "summary" not in split_name(path)
     open_name, table, given = "", None, 0
     with path.open() as f:
         for n, line in enumerate(f):
@@ -184,7 +214,7 @@ def iter_proassist_episodes(jsonl: str | Path, dataset_root: str | Path | None =
             name = str(sample.get("frames_file", ""))
             if name != open_name:
                 open_name, table = name, open_frames_table(root / name)
-            yield episode_from_sample(sample, root, size, table)
+            yield episode_from_sample(sample, root, size, table, cut_summary)
             given += 1
 
 

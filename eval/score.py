@@ -25,10 +25,12 @@ from proassist_edge.eval.metrics import (
     DATASET_WINDOWS,
     DEFAULT_FPS,
     DEFAULT_WINDOW,
+    FALLBACK_WINDOW,
     Metrics,
     PairSimilarity,
     aggregate,
     compute_metrics,
+    window_for,
 )
 from proassist_edge.eval.textsim import EMBEDDERS, describe_similarity, make_similarity
 
@@ -195,29 +197,23 @@ def parse_window(value: str | Sequence[str]) -> tuple[float, float]:
 
 
 def resolve_window(window: str | Sequence[str] | None, dataset: str | None) -> tuple[float, float]:
-    """The match window from ``--window`` or ``--dataset`` (default: ``DEFAULT_WINDOW``)."""
+    """The match window from ``--window`` or ``--dataset`` (a dataset name as the authors' evaluator
+    reads it, e.g. ``ego4d/dialog_val_L0_I5``: ``window_for``); default ``DEFAULT_WINDOW``."""
     if window is not None and dataset is not None:
         raise MetricsError("pass either --window or --dataset, not both")
     if window is not None:
         return parse_window(window)
-    if dataset is not None:
-        if dataset not in DATASET_WINDOWS:
-            raise MetricsError(
-                f"unknown --dataset {dataset!r}: use one of {', '.join(DATASET_WINDOWS)} "
-                "or give --window L R"
-            )
-        return DATASET_WINDOWS[dataset]
-    return DEFAULT_WINDOW
+    return DEFAULT_WINDOW if dataset is None else window_for(dataset)
 
 
-def add_window_argument(p: argparse.ArgumentParser) -> None:
+def add_window_argument(p: argparse.ArgumentParser, default: str = "") -> None:
     """``--window L R`` (a negative L is fine) or ``--window=L,R``; parse with ``parse_window``."""
     p.add_argument(
         "--window",
         nargs="+",
         metavar=("L", "R"),
         help="match window in seconds, e.g. --window -1 3 (or --window=-1,3); "
-        f"default {DEFAULT_WINDOW[0]:g} {DEFAULT_WINDOW[1]:g}",
+        f"default {default or f'{DEFAULT_WINDOW[0]:g} {DEFAULT_WINDOW[1]:g}'}",
     )
 
 
@@ -250,7 +246,9 @@ def add_score_parser(
     p.add_argument(
         "--dataset",
         metavar="NAME",
-        help=f"use the paper's window for a dataset: {', '.join(DATASET_WINDOWS)}",
+        help="use the paper's window for a dataset name, as the authors' evaluator picks it: "
+        f"the first of {', '.join(DATASET_WINDOWS)} the name contains (e.g. "
+        f"ego4d/dialog_val_L0_I5), else {FALLBACK_WINDOW[0]:g} {FALLBACK_WINDOW[1]:g}",
     )
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the metrics as JSON")
     add_embedder_argument(p)

@@ -13,7 +13,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +151,19 @@ def chat_format_for(tok: Tokenizer) -> ChatFormat:
     raise CheckpointError("the tokenizer has neither Llama-3 nor ChatML special tokens")
 
 
+def hf_clean_up_spaces(llm_dir: Path) -> bool:
+    """`clean_up_tokenization_spaces` of the LLM folder's tokenizer_config.json (False when it
+    has none): Hugging Face's decode, which the authors' runner uses, applies it to replies."""
+    path = llm_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return False
+    try:
+        value = json.loads(path.read_text()).get("clean_up_tokenization_spaces", False)
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a JSON object ({e}): restore it from the base LLM") from e
+    return bool(value)
+
+
 def load_vision(
     cfg: ProAssistConfig, vision_dir: Path, dtype: torch.dtype | str = torch.float32
 ) -> VisionTower:
@@ -216,7 +229,7 @@ def open_checkpoint(
     if not tok_path.is_file():
         raise CheckpointError(f"{llm_dir} has no tokenizer.json: point --llm-from at the base LLM")
     tok = Tokenizer.from_file(str(tok_path))
-    chat = chat_format_for(tok)
+    chat = replace(chat_format_for(tok), clean_up_spaces=hf_clean_up_spaces(llm_dir))
     tok.add_special_tokens([cfg.img_token])
     img_id = tok.token_to_id(cfg.img_token)
     not_talk = cfg.img_sep_token or chat.not_talk

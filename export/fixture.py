@@ -111,6 +111,7 @@ def proassist_fields(
         max_seq_len=4096,
         use_binary_decision_head=w2t != "lm",
         binary_decision_head_type="mlp" if w2t == "head-mlp" else "linear",
+        exceed_context_handling="summarize_and_drop",  # the authors' evaluation setting
         llm_train_mode=mode,
     )
     d = {k: v for k, v in cfg.__dict__.items() if k != "extra"}

@@ -38,7 +38,8 @@ class ProAssistConfig:
     max_seq_len: int = 4096
     use_binary_decision_head: bool = False
     binary_decision_head_type: str = "linear"
-    exceed_context_handling: str = "summarize_and_drop"
+    # the authors' ProActConfig default; their evaluation passes summarize_and_drop per run
+    exceed_context_handling: str = "drop_all"
     llm_train_mode: str = "lora"
     vision_type: str = "siglip"  # ProAssist Edge extension: "siglip" | "mobilenet_v2"
     default_threshold: float = DEFAULT_THRESHOLD  # extension: the talk threshold chosen on validation data

@@ -58,7 +58,8 @@ class ReferenceLoop:
         self.past: DynamicCache | None = None
         self.kv_len = 0
         self.opening = self.pb.chat.system_content(self.system, self.knowledge)
-        self.task_knowledge = find_knowledge("", [("system", self.opening)])
+        self.task_knowledge = ""  # found by the first step, whose messages follow the opening
+        self.unscanned: list[tuple[str, str]] = [("system", self.opening)]
         self.prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # drop_middle's
         self.pending: list[int] = self.pb.opening(self.system, self.knowledge)
         self.prev_p: float | None = None
@@ -173,8 +174,9 @@ class ReferenceLoop:
         self.fed_last = False
         ids = self._greedy(logits, self.s.max_reply_tokens) if talk else []
         self.task_knowledge = find_knowledge(
-            self.task_knowledge, [(m.role, m.content) for m in messages]
+            self.task_knowledge, [*self.unscanned, *((m.role, m.content) for m in messages)]
         )
+        self.unscanned = []
         if self.prefix is None and any(m.role == "user" for m in messages):
             self.prefix = self._layers()  # the cache as it is now (the authors keep it)
         last = ids[-1] if talk else nt

@@ -19,6 +19,9 @@ class ChatFormat:
     not_talk: str = "<|eot_id|>"
     image: str = "<image>"
     summary_request: str = "Please summarize the progress."
+    # Hugging Face's decode(clean_up_tokenization_spaces=True): the LLM folder's
+    # tokenizer_config.json says it (Llama-3.1's did when the authors ran; SmolLM2's does not)
+    clean_up_spaces: bool = False
 
     def render(self, role: str, content: str, with_bos: bool = False) -> str:
         text = self.message.format(role=role, content=content)
@@ -36,7 +39,8 @@ class ChatFormat:
     def reply_text(self, decoded: str) -> str:
         """The text of a decoded reply, cleaned as the authors' runner cleans it
         (`StreamProcessor.cleanup_text`): cut at the first eos, strip, drop bos and image
-        tokens, keep what follows the header the model wrote, and "." alone is silence.
+        tokens, return what follows the header the model wrote (as it is, even "."), and
+        without a header "." alone is silence.
 
         A header end that is only whitespace (ChatML's newline) counts only after a header
         start at the beginning, so a multi-line reply without a header keeps its first line."""
@@ -46,8 +50,12 @@ class ChatFormat:
                 text = text.replace(token, "")
         start, end = self.header
         if end.strip() and end in text or (text.startswith(start) and end in text):
-            text = text.split(end, 1)[1]
+            return text.split(end, 1)[1]
         return "" if text == "." else text
+
+    def decoded(self, text: str) -> str:
+        """What Hugging Face's decode gives for the raw decoded TEXT under this format."""
+        return clean_up_spaces(text) if self.clean_up_spaces else text
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +63,20 @@ class ChatFormat:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChatFormat:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# transformers' `clean_up_tokenization`, the same ten replacements in the same order; written
+# here because the runtime does not depend on transformers
+_CLEAN_UP = (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), \
+    (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")
+
+
+def clean_up_spaces(text: str) -> str:
+    """Drop the space before punctuation and English contractions, as Hugging Face's decode does
+    with clean_up_tokenization_spaces (so "the user 's bowl ." becomes "the user's bowl.")."""
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
 
 
 LLAMA3 = ChatFormat()

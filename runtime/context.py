@@ -77,11 +77,11 @@ def resume_content(system: str, summary: str, knowledge: str) -> str:
 
 
 def find_knowledge(found: str, messages: Iterable[tuple[str, str]]) -> str:
-    """The task knowledge: the first system message that contains "Task knowledge:" (kept once
-    found). `messages` are (role, content) pairs in the order they entered the stream."""
+    """The task knowledge (kept once found): of the first step whose messages hold a system
+    message containing "Task knowledge:", the last such message, as the authors' loop (which
+    does not stop at the first) finds it. `messages`: one step's (role, content) pairs, the
+    first step's beginning with the opening system message."""
     if found:
         return found
-    for role, content in messages:
-        if role == "system" and KNOWLEDGE_MARK in content:
-            return content
-    return ""
+    hits = [content for role, content in messages if role == "system" and KNOWLEDGE_MARK in content]
+    return hits[-1] if hits else ""

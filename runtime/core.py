@@ -105,7 +105,8 @@ class StreamCore:
         self._change_memory(None)
         # the opening system message's content: the "initial system prompt" of a summary restart
         self.opening = self.pb.chat.system_content(self.system, self.knowledge)
-        self.task_knowledge = find_knowledge("", [("system", self.opening)])
+        self.task_knowledge = ""  # found by the first step, whose messages follow the opening
+        self.unscanned: list[tuple[str, str]] = [("system", self.opening)]
         self.prefix_len: int | None = None  # drop_middle's kept prefix, once a user spoke
         self.pending: list[int] = self.pb.opening(self.system, self.knowledge)
         # the warm start restores the opening's KV (runtime/warm.py), as a summary's restart
@@ -237,7 +238,8 @@ class StreamCore:
             raise NonFiniteOutputError(index, t, str(e), messages) from None
         self.prev_p = p
         pairs = [(m.role, m.content) for m in messages]
-        self.task_knowledge = find_knowledge(self.task_knowledge, pairs)
+        self.task_knowledge = find_knowledge(self.task_knowledge, [*self.unscanned, *pairs])
+        self.unscanned = []
         if self.prefix_len is None and any(m.role == "user" for m in messages):
             self.prefix_len = self.kv_len
         last = ids[-1] if talk else self.not_talk

@@ -5,7 +5,9 @@ An episode folder (`replay --episode DIR`) holds the frames, either `frames.npy`
 N x H x W x 3 or N x 3 x H x W) or images (a `frames/` subfolder, else the folder itself) read
 in natural name order, and `conversation.json` in ProAssist's format: a list of turns, or a dict
 with key "conversation" (and optionally "metadata", "fps", "start_frame_idx"). `metadata.json`
-may add `knowledge`/`fps`.
+may add `knowledge`/`fps`. A replay feeds that knowledge after the system prompt; the "knowledge"
+of a ProAssist sample's own "metadata" is not fed (the authors' runner reads knowledge only from
+the conversation, and their samples carry it in the metadata even where the dialogue has none).
 """
 
 from __future__ import annotations
@@ -190,8 +192,8 @@ def load_episode(episode_dir: str | Path) -> Episode:
     conv_path = root / "conversation.json"
     data: Any = _read_json(conv_path) if conv_path.is_file() else []
     meta: dict[str, Any] = {}
-    if isinstance(data, dict):
-        meta.update(data.get("metadata") or {})
+    if isinstance(data, dict):  # a ProAssist sample: its metadata knowledge is not fed
+        meta.update({k: v for k, v in (data.get("metadata") or {}).items() if k != "knowledge"})
         turns = data.get("conversation", [])
     else:
         turns = data

@@ -109,7 +109,8 @@ class PromptBuilder:
         return self._cache[key]
 
     def reply_text(self, ids: list[int] | tuple[int, ...]) -> str:
-        return self.chat.reply_text(self.tok.decode(list(ids), skip_special_tokens=False))
+        raw = self.tok.decode(list(ids), skip_special_tokens=False)
+        return self.chat.reply_text(self.chat.decoded(raw))
 
     def opening(self, system: str, knowledge: str = "") -> list[int]:
         return self.message("system", self.chat.system_content(system, knowledge), with_bos=True)

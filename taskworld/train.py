@@ -377,7 +377,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if compact.is_file() and compact.with_suffix(".json").is_file():  # a run's compact output
         ckpt = materialise(compact, compact.with_suffix(".json"))
     ck = load_checkpoint(ckpt)
-    sim = SentenceSimilarity() if args.similarity == "minilm" else ExactSimilarity()
+    # per-text cache: training scores often; the bits of a verbatim reply matter less here
+    sim = SentenceSimilarity(authors_batches=False) if args.similarity == "minilm" else ExactSimilarity()
     settings = StreamSettings(threshold=args.threshold, context_strategy="drop_middle")
     t0 = time.monotonic()
     m, rows = evaluate(ck.model, ck.tokenizer, ck.chat,

@@ -56,10 +56,10 @@ def test_resume_message_joins_parts_with_single_spaces() -> None:
     assert resume_content("Sys.", "", "K") == "Sys.  K"  # as the authors join an empty summary
 
 
-def test_knowledge_is_the_first_system_message_that_holds_it() -> None:
+def test_knowledge_is_the_last_system_message_that_holds_it_in_the_first_step_with_one() -> None:
     msgs = [("user", "Task knowledge: no"), ("system", "hello"), ("system", "Task knowledge: a"),
-            ("system", "Task knowledge: b")]
-    assert find_knowledge("", msgs) == "Task knowledge: a"
+            ("system", "Task knowledge: b"), ("user", "Task knowledge: no")]
+    assert find_knowledge("", msgs) == "Task knowledge: b"  # the authors' loop does not break
     assert find_knowledge("Task knowledge: old", msgs) == "Task knowledge: old"
     assert find_knowledge("", [("system", "Steps: 1. red")]) == ""
 
@@ -79,7 +79,11 @@ def test_threshold_at_or_below_zero_lets_the_model_choose() -> None:
     [
         ("<|start_header_id|>assistant<|end_header_id|>\n\nAdd the rice.<|eot_id|>", "Add the rice."),
         ("<|start_header_id|>assistant<|end_header_id|>\n\nA.<|eot_id|>ignored", "A."),
-        ("<|start_header_id|>assistant<|end_header_id|>\n\n.<|eot_id|>", ""),
+        # after a header the text is returned as it is: "." is a reply, not silence
+        ("<|start_header_id|>assistant<|end_header_id|>\n\n.<|eot_id|>", "."),
+        # an empty message keeps its header: stripping took the header end's newlines
+        ("<|start_header_id|>assistant<|end_header_id|>\n\n<|eot_id|>",
+         "<|start_header_id|>assistant<|end_header_id|>"),
         ("<|eot_id|>", ""),
         ("junk<|start_header_id|>assistant<|end_header_id|>\n\nNext.", "Next."),
         ("<|begin_of_text|>No header <image>here.", "No header here."),
@@ -88,6 +92,36 @@ def test_threshold_at_or_below_zero_lets_the_model_choose() -> None:
 )
 def test_llama3_reply_cleanup_is_the_authors(decoded: str, text: str) -> None:
     assert LLAMA3.reply_text(decoded) == text
+
+
+def test_clean_up_spaces_is_hugging_faces_decode(tmp_path) -> None:
+    """A reply decoded with clean_up_spaces equals transformers' decode followed by its
+    clean_up_tokenization (what decode did with clean_up_tokenization_spaces=True in the
+    authors' transformers 4.43; 5.x no longer applies it to BPE tokenizers), and the export reads
+    the setting from the LLM folder's tokenizer_config.json."""
+    transformers = pytest.importorskip("transformers")
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer
+
+    from proassist_edge.export.checkpoint import hf_clean_up_spaces
+    from proassist_edge.export.fixture import llama3_tokenizer_json
+    from proassist_edge.runtime.prompt import PromptBuilder
+
+    path = llama3_tokenizer_json()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    pb = PromptBuilder(Tokenizer.from_file(str(path)), replace(LLAMA3, clean_up_spaces=True))
+    text = ("<|start_header_id|>assistant<|end_header_id|>\n\nThe user 's bowl , the lid ' s "
+            "edge ! Is it done ? We 're , they 've , I 'm and don 't : n't . Next .<|eot_id|>")
+    ids = pb.ids(text)
+    raw = hf.decode(ids)
+    want = hf.clean_up_tokenization(raw)
+    assert want != raw  # the example exercises it
+    assert pb.reply_text(ids) == LLAMA3.reply_text(want)
+    assert PromptBuilder(pb.tok, LLAMA3).reply_text(ids) == LLAMA3.reply_text(raw)
+    assert not hf_clean_up_spaces(tmp_path)  # no tokenizer_config.json: off
+    (tmp_path / "tokenizer_config.json").write_text('{"clean_up_tokenization_spaces": true}')
+    assert hf_clean_up_spaces(tmp_path)
 
 
 def test_chatml_reply_cleanup_needs_the_header_at_the_start() -> None:

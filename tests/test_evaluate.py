@@ -104,6 +104,8 @@ def test_eval_reads_proassist_released_format(tiny_bundle, processed: Path) -> N
     jsonl = processed / "wtag" / "prepared" / "dialog-klg_val_L4096_I5.jsonl"
     report = evaluate_with_content(bundle, jsonl, thresholds=[thr], similarity=ExactSimilarity(), limit=2)
     assert report["episodes"] == 2
+    assert report["dataset"] == "wtag/dialog-klg_val_L4096_I5"
+    assert report["window"] == [-3.0, 6.0]  # the authors' window for wtag, picked by name
     assert "content" not in report  # not task-world episodes: the paper's metrics alone
     # two reference replies per clip: each is matched (well or not) or missed
     assert report["num_matched"] + report["num_mismatched"] + report["num_missed"] == report["num_ref"] >= 2
@@ -123,3 +125,7 @@ def test_reference_as_the_authors_evaluator_reads_it() -> None:
             {"role": "frames", "start": 4, "end": 6}, {"role": "assistant", "content": "last"}]
     # Only an assistant turn right after a non-empty frames turn counts, stripped, on its last frame.
     assert evaluator_reference(conv, 6) == ["", "hi", "", "", "", "last"]
+    # cleaned as a reply: an empty turn keeps its header (a talk), "." stays "."
+    conv[-1]["content"], conv[2]["content"] = "  ", "."
+    assert evaluator_reference(conv, 6) == [
+        "", ".", "", "", "", "<|start_header_id|>assistant<|end_header_id|>"]

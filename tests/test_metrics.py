@@ -23,6 +23,7 @@ from proassist_edge.eval.metrics import (
     bleu_stats,
     compute_metrics,
     match_utterances,
+    window_for,
     window_frames,
 )
 from proassist_edge.eval.textsim import ExactSimilarity, SentenceSimilarity
@@ -247,6 +248,12 @@ def test_dataset_windows_are_the_authors() -> None:
     assert DATASET_WINDOWS["assembly101"] == (-2.0, 4.0)
     assert DATASET_WINDOWS["wtag"] == (-3.0, 6.0)
     assert DEFAULT_WINDOW == (-1.0, 3.0)
+    # picked by name as the authors do: the first dataset the name contains, else (-2.5, 2.5)
+    assert window_for("ego4d/dialog_val_L0_I5") == (-4.0, 8.5)
+    assert window_for("ego4d/narration_val_L4096_I1") == (-2.5, 2.5)  # narration comes first
+    assert window_for("wtag/dialog-klg-sum_val_L4096_I1") == (-3.0, 6.0)
+    assert window_for("taskworld") == (-1.0, 3.0)
+    assert window_for("kitchen/val") == (-2.5, 2.5)
 
 
 @pytest.mark.parametrize(
@@ -284,9 +291,32 @@ def test_unrelated_text_is_a_mismatch_with_minilm(minilm: SentenceSimilarity) ->
 
 
 def test_minilm_scores_are_cached_abs_cosines(minilm: SentenceSimilarity) -> None:
-    s = minilm([WHEEL, WHEEL], [WHEEL, "Next, put the second wheel on."])
+    cached = SentenceSimilarity(authors_batches=False)
+    cached._model = minilm._load()
+    s = cached([WHEEL, WHEEL], [WHEEL, "Next, put the second wheel on."])
     assert s[0] == pytest.approx(1.0, abs=1e-5) and 0.5 < s[1] < 1.0
-    assert WHEEL in minilm._cache
+    assert WHEEL in cached._cache
+
+
+def test_scores_have_the_authors_bits(minilm: SentenceSimilarity) -> None:
+    """By default the pairs are encoded as one interleaved list in batches of 128 and compared
+    with pairwise_cos_sim, as the authors' evaluator does: the same float32 bits, which decide
+    whether a verbatim reply on its reference's own frame costs exactly 0 (and is not paired)."""
+    from sentence_transformers.util import pairwise_cos_sim
+
+    texts = [WHEEL, SCREW, "Put the pan on the stove.", "Now press the power button.",
+             "Stir the rice for a minute.", "Done."]
+    a, b = texts + texts[:3], texts + texts[3:]
+    emb = minilm._load().encode([t for p in zip(a, b) for t in p], batch_size=128,
+                                convert_to_tensor=True, show_progress_bar=False).view(len(a), 2, -1)
+    want = (1 - pairwise_cos_sim(emb[:, 0], emb[:, 1]).abs()).numpy()
+    got = np.float32(1.0) - minilm(a, b).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    for text, cost in zip(texts, want, strict=False):  # each text alone on its own frame
+        gen, ref = episode(5, {2: text}, {2: text})
+        m = compute_metrics(gen, ref, minilm)
+        single = np.float32(1.0) - minilm([text], [text]).astype(np.float32)[0]
+        assert m.num_matched == (1 if single != 0 else 0), (text, cost, single)
 
 
 # --- files and the CLI -------------------------------------------------------------------------
@@ -408,6 +438,5 @@ def test_missing_file_and_bad_options(tmp_path: Path) -> None:
             score.parse_window(window)
     with pytest.raises(MetricsError, match="either --window or --dataset"):
         score.resolve_window(["-1", "3"], "ego4d")
-    with pytest.raises(MetricsError, match="unknown --dataset 'kitchen'"):
-        score.resolve_window(None, "kitchen")
+    assert score.resolve_window(None, "kitchen") == (-2.5, 2.5)  # the authors' fallback
     assert issubclass(MetricsError, ProAssistEdgeError)

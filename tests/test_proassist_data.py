@@ -18,6 +18,8 @@ from proassist_edge.eval.proassist_data import (  # noqa: E402
     iter_proassist_episodes,
     load_proassist_split,
     read_frames,
+    reindex_conversation,
+    split_name,
 )
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (240, 220, 40), (250, 250, 250),
@@ -91,6 +93,26 @@ def test_reads_clips_as_episodes(processed: Path) -> None:
     assert ep.metadata["knowledge"].startswith("1.") and ep.metadata["start_frame_idx"] == 2
     assert ep.fps == 2 and ep.task == "Make pour-over coffee"
     assert eps[2].frames.shape[0] == 4  # the random-access IPC file format reads too
+
+
+def test_clips_end_before_a_summary_request_unless_the_data_says_summary(processed: Path) -> None:
+    """The authors' evaluation drops the summary request, its frame and the summary
+    (`remove_summarize_turns`) unless the data's name says "summary"."""
+    tail = [{"role": "system", "content": "Please summarize the progress."},
+            {"role": "frames", "start": 6, "end": 7},
+            {"role": "assistant", "content": "The filter is in and the water poured."}]
+    sample = dict(_sample(0, 2, 6, "frames/T48.arrow"), end_frame_idx=7)
+    sample["conversation"] += tail
+    ds = processed / "wtag" / "prepared"
+    for split in ("dialog-klg-sum_val_L4096_I5", "summary_val_L4096_I5"):
+        (ds / f"{split}.jsonl").write_text(json.dumps(sample) + "\n")
+    cut = next(iter_proassist_episodes(ds / "dialog-klg-sum_val_L4096_I5.jsonl"))
+    kept = next(iter_proassist_episodes(ds / "summary_val_L4096_I5.jsonl"))
+    assert cut.num_frames == 4 and cut.conversation == reindex_conversation(
+        _sample(0, 2, 6, "frames/T48.arrow")["conversation"], 2, 4)
+    assert cut.reference() == ["", "Grab the filter.", "", "Now pour the water."]
+    assert kept.num_frames == 5 and kept.reference()[-1] == tail[-1]["content"]
+    assert split_name(ds / "summary_val_L4096_I5.jsonl") == "wtag/summary_val_L4096_I5"
 
 
 def test_resize_and_limit(processed: Path) -> None:

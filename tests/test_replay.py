@@ -88,7 +88,8 @@ def test_load_episode_image_folder(tmp_path: Path) -> None:
     ep = load_episode(root)
     np.testing.assert_array_equal(ep.frames, frames)
     inputs = episode_inputs(ep)
-    assert inputs.messages == EXPECTED and inputs.knowledge == KNOWLEDGE
+    # a ProAssist sample's metadata knowledge is not fed: the authors' runner feeds the dialogue
+    assert inputs.messages == EXPECTED and inputs.knowledge == "" and inputs.system == SYSTEM
 
 
 def test_knowledge_already_in_the_system_turn_is_not_doubled(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ from proassist_edge.cli.run import (
     talk_rule_overrides,
 )
 from proassist_edge.eval.evaluate import EpisodeScorer, evaluate, plot_sweep
-from proassist_edge.eval.metrics import DEFAULT_WINDOW
 from proassist_edge.eval.score import add_embedder_argument, add_window_argument, parse_window
 from proassist_edge.fmt import table
 
@@ -49,7 +48,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder", help="decoder graph (default: the manifest's)")
     add_ep_argument(p)
     p.add_argument("--context", choices=["drop_all", "drop_middle", "summarize_and_drop"])
-    add_window_argument(p)
+    add_window_argument(p, "the data's, as the authors' evaluator picks it by name (ego4d/... "
+                        "-4 8.5, a task-world split -1 3, ...)")
     add_embedder_argument(p)
     p.set_defaults(func=run_eval)
 
@@ -64,7 +64,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.data,
         args.threshold,
         make_similarity(args.embedder),
-        DEFAULT_WINDOW if args.window is None else parse_window(args.window),
+        None if args.window is None else parse_window(args.window),
         args.limit,
         args.decoder,
         args.context,
@@ -104,7 +104,7 @@ def render_report(report: dict[str, Any]) -> str:
         table(episodes, ["episode", "frames", "F1", "precision", "recall", *more]),
         table(sweep, ["threshold", "F1", "precision", "recall", *more, "semantic"]),
         f"F1 {report['F1']:.3f} at threshold {report['threshold']:g} over {report['episodes']} episodes"
-        f" (embedder {report['embedder']['name']}, window {lo:g} {hi:g} s)",
+        f" (embedder {report['embedder']['name']}, window {lo:g} {hi:g} s for {report['dataset']})",
     ]
     if content:
         lines.append(f"content: {content_line(report['content'])}")
