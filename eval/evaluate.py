@@ -110,7 +110,9 @@ def run_episode(bundle: Bundle, ep: Episode, **overrides: Any) -> list[str]:
     """The text the assistant says after each frame ("" when silent)."""
     conv = parse_conversation(ep.conversation, ep.fps)
     settings = settings_from_manifest(bundle, **overrides)
-    core = build_assistant(bundle, settings=settings, system=conv.system).core
+    # a conversation without an opening system turn starts without one, as the authors stream it
+    core = build_assistant(bundle, settings=settings, system=conv.system,
+                           opening=conv.has_system).core
     return [r.text if r.talk else "" for r in core.replay(ep.frames, conv.messages, ep.fps)]
 
 

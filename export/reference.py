@@ -38,6 +38,7 @@ class ReferenceLoop:
         system: str = "",
         knowledge: str = "",
         observers: Sequence[StageObserver] = (),
+        opening: bool = True,
     ) -> None:
         self.model = model.eval()
         # told about each stage as the runtime core tells its own (runtime/stages.py): the
@@ -46,6 +47,7 @@ class ReferenceLoop:
         self.pb = PromptBuilder(tokenizer, chat)
         self.s = settings or StreamSettings()
         self.system, self.knowledge = system, knowledge
+        self.open = opening  # False: no opening message (runtime/core.py's StreamCore)
         # a separator model's not-talk token is its frame separator (proassist-reference.md)
         self.sep = model.not_talk_id if model.cfg.img_sep_token else None
         eos = tokenizer.token_to_id(chat.eos)
@@ -57,11 +59,12 @@ class ReferenceLoop:
     def reset(self) -> None:
         self.past: DynamicCache | None = None
         self.kv_len = 0
-        self.opening = self.pb.chat.system_content(self.system, self.knowledge)
+        self.opening = self.pb.chat.system_content(self.system, self.knowledge) if self.open else ""
         self.task_knowledge = ""  # found by the first step, whose messages follow the opening
-        self.unscanned: list[tuple[str, str]] = [("system", self.opening)]
+        self.unscanned: list[tuple[str, str]] = [("system", self.opening)] if self.open else []
         self.prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # drop_middle's
-        self.pending: list[int] = self.pb.opening(self.system, self.knowledge)
+        self.pending: list[int] = self.pb.opening(self.system, self.knowledge) if self.open else []
+        self.bos_first = not self.open
         self.prev_p: float | None = None
         self.fed_last = True
 
@@ -162,9 +165,9 @@ class ReferenceLoop:
     ) -> FrameResult:
         """Append k frames (k, h, w, 3) and the pending messages; decide; maybe speak; then
         reduce the cache when it is due (runtime/core.py's StreamCore.step, in PyTorch)."""
-        text = list(self.pending)
-        for m in messages:
-            text += self.pb.message(m.role, m.content)
+        text = self.pb.step_text(self.pending, [(m.role, m.content) for m in messages],
+                                 self.bos_first)
+        self.bos_first = False
         tokens = self._encode(frames)
         logits = self._forward(self._embed(text, tokens), "append", text, frames)
         p = self._last_p

@@ -27,16 +27,18 @@ def build_assistant(
     events: Sequence[Observer] = (),
     stages: Sequence[StageObserver] = (),
     options: LoopOptions | None = None,
+    opening: bool = True,
 ) -> Assistant:
     """The assistant over `bundle` (settings: the manifest's when None; system: the bundle's
-    prompt when None), with `events` observing its event bus and `stages` its core's stages.
+    prompt when None; `opening` False: no opening system message), with `events` observing its
+    event bus and `stages` its core's stages.
 
     With a source it is the live loop (`run()`): its stages are timed into `stage` events, a
     LatencyObserver on the bus fills the run summary's latency, and the source reports to the
     bus. Without one, callers that step the core themselves (replay, eval, soak, bench) use
     `assistant.core` and `assistant.bus`.
     """
-    core = StreamCore(bundle, settings, system, knowledge, observers=stages)
+    core = StreamCore(bundle, settings, system, knowledge, observers=stages, opening=opening)
     bus = EventBus(events)
     latency = None
     if source is not None:

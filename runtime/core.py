@@ -83,6 +83,7 @@ class StreamCore:
         system: str | None = None,
         knowledge: str = "",
         observers: Iterable[StageObserver] = (),
+        opening: bool = True,
     ) -> None:
         m = bundle.manifest.model
         self.b = bundle
@@ -95,6 +96,9 @@ class StreamCore:
         self.pb = PromptBuilder(bundle.tokenizer, m.chat_format)
         self.system = m.system_prompt if system is None else system
         self.knowledge = knowledge
+        # False: no opening system message at all (a conversation without one, as the authors
+        # stream it); the system prompt and knowledge are then unused
+        self.open = opening
         self.not_talk, self.eos, self.sep = m.not_talk_id, m.eos_id, m.sep_token_id
         self.head_mode = m.w2t_mode == "head"
         self.dec = bundle.new_decoder(self.s.kv_capacity)
@@ -104,14 +108,15 @@ class StreamCore:
     def reset(self) -> None:
         self._change_memory(None)
         # the opening system message's content: the "initial system prompt" of a summary restart
-        self.opening = self.pb.chat.system_content(self.system, self.knowledge)
+        self.opening = self.pb.chat.system_content(self.system, self.knowledge) if self.open else ""
         self.task_knowledge = ""  # found by the first step, whose messages follow the opening
-        self.unscanned: list[tuple[str, str]] = [("system", self.opening)]
+        self.unscanned: list[tuple[str, str]] = [("system", self.opening)] if self.open else []
         self.prefix_len: int | None = None  # drop_middle's kept prefix, once a user spoke
-        self.pending: list[int] = self.pb.opening(self.system, self.knowledge)
+        self.pending: list[int] = self.pb.opening(self.system, self.knowledge) if self.open else []
+        self.bos_first = not self.open  # no opening message: see PromptBuilder.step_text
         # the warm start restores the opening's KV (runtime/warm.py), as a summary's restart
         self.warm: WarmStart | None = None
-        if self.s.warm:
+        if self.s.warm and self.open:
             self.warm = warm_start(self.b, self.dec, self.pending)
             if self.warm.ready:
                 self.pending = []
@@ -207,9 +212,8 @@ class StreamCore:
             # an emptied memory (a summary's restart) that begins as the opening does takes the
             # shared ids' KV from the warm start instead of running them (runtime/warm.py)
             self.pending = self.warm.prefix.restore(self.dec, self.pending)
-        text = list(self.pending)
-        for m in messages:
-            text += self.pb.message(m.role, m.content)
+        text = self.pb.step_text(self.pending, [(m.role, m.content) for m in messages],
+                                 self.bos_first)
         tokens = self._encode(frames)  # (k, I, H)
         inputs = self._inputs(text, tokens)
         if self.kv_len + inputs.shape[1] >= self.dec.capacity:
@@ -237,6 +241,7 @@ class StreamCore:
             self.pending = undo[1]
             raise NonFiniteOutputError(index, t, str(e), messages) from None
         self.prev_p = p
+        self.bos_first = False
         pairs = [(m.role, m.content) for m in messages]
         self.task_knowledge = find_knowledge(self.task_knowledge, [*self.unscanned, *pairs])
         self.unscanned = []

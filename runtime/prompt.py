@@ -6,7 +6,7 @@ their sequences here, so a format change happens in one place.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
@@ -111,6 +111,18 @@ class PromptBuilder:
     def reply_text(self, ids: list[int] | tuple[int, ...]) -> str:
         raw = self.tok.decode(list(ids), skip_special_tokens=False)
         return self.chat.reply_text(self.chat.decoded(raw))
+
+    def step_text(self, pending: list[int], messages: Sequence[tuple[str, str]],
+                  bos_first: bool) -> list[int]:
+        """A step's text ids: what is pending, then the messages. `bos_first` (the first step of
+        a stream that has no opening message): messages, if any, begin with bos, as the authors'
+        first turn (`apply_chat_template`); with none, nothing does."""
+        text = list(pending)
+        if bos_first and messages and self.chat.bos:
+            text += self.ids(self.chat.bos)
+        for role, content in messages:
+            text += self.message(role, content)
+        return text
 
     def opening(self, system: str, knowledge: str = "") -> list[int]:
         return self.message("system", self.chat.system_content(system, knowledge), with_bos=True)

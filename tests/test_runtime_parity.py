@@ -179,6 +179,35 @@ def test_drop_all_restarts_from_the_next_frame_alone(tiny_bundle) -> None:
     assert results[k + 1].context_len == 5  # the system prompt went too (the authors' drop_all)
 
 
+def test_a_conversation_without_an_opening_streams_none(tiny_bundle) -> None:
+    """With no opening system turn the authors feed no opening: the first frame's messages begin
+    with bos (their first turn's chat template), and a first frame without messages has no bos.
+    The reference loop agrees with the core through summaries (initial system prompt "")."""
+    bundle, ckpt, thr = tiny_bundle(**FIXTURES["full-lm"])
+    b = open_bundle(bundle)
+    pb = PromptBuilder(b.tokenizer, b.manifest.model.chat_format)
+    never = small_context("drop_all", threshold=1e-9)  # never talks: lengths are exact
+    frames = synthetic_stream(40, seed=8)
+    hello = TextMessage("user", "Hello there.", 0.0)
+    core = StreamCore(b, never, SYSTEM, KNOWLEDGE, opening=False)
+    first = core.step(frames[:1], 0, 0.0, [hello])
+    assert first.context_len == len(pb.ids(pb.chat.bos) + pb.message("user", hello.content)) + 5
+    assert pb.ids(pb.chat.bos) == [b.manifest.model.bos_id]
+    core = StreamCore(b, never, SYSTEM, KNOWLEDGE, opening=False)
+    assert core.step(frames[:1], 0, 0.0).context_len == 5  # no messages: not even bos
+    assert core.step(frames[1:2], 1, 0.5, [hello]).context_len == 5 + len(
+        pb.message("user", hello.content)) + 5  # later messages never take bos
+    s = small_context("summarize_and_drop", thr)
+    frames, messages = synthetic_stream(200, seed=3), dense_messages()
+    ck = load_checkpoint(ckpt)
+    ref = ReferenceLoop(ck.model, ck.tokenizer, ck.chat, s, SYSTEM, KNOWLEDGE, opening=False).run(
+        frames, messages)
+    assert any(r.summary is not None for r in ref), "a summary restart happened"
+    got = list(StreamCore(b, s, SYSTEM, KNOWLEDGE, opening=False).replay(frames, messages))
+    for field in ("talk", "token_ids", "reset", "summary_ids", "context_len"):
+        assert [getattr(r, field) for r in got] == [getattr(r, field) for r in ref], field
+
+
 def test_drop_middle_keeps_the_first_user_steps_cache_and_the_tail(tiny_bundle) -> None:
     bundle, _, _ = tiny_bundle(5, "head-linear", 2)
     s = small_context("drop_middle", threshold=1e-9)
