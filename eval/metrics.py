@@ -345,8 +345,10 @@ def match_utterances(
 
     rg = max(abs(lo), hi)
     multiplier = np.float32(config.dist_factor / rg**config.dist_power)
-    gap = np.abs(gen_frames[rows] - cols).astype(np.float32)
-    cost = text_cost + (gap ** np.float32(config.dist_power)) * multiplier  # float32
+    # the power in float64, rounded once: torch's float32 pow gives exactly that (the authors'),
+    # numpy's powf is 1 ulp off at some gaps (3, 7, 12, ...), enough to break an exact tie
+    gap = np.abs(gen_frames[rows] - cols).astype(np.float64)
+    cost = text_cost + (gap**config.dist_power).astype(np.float32) * multiplier  # float32
 
     row_ind, col_ind = _full_matching(cost, rows, cols, n_gen, n, config.drop_zero_cost_edges)
     edge_of = {(int(r), int(c)): k for k, (r, c) in enumerate(zip(rows, cols, strict=True))}

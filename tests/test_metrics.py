@@ -113,6 +113,22 @@ def test_distance_range_is_max_abs_l_r_on_a_right_heavy_window() -> None:
     assert res.missed == (6,)
 
 
+def test_distance_cost_has_the_authors_bits_so_exact_ties_break_their_way() -> None:
+    """Text costs 0.36057276 (3 frames away) and 0.28533757 (4 away), window (-2.5, 2.5): with
+    the authors' torch float32 arithmetic both edges cost exactly 0.5000001 and the first one
+    (frame 13) wins. numpy's float32 pow, 1 ulp off at a gap of 3, used to pick frame 14."""
+    costs = {"R1": np.float32(0.3605727553367615), "R2": np.float32(0.28533756732940674)}
+    gen, ref = episode(30, {10: "G"}, {13: "R1", 14: "R2"})
+
+    def sim(a: list[str], b: list[str]) -> np.ndarray:
+        return np.array([1.0 - float(costs[y]) for y in b])
+
+    assert pairs_of(gen, ref, sim, window=(-2.5, 2.5)) == [(10, 13)]
+    torch = pytest.importorskip("torch")
+    gaps = torch.tensor([3.0, 4.0]) ** 1.5 * (0.3 / 5**1.5)
+    assert costs["R1"] + np.float32(gaps[0]) == costs["R2"] + np.float32(gaps[1])  # the tie
+
+
 def test_distance_range_is_max_abs_l_r_on_a_left_heavy_window() -> None:
     # Window (-4, 1) s = (-8, 2) frames, rg = max(8, 2) = 8 (the width would be 10).
     # Answer at 10; references at 9 (score 0.75) and 2 (score 1.0, 8 frames before: on the edge).
@@ -307,7 +323,8 @@ def test_scores_have_the_authors_bits(minilm: SentenceSimilarity) -> None:
     texts = [WHEEL, SCREW, "Put the pan on the stove.", "Now press the power button.",
              "Stir the rice for a minute.", "Done."]
     a, b = texts + texts[:3], texts + texts[3:]
-    emb = minilm._load().encode([t for p in zip(a, b) for t in p], batch_size=128,
+    emb = minilm._load().encode([t for p in zip(a, b, strict=True) for t in p],
+                                batch_size=128,
                                 convert_to_tensor=True, show_progress_bar=False).view(len(a), 2, -1)
     want = (1 - pairwise_cos_sim(emb[:, 0], emb[:, 1]).abs()).numpy()
     got = np.float32(1.0) - minilm(a, b).astype(np.float32)
