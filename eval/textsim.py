@@ -255,7 +255,7 @@ class SentenceSimilarity:
                                       show_progress_bar=False)
             emb = emb.view(len(a), 2, -1)
             cos = pairwise_cos_sim(emb[:, 0], emb[:, 1]).abs()
-            return np.asarray(cos.cpu().numpy(), dtype=np.float32).astype(np.float64)
+            return cos.cpu().numpy().astype(np.float64)  # float32 values, exactly
         self.embed(list(a) + list(b))  # one encode call for both sides
         ea, eb = self.embed(a), self.embed(b)
         return np.abs(np.einsum("kd,kd->k", ea, eb)).astype(np.float64)

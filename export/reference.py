@@ -61,10 +61,9 @@ class ReferenceLoop:
         self.kv_len = 0
         self.opening = self.pb.chat.system_content(self.system, self.knowledge) if self.open else ""
         self.task_knowledge = ""  # found by the first step, whose messages follow the opening
-        self.unscanned: list[tuple[str, str]] = [("system", self.opening)] if self.open else []
+        self.first_step = True
         self.prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # drop_middle's
         self.pending: list[int] = self.pb.opening(self.system, self.knowledge) if self.open else []
-        self.bos_first = not self.open
         self.prev_p: float | None = None
         self.fed_last = True
 
@@ -165,9 +164,8 @@ class ReferenceLoop:
     ) -> FrameResult:
         """Append k frames (k, h, w, 3) and the pending messages; decide; maybe speak; then
         reduce the cache when it is due (runtime/core.py's StreamCore.step, in PyTorch)."""
-        text = self.pb.step_text(self.pending, [(m.role, m.content) for m in messages],
-                                 self.bos_first)
-        self.bos_first = False
+        pairs = [(m.role, m.content) for m in messages]
+        text = self.pb.step_text(self.pending, pairs, self.first_step and not self.open)
         tokens = self._encode(frames)
         logits = self._forward(self._embed(text, tokens), "append", text, frames)
         p = self._last_p
@@ -176,10 +174,9 @@ class ReferenceLoop:
         self.prev_p = p
         self.fed_last = False
         ids = self._greedy(logits, self.s.max_reply_tokens) if talk else []
-        self.task_knowledge = find_knowledge(
-            self.task_knowledge, [*self.unscanned, *((m.role, m.content) for m in messages)]
-        )
-        self.unscanned = []
+        opened = [("system", self.opening)] if self.first_step and self.open else []
+        self.task_knowledge = find_knowledge(self.task_knowledge, [*opened, *pairs])
+        self.first_step = False
         if self.prefix is None and any(m.role == "user" for m in messages):
             self.prefix = self._layers()  # the cache as it is now (the authors keep it)
         last = ids[-1] if talk else nt

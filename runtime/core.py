@@ -110,10 +110,9 @@ class StreamCore:
         # the opening system message's content: the "initial system prompt" of a summary restart
         self.opening = self.pb.chat.system_content(self.system, self.knowledge) if self.open else ""
         self.task_knowledge = ""  # found by the first step, whose messages follow the opening
-        self.unscanned: list[tuple[str, str]] = [("system", self.opening)] if self.open else []
+        self.first_step = True
         self.prefix_len: int | None = None  # drop_middle's kept prefix, once a user spoke
         self.pending: list[int] = self.pb.opening(self.system, self.knowledge) if self.open else []
-        self.bos_first = not self.open  # no opening message: see PromptBuilder.step_text
         # the warm start restores the opening's KV (runtime/warm.py), as a summary's restart
         self.warm: WarmStart | None = None
         if self.s.warm and self.open:
@@ -212,8 +211,9 @@ class StreamCore:
             # an emptied memory (a summary's restart) that begins as the opening does takes the
             # shared ids' KV from the warm start instead of running them (runtime/warm.py)
             self.pending = self.warm.prefix.restore(self.dec, self.pending)
-        text = self.pb.step_text(self.pending, [(m.role, m.content) for m in messages],
-                                 self.bos_first)
+        pairs = [(m.role, m.content) for m in messages]
+        # no opening message: the first step's messages begin with bos (PromptBuilder.step_text)
+        text = self.pb.step_text(self.pending, pairs, self.first_step and not self.open)
         tokens = self._encode(frames)  # (k, I, H)
         inputs = self._inputs(text, tokens)
         if self.kv_len + inputs.shape[1] >= self.dec.capacity:
@@ -241,10 +241,9 @@ class StreamCore:
             self.pending = undo[1]
             raise NonFiniteOutputError(index, t, str(e), messages) from None
         self.prev_p = p
-        self.bos_first = False
-        pairs = [(m.role, m.content) for m in messages]
-        self.task_knowledge = find_knowledge(self.task_knowledge, [*self.unscanned, *pairs])
-        self.unscanned = []
+        opened = [("system", self.opening)] if self.first_step and self.open else []
+        self.task_knowledge = find_knowledge(self.task_knowledge, [*opened, *pairs])
+        self.first_step = False
         if self.prefix_len is None and any(m.role == "user" for m in messages):
             self.prefix_len = self.kv_len
         last = ids[-1] if talk else self.not_talk
